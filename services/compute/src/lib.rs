@@ -1,0 +1,149 @@
+//! dlb compute instance: serves the five `dlb.v1.Operations`, health and reflection.
+//!
+//! A request enters through tonic, gets its `x-served-by` header from the layer built in
+//! [`run`], and is answered by [`service::OperationsService`], which validates it and runs the
+//! algorithm from [`ops`] inline when cheap or on the bounded [`pool::CpuPool`] when heavy, so a
+//! slow Fibonacci never delays health checks or cheap calls.
+//!
+//! Shutdown: when the `shutdown` future given to [`run`] resolves (SIGTERM in `main`), health
+//! turns NOT_SERVING, calls keep being served until none is in flight (bounded by the grace
+//! period), then the server closes and [`run`] returns.
+
+pub mod config;
+pub mod error;
+pub mod load;
+pub mod ops;
+pub mod pool;
+pub mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlb::proto::v1::{load_server::LoadServer, operations_server::OperationsServer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::codegen::http::{self, HeaderValue};
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tower::util::MapResponseLayer;
+
+pub use config::Config;
+
+use crate::load::LoadService;
+use crate::pool::CpuPool;
+use crate::service::{CallStats, Limits, OperationsService};
+
+/// How long the server may take to close connections once drained. Health `Watch` streams
+/// never end by themselves, so HTTP/2's graceful close is cut short after this.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Failures that stop a compute instance.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Reflection could not be built from the descriptor set.
+    #[error("building the reflection service")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The server failed while serving.
+    #[error("serving gRPC")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains and returns.
+///
+/// # Errors
+///
+/// [`RunError`] when the configuration is invalid or the server fails.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    config.validate().map_err(RunError::Config)?;
+    let served_by = HeaderValue::from_str(&config.id)
+        .map_err(|_| RunError::Config(format!("--id {:?} is not a header value", config.id)))?;
+    let pool = CpuPool::new(config.workers(), config.queue);
+    let calls = Arc::new(CallStats::default());
+    let limits = Limits {
+        max_prime_digits: config.max_prime_digits,
+        max_fib_n: config.max_fib_n,
+    };
+    let operations =
+        OperationsService::new(config.id.clone(), limits, pool.clone(), Arc::clone(&calls));
+    let load = LoadService::new(config.id.clone(), Arc::clone(&calls), pool);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<OperationsServer<OperationsService>>()
+        .await;
+    health.set_service_status("", ServingStatus::Serving).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dlb::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dlb::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let stop = CancellationToken::new();
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = Server::builder()
+        .layer(MapResponseLayer::new(
+            move |mut response: http::Response<tonic::body::Body>| {
+                response
+                    .headers_mut()
+                    .insert(dlb::metadata::SERVED_BY, served_by.clone());
+                response
+            },
+        ))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            OperationsServer::new(operations)
+                .max_decoding_message_size(config.max_message_bytes)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(LoadServer::new(load))
+        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+    tokio::pin!(server);
+
+    tokio::select! {
+        result = &mut server => return result.map_err(RunError::from),
+        () = shutdown => {}
+    }
+
+    tracing::info!(instance = %config.id, in_flight = calls.in_flight(), "draining");
+    calls.start_draining();
+    health
+        .set_not_serving::<OperationsServer<OperationsService>>()
+        .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let grace = config.grace_period();
+    if tokio::time::timeout(grace, calls.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            instance = %config.id,
+            in_flight = calls.in_flight(),
+            grace_secs = grace.as_secs(),
+            "grace period over with calls in flight"
+        );
+    }
+    stop.cancel();
+    match tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await {
+        Ok(result) => result?,
+        Err(_) => tracing::debug!(instance = %config.id, "closing connections with open streams"),
+    }
+    tracing::info!(instance = %config.id, "stopped");
+    Ok(())
+}

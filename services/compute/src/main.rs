@@ -1,0 +1,55 @@
+//! `dlb-compute`: parse flags, bind, serve until SIGTERM or SIGINT, drain, exit 0.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use dlb_compute::Config;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    if let Err(message) = config.validate() {
+        eprintln!("dlb-compute: {message}");
+        return ExitCode::from(2);
+    }
+    dlb::telemetry::init();
+    let listener = match TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!(
+                "dlb-compute: cannot listen on {}: {error} (choose another with --listen or DLB_COMPUTE_LISTEN)",
+                config.listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().map_or_else(|_| config.listen, |a| a);
+    // One machine-readable line on stdout, so a parent that asked for port 0 learns the port.
+    println!("dlb-compute {} listening on {addr}", config.id);
+    tracing::info!(instance = %config.id, %addr, "listening");
+    match dlb_compute::run(listener, config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("dlb-compute: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, never resolve: the process still dies on signals by default.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,347 @@
+//! `dlb call`: one operation against a gateway or a compute instance, with its result, the
+//! instance that served it and the latency.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use crate::proto::v1::{
+    Certainty, FibonacciRequest, IsPalindromeRequest, IsPrimeRequest, ReverseRequest,
+    WordCountRequest, operations_client::OperationsClient,
+};
+
+/// One of the five operations with its input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `IsPrime`.
+    Prime {
+        /// Decimal number, validated by the server.
+        number: String,
+    },
+    /// `IsPalindrome`.
+    Palindrome {
+        /// The text.
+        text: String,
+        /// Ignore case, whitespace and punctuation.
+        normalize: bool,
+    },
+    /// `Reverse`.
+    Reverse {
+        /// The text.
+        text: String,
+    },
+    /// `Fibonacci`.
+    Fibonacci {
+        /// Which Fibonacci number.
+        n: u64,
+    },
+    /// `WordCount`.
+    WordCount {
+        /// The text.
+        text: String,
+        /// How many of the most frequent words to return.
+        top: u32,
+    },
+}
+
+impl Op {
+    /// The CLI name of the operation.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Prime { .. } => "prime",
+            Op::Palindrome { .. } => "palindrome",
+            Op::Reverse { .. } => "reverse",
+            Op::Fibonacci { .. } => "fib",
+            Op::WordCount { .. } => "wc",
+        }
+    }
+
+    /// Builds an operation from a CLI name and a single input string.
+    ///
+    /// # Errors
+    ///
+    /// A message when the name is unknown or the input does not fit the operation.
+    pub fn parse(name: &str, input: &str) -> Result<Self, String> {
+        Ok(match name {
+            "prime" | "is-prime" => Op::Prime {
+                number: input.to_owned(),
+            },
+            "palindrome" | "is-palindrome" => Op::Palindrome {
+                text: input.to_owned(),
+                normalize: false,
+            },
+            "reverse" => Op::Reverse {
+                text: input.to_owned(),
+            },
+            "fib" | "fibonacci" => Op::Fibonacci {
+                n: input.parse().map_err(|_| {
+                    format!(
+                        "fib needs a whole number n between 0 and {}, got {input:?}",
+                        u64::MAX
+                    )
+                })?,
+            },
+            "wc" | "word-count" | "wordcount" => Op::WordCount {
+                text: input.to_owned(),
+                top: 0,
+            },
+            other => {
+                return Err(format!(
+                    "unknown operation {other:?}: use prime, palindrome, reverse, fib or wc"
+                ));
+            }
+        })
+    }
+
+    /// Sends the operation; returns the result as JSON and the response metadata.
+    ///
+    /// # Errors
+    ///
+    /// The gRPC status of a failed call.
+    pub async fn send(
+        &self,
+        client: &mut OperationsClient<Channel>,
+        timeout: Option<Duration>,
+    ) -> Result<(serde_json::Value, MetadataMap), Status> {
+        fn request<T>(message: T, timeout: Option<Duration>) -> Request<T> {
+            let mut request = Request::new(message);
+            if let Some(timeout) = timeout {
+                request.set_timeout(timeout);
+            }
+            request
+        }
+        Ok(match self.clone() {
+            Op::Prime { number } => {
+                let response = client
+                    .is_prime(request(IsPrimeRequest { number }, timeout))
+                    .await?;
+                let metadata = response.metadata().clone();
+                let body = response.into_inner();
+                let certainty = Certainty::try_from(body.certainty)
+                    .unwrap_or(Certainty::Unspecified)
+                    .as_str_name();
+                (
+                    json!({ "prime": body.prime, "certainty": certainty }),
+                    metadata,
+                )
+            }
+            Op::Palindrome { text, normalize } => {
+                let response = client
+                    .is_palindrome(request(IsPalindromeRequest { text, normalize }, timeout))
+                    .await?;
+                let metadata = response.metadata().clone();
+                (
+                    json!({ "palindrome": response.into_inner().palindrome }),
+                    metadata,
+                )
+            }
+            Op::Reverse { text } => {
+                let response = client
+                    .reverse(request(ReverseRequest { text }, timeout))
+                    .await?;
+                let metadata = response.metadata().clone();
+                (json!({ "text": response.into_inner().text }), metadata)
+            }
+            Op::Fibonacci { n } => {
+                let response = client
+                    .fibonacci(request(FibonacciRequest { n }, timeout))
+                    .await?;
+                let metadata = response.metadata().clone();
+                let body = response.into_inner();
+                (
+                    json!({ "value": body.value, "digits": body.digits }),
+                    metadata,
+                )
+            }
+            Op::WordCount { text, top } => {
+                let response = client
+                    .word_count(request(WordCountRequest { text, top }, timeout))
+                    .await?;
+                let metadata = response.metadata().clone();
+                let body = response.into_inner();
+                let top: Vec<_> = body
+                    .top
+                    .iter()
+                    .map(|w| json!({ "word": w.word, "count": w.count }))
+                    .collect();
+                (
+                    json!({
+                        "words": body.words,
+                        "lines": body.lines,
+                        "characters": body.characters,
+                        "bytes": body.bytes,
+                        "top": top,
+                    }),
+                    metadata,
+                )
+            }
+        })
+    }
+}
+
+/// The outcome of one `dlb call`, as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallOutcome {
+    /// Operation name.
+    pub op: &'static str,
+    /// The result fields, or `null` on error.
+    pub result: Option<serde_json::Value>,
+    /// The error, if the call failed.
+    pub error: Option<CallError>,
+    /// The `x-served-by` metadata.
+    pub served_by: Option<String>,
+    /// The `x-attempts` metadata (through a gateway).
+    pub attempts: Option<String>,
+    /// Wall time of the call, microseconds.
+    pub latency_us: u64,
+}
+
+/// A failed call, as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallError {
+    /// The gRPC code name, e.g. `INVALID_ARGUMENT`.
+    pub code: &'static str,
+    /// The server's message.
+    pub message: String,
+}
+
+/// The canonical upper-case name of a gRPC status code.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The status message followed by its source chain, so "tcp connect error" says why.
+pub fn status_message(status: &Status) -> String {
+    let mut message = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        let text = error.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = error.source();
+    }
+    message
+}
+
+fn metadata_str(metadata: &MetadataMap, key: &str) -> Option<String> {
+    metadata
+        .get(key)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Runs `op` once and describes what happened.
+pub async fn call(
+    client: &mut OperationsClient<Channel>,
+    op: &Op,
+    timeout: Option<Duration>,
+) -> CallOutcome {
+    let start = Instant::now();
+    let result = op.send(client, timeout).await;
+    let latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    match result {
+        Ok((value, metadata)) => CallOutcome {
+            op: op.name(),
+            result: Some(value),
+            error: None,
+            served_by: metadata_str(&metadata, crate::metadata::SERVED_BY),
+            attempts: metadata_str(&metadata, crate::metadata::ATTEMPTS),
+            latency_us,
+        },
+        Err(status) => CallOutcome {
+            op: op.name(),
+            result: None,
+            error: Some(CallError {
+                code: code_name(status.code()),
+                message: status_message(&status),
+            }),
+            served_by: metadata_str(status.metadata(), crate::metadata::SERVED_BY),
+            attempts: metadata_str(status.metadata(), crate::metadata::ATTEMPTS),
+            latency_us,
+        },
+    }
+}
+
+impl CallOutcome {
+    /// The human-readable rendering: the result, then who served it and how fast.
+    pub fn human(&self, op: &Op) -> String {
+        let mut out = String::new();
+        if let Some(error) = &self.error {
+            out.push_str(&format!("error: {}: {}\n", error.code, error.message));
+        } else if let Some(result) = &self.result {
+            out.push_str(&render_result(op, result));
+            out.push('\n');
+        }
+        let mut trailer = Vec::new();
+        if let Some(served_by) = &self.served_by {
+            trailer.push(format!("served by {served_by}"));
+        }
+        if let Some(attempts) = &self.attempts {
+            trailer.push(format!("attempts {attempts}"));
+        }
+        trailer.push(format!("{:.3} ms", self.latency_us as f64 / 1000.0));
+        out.push_str(&trailer.join(", "));
+        out
+    }
+}
+
+fn render_result(op: &Op, result: &serde_json::Value) -> String {
+    match op {
+        Op::Prime { number } => {
+            let prime = result["prime"].as_bool().unwrap_or(false);
+            let certainty = result["certainty"].as_str().unwrap_or("").to_lowercase();
+            let verdict = if prime { "prime" } else { "not prime" };
+            format!("{number} is {verdict} ({certainty})")
+        }
+        Op::Palindrome { text, .. } => {
+            let yes = result["palindrome"].as_bool().unwrap_or(false);
+            format!("{text:?} is {}a palindrome", if yes { "" } else { "not " })
+        }
+        Op::Reverse { .. } => result["text"].as_str().unwrap_or("").to_owned(),
+        Op::Fibonacci { n } => format!(
+            "F({n}) = {} ({} digits)",
+            result["value"].as_str().unwrap_or(""),
+            result["digits"]
+        ),
+        Op::WordCount { .. } => {
+            let mut s = format!(
+                "words {}  lines {}  characters {}  bytes {}",
+                result["words"], result["lines"], result["characters"], result["bytes"]
+            );
+            if let Some(top) = result["top"].as_array() {
+                for entry in top {
+                    s.push_str(&format!(
+                        "\n  {:>8}  {}",
+                        entry["count"],
+                        entry["word"].as_str().unwrap_or("")
+                    ));
+                }
+            }
+            s
+        }
+    }
+}

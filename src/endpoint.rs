@@ -1,0 +1,93 @@
+//! User-given gRPC addresses: `127.0.0.1:13001`, `localhost:12000` or `http://host:port`.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+/// The largest response a dlb client accepts, in bytes: room for Fibonacci values of millions of
+/// digits (tonic's own default of 4 MiB is too small for the largest allowed F(n) on some configs).
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// How long a client waits for a TCP + HTTP/2 connection before giving up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Errors from parsing an address.
+#[derive(Debug, thiserror::Error)]
+pub enum AddrError {
+    /// The address is not `host:port` or `http://host:port`.
+    #[error("invalid address {addr:?}: expected host:port or http://host:port")]
+    Invalid {
+        /// What the user gave.
+        addr: String,
+        /// Why it did not parse.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// A scheme other than http (TLS comes with its own flags).
+    #[error("invalid address {addr:?}: only http:// is supported")]
+    Scheme {
+        /// What the user gave.
+        addr: String,
+    },
+}
+
+/// Turns `addr` into a full `http://` URI, adding the scheme when missing.
+///
+/// # Errors
+///
+/// [`AddrError`] when `addr` is not a valid URI or uses another scheme.
+pub fn endpoint(addr: &str) -> Result<Endpoint, AddrError> {
+    let addr = addr.trim();
+    let uri = if addr.contains("://") {
+        if !addr.starts_with("http://") {
+            return Err(AddrError::Scheme {
+                addr: addr.to_owned(),
+            });
+        }
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = Endpoint::from_shared(uri).map_err(|source| AddrError::Invalid {
+        addr: addr.to_owned(),
+        source,
+    })?;
+    Ok(endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_adaptive_window(true))
+}
+
+/// A lazily connecting channel to `addr`: no I/O until the first call.
+///
+/// # Errors
+///
+/// [`AddrError`] when `addr` does not parse.
+pub fn lazy_channel(addr: &str) -> Result<Channel, AddrError> {
+    Ok(endpoint(addr)?.connect_lazy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_get_a_scheme() {
+        assert_eq!(
+            endpoint("127.0.0.1:13001").unwrap().uri().to_string(),
+            "http://127.0.0.1:13001/"
+        );
+        assert_eq!(
+            endpoint("http://localhost:12000")
+                .unwrap()
+                .uri()
+                .to_string(),
+            "http://localhost:12000/"
+        );
+        assert!(matches!(
+            endpoint("ftp://x:1"),
+            Err(AddrError::Scheme { .. })
+        ));
+        assert!(endpoint("not an address").is_err());
+    }
+}

@@ -1,0 +1,28 @@
+//! dlb: a distributed load balancer built as a Rust gRPC microservice mesh.
+//!
+//! This root package is the shared library of every dlb service and the home of the `dlb` CLI:
+//!
+//! - [`proto`]: the generated `dlb.v1` protobuf and gRPC code, plus the descriptor set that every
+//!   server registers for reflection.
+//! - [`endpoint`]: parsing of user-given addresses (`127.0.0.1:13001`, `http://host:port`).
+//! - [`metadata`]: the response metadata keys that make up part of the public contract.
+//! - [`telemetry`]: the tracing subscriber that binaries install.
+//! - [`call`] and [`bench`]: what `dlb call` and `dlb bench` run, usable from tests.
+
+pub mod bench;
+pub mod call;
+pub mod endpoint;
+pub mod metadata;
+pub mod telemetry;
+
+/// Generated protobuf and gRPC code for package `dlb.v1`.
+pub mod proto {
+    /// `dlb.v1`: the operations API and load reporting.
+    #[allow(missing_docs, clippy::all, missing_debug_implementations)]
+    pub mod v1 {
+        tonic::include_proto!("dlb.v1");
+    }
+
+    /// Serialized `FileDescriptorSet` of every dlb proto, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dlb_descriptor");
+}

@@ -1,0 +1,267 @@
+//! The `dlb` CLI: `dlb call` runs one operation, `dlb bench` measures throughput and latency.
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use dlb::bench::{self, BenchConfig, Progress};
+use dlb::call::{self, Op};
+use dlb::proto::v1::operations_client::OperationsClient;
+
+/// The gateway's default address: where users send work.
+const DEFAULT_ADDR: &str = "127.0.0.1:12000";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dlb",
+    version,
+    about = "dlb: a distributed load balancer for gRPC compute"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one operation and print its result, the instance that served it and the latency.
+    Call(CallArgs),
+    /// Measure throughput and latency against one or more addresses.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct CallArgs {
+    /// Address of a gateway or compute instance (host:port or http://host:port).
+    #[arg(long, env = "DLB_ADDR", default_value = DEFAULT_ADDR)]
+    addr: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Deadline for the call, in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    #[command(subcommand)]
+    op: OpCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum OpCommand {
+    /// Is NUMBER prime? (decimal digits only)
+    Prime {
+        /// The number.
+        number: String,
+    },
+    /// Is TEXT a palindrome? ("-" reads standard input)
+    Palindrome {
+        /// The text.
+        text: String,
+        /// Ignore case, whitespace and punctuation.
+        #[arg(long)]
+        normalize: bool,
+    },
+    /// TEXT reversed by grapheme clusters. ("-" reads standard input)
+    Reverse {
+        /// The text.
+        text: String,
+    },
+    /// The N-th Fibonacci number, F(0) = 0.
+    #[command(alias = "fibonacci")]
+    Fib {
+        /// Which one.
+        n: u64,
+    },
+    /// Words, lines, characters and bytes of TEXT. ("-" reads standard input)
+    #[command(alias = "word-count")]
+    Wc {
+        /// The text.
+        text: String,
+        /// Also list the N most frequent words.
+        #[arg(long, default_value_t = 0)]
+        top: u32,
+    },
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Addresses to spread load over (repeat the flag or separate with commas).
+    #[arg(long, env = "DLB_ADDR", default_value = DEFAULT_ADDR, value_delimiter = ',')]
+    addr: Vec<String>,
+    /// Operation: prime, palindrome, reverse, fib or wc.
+    #[arg(long, default_value = "reverse")]
+    op: String,
+    /// Input for the operation (a number for prime and fib, text otherwise).
+    #[arg(long, default_value = "hello")]
+    input: String,
+    /// Closed loop: requests in flight at once.
+    #[arg(short, long, default_value_t = bench::DEFAULT_CONCURRENCY)]
+    concurrency: usize,
+    /// Open loop: start requests at this fixed rate per second instead (latency counted from
+    /// each request's intended start).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// HTTP/2 connections per address.
+    #[arg(long, default_value_t = bench::DEFAULT_CONNECTIONS)]
+    connections: usize,
+    /// Warm-up seconds, not measured.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Measured seconds.
+    #[arg(short, long, default_value_t = 10.0)]
+    duration: f64,
+    /// Stop after this many measured requests instead of after --duration.
+    #[arg(short = 'n', long)]
+    requests: Option<u64>,
+    /// Per-request deadline in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// No progress line on standard error.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("dlb: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Call(args) => run_call(args).await,
+            Command::Bench(args) => run_bench(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("dlb: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn seconds(flag: &str, value: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| format!("--{flag} must be a non-negative number of seconds, got {value}"))
+}
+
+fn text_arg(text: String) -> Result<String, String> {
+    if text != "-" {
+        return Ok(text);
+    }
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| format!("cannot read standard input as UTF-8 text: {e}"))?;
+    Ok(input)
+}
+
+async fn run_call(args: CallArgs) -> Result<ExitCode, String> {
+    let op = match args.op {
+        OpCommand::Prime { number } => Op::Prime { number },
+        OpCommand::Palindrome { text, normalize } => Op::Palindrome {
+            text: text_arg(text)?,
+            normalize,
+        },
+        OpCommand::Reverse { text } => Op::Reverse {
+            text: text_arg(text)?,
+        },
+        OpCommand::Fib { n } => Op::Fibonacci { n },
+        OpCommand::Wc { text, top } => Op::WordCount {
+            text: text_arg(text)?,
+            top,
+        },
+    };
+    let timeout = seconds("timeout", args.timeout)?;
+    let channel = dlb::endpoint::lazy_channel(&args.addr).map_err(|e| e.to_string())?;
+    let mut client =
+        OperationsClient::new(channel).max_decoding_message_size(dlb::endpoint::MAX_RESPONSE_BYTES);
+    let outcome = call::call(&mut client, &op, Some(timeout)).await;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&outcome).map_err(|e| e.to_string())?
+        );
+    } else if outcome.error.is_some() {
+        eprintln!("{}", outcome.human(&op));
+    } else {
+        println!("{}", outcome.human(&op));
+    }
+    Ok(if outcome.error.is_some() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn run_bench(args: BenchArgs) -> Result<ExitCode, String> {
+    let config = BenchConfig {
+        addrs: args
+            .addr
+            .iter()
+            .map(|a| a.trim().to_owned())
+            .filter(|a| !a.is_empty())
+            .collect(),
+        op: Op::parse(&args.op, &args.input)?,
+        concurrency: args.concurrency,
+        rate: args.rate,
+        connections: args.connections,
+        warmup: seconds("warmup", args.warmup)?,
+        duration: seconds("duration", args.duration)?,
+        requests: args.requests,
+        timeout: seconds("timeout", args.timeout)?,
+    };
+    let progress = Arc::new(Progress::default());
+    let ticker = (!args.quiet).then(|| {
+        let progress = Arc::clone(&progress);
+        tokio::spawn(async move {
+            let mut last = 0;
+            let mut elapsed = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let done = progress.completed.load(Ordering::Relaxed);
+                let errors = progress.errors.load(Ordering::Relaxed);
+                if progress.warming_up.load(Ordering::Relaxed) {
+                    eprint!("\rwarming up...                                           ");
+                    continue;
+                }
+                elapsed += 1;
+                eprint!(
+                    "\r{elapsed:>4} s  {done:>10} requests  {:>9} req/s  {errors} errors   ",
+                    done - last
+                );
+                last = done;
+            }
+        })
+    });
+    let report = bench::run(config, progress).await;
+    if let Some(ticker) = ticker {
+        ticker.abort();
+        eprint!("\r{:70}\r", "");
+    }
+    let report = report.map_err(|e| e.to_string())?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(ExitCode::SUCCESS)
+}
