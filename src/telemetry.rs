@@ -1,5 +1,7 @@
 //! Tracing set-up for binaries. Libraries only emit events; only `main` installs a subscriber.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// The filter used when `RUST_LOG` is unset: dlb at info, dependencies at warn.
@@ -13,6 +15,7 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .compact()
         .try_init();
 }

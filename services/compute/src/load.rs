@@ -40,6 +40,9 @@ impl Load for LoadService {
             rss_bytes: process.rss_bytes,
             uptime_ms: u64::try_from(self.calls.uptime().as_millis()).unwrap_or(u64::MAX),
             draining: self.calls.draining(),
+            cancelled: self.pool.cancelled(),
+            busy_workers: self.pool.busy() as u64,
+            workers: self.pool.workers() as u64,
         }))
     }
 }

@@ -25,7 +25,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let addr = listener.local_addr().map_or_else(|_| config.listen, |a| a);
+    let addr = listener.local_addr().unwrap_or(config.listen);
     // One machine-readable line on stdout, so a parent that asked for port 0 learns the port.
     println!("dlb-compute {} listening on {addr}", config.id);
     tracing::info!(instance = %config.id, %addr, "listening");

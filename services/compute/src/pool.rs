@@ -50,6 +50,7 @@ struct Inner {
     admitted: Arc<Semaphore>,
     running: Arc<Semaphore>,
     rejected: AtomicU64,
+    cancelled: Arc<AtomicU64>,
 }
 
 impl CpuPool {
@@ -63,6 +64,7 @@ impl CpuPool {
                 admitted: Arc::new(Semaphore::new(workers + queue)),
                 running: Arc::new(Semaphore::new(workers)),
                 rejected: AtomicU64::new(0),
+                cancelled: Arc::new(AtomicU64::new(0)),
             }),
         }
     }
@@ -92,9 +94,14 @@ impl CpuPool {
             .map_err(|_| PoolError::Cancelled(Cancelled))?;
         let cancel = Cancel::new();
         let guard = cancel.clone().drop_guard();
+        let cancelled = Arc::clone(&self.inner.cancelled);
         let handle = tokio::task::spawn_blocking(move || {
             let _permits = (admission, running);
-            job(&cancel)
+            let result = job(&cancel);
+            if result.is_err() {
+                cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            result
         });
         let result = handle.await;
         guard.disarm();
@@ -109,6 +116,11 @@ impl CpuPool {
     /// Jobs refused because the pool was full, since start.
     pub fn rejected(&self) -> u64 {
         self.inner.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Jobs that stopped early because their caller went away, since start.
+    pub fn cancelled(&self) -> u64 {
+        self.inner.cancelled.load(Ordering::Relaxed)
     }
 
     /// The configured number of workers.
@@ -193,5 +205,6 @@ mod tests {
         .await
         .unwrap();
         assert!(pool.run(|_| Ok(())).await.is_ok());
+        assert_eq!(pool.cancelled(), 1);
     }
 }
