@@ -21,7 +21,10 @@ const TEXT_BYTES: usize = 100 * 1024 * 1024;
 
 /// Where the benchmark text is written, so `scripts/bench_reference.py` runs `wc -w` on the
 /// very same bytes.
-const TEXT_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/bench/text-100MiB.txt");
+const TEXT_PATH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../target/bench/text-100MiB.txt"
+);
 
 /// Deterministic ASCII text of words 1-12 letters long, spaces and a newline every ~10 words.
 fn ascii_text(bytes: usize) -> String {
