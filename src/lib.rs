@@ -6,14 +6,18 @@
 //!   server registers for reflection.
 //! - [`endpoint`]: parsing of user-given addresses (`127.0.0.1:13001`, `http://host:port`).
 //! - [`metadata`]: the response metadata keys that make up part of the public contract.
+//! - [`events`]: the centralized event log in Redis (writer and reader).
 //! - [`telemetry`]: the tracing subscriber that binaries install.
 //! - [`call`] and [`bench`]: what `dlb call` and `dlb bench` run, usable from tests.
 
 pub mod bench;
 pub mod call;
 pub mod endpoint;
+pub mod events;
 pub mod metadata;
 pub mod telemetry;
+#[cfg(feature = "test-fixtures")]
+pub mod testing;
 
 /// Generated protobuf and gRPC code for package `dlb.v1`.
 pub mod proto {

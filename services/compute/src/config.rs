@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use dlb::events::EventLogArgs;
 
 use crate::ops::{fibonacci, prime};
 use crate::pool;
@@ -56,10 +57,14 @@ pub struct Config {
     /// Seconds to wait for in-flight calls after SIGTERM before stopping anyway.
     #[arg(long, env = "DLB_COMPUTE_GRACE_PERIOD_SECS", default_value_t = DEFAULT_GRACE_PERIOD_SECS)]
     pub grace_period_secs: u64,
+
+    /// Where events go (the Redis event log).
+    #[command(flatten)]
+    pub events: EventLogArgs,
 }
 
 impl Config {
-    /// The configuration a test wants: port 0 on loopback, defaults elsewhere.
+    /// The configuration a test wants: port 0 on loopback, no event log, defaults elsewhere.
     pub fn for_tests(id: &str) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -70,6 +75,7 @@ impl Config {
             workers: None,
             queue: pool::DEFAULT_QUEUE,
             grace_period_secs: DEFAULT_GRACE_PERIOD_SECS,
+            events: EventLogArgs::disabled(),
         }
     }
 
@@ -101,6 +107,7 @@ impl Config {
         if self.max_message_bytes < 1024 {
             return Err("--max-message-bytes must be at least 1024".to_owned());
         }
+        self.events.config()?;
         Ok(())
     }
 }

@@ -21,6 +21,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dlb::events::EventLog;
 use dlb::proto::v1::{load_server::LoadServer, operations_server::OperationsServer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -128,8 +129,17 @@ pub async fn run(
         max_prime_digits: config.max_prime_digits,
         max_fib_n: config.max_fib_n,
     };
-    let operations =
-        OperationsService::new(config.id.clone(), limits, pool.clone(), Arc::clone(&calls));
+    let events_config = config.events.config().map_err(RunError::Config)?;
+    let writer_stop = CancellationToken::new();
+    let (events, writer) =
+        EventLog::start(events_config, "compute", &config.id, writer_stop.clone());
+    let operations = OperationsService::new(
+        config.id.clone(),
+        limits,
+        pool.clone(),
+        Arc::clone(&calls),
+        events.clone(),
+    );
     let load = LoadService::new(config.id.clone(), Arc::clone(&calls), pool);
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -148,6 +158,9 @@ pub async fn run(
         .build_v1alpha()?;
 
     let stop = CancellationToken::new();
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()
         .layer(MapResponseLayer::new(
@@ -170,13 +183,20 @@ pub async fn run(
         .add_service(LoadServer::new(load))
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
     tokio::pin!(server);
+    events.lifecycle("started", &[("addr", &addr)]);
 
     tokio::select! {
-        result = &mut server => return result.map_err(RunError::from),
+        result = &mut server => {
+            events.error("server failed", &[]);
+            writer_stop.cancel();
+            let _ = writer.await;
+            return result.map_err(RunError::from);
+        }
         () = shutdown => {}
     }
 
     tracing::info!(instance = %config.id, in_flight = calls.in_flight(), "draining");
+    events.lifecycle("draining", &[("in_flight", &calls.in_flight().to_string())]);
     calls.start_draining();
     health
         .set_not_serving::<OperationsServer<OperationsService>>()
@@ -202,5 +222,9 @@ pub async fn run(
         Err(_) => tracing::debug!(instance = %config.id, "closing connections with open streams"),
     }
     tracing::info!(instance = %config.id, "stopped");
+    events.lifecycle("stopped", &[]);
+    // The writer makes one bounded attempt to flush what is queued, then ends.
+    writer_stop.cancel();
+    let _ = writer.await;
     Ok(())
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
+use dlb::events::EventLog;
 use dlb::proto::v1::{
     Certainty as PbCertainty, FibonacciRequest, FibonacciResponse, IsPalindromeRequest,
     IsPalindromeResponse, IsPrimeRequest, IsPrimeResponse, ReverseRequest, ReverseResponse,
@@ -16,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{Error, InstanceError};
 use crate::ops::{self, Cancel, fibonacci, palindrome, prime, reverse, word_count};
-use crate::pool::CpuPool;
+use crate::pool::{CpuPool, PoolError};
 
 /// Limits on what one call may ask for.
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +40,7 @@ struct Shared {
     limits: Limits,
     pool: CpuPool,
     calls: Arc<CallStats>,
+    events: EventLog,
 }
 
 /// Counters of operations calls, shared with load reporting and the drain logic.
@@ -126,21 +128,34 @@ impl Drop for CallGuard {
 
 impl OperationsService {
     /// A service answering as instance `id`.
-    pub fn new(id: String, limits: Limits, pool: CpuPool, calls: Arc<CallStats>) -> Self {
+    pub fn new(
+        id: String,
+        limits: Limits,
+        pool: CpuPool,
+        calls: Arc<CallStats>,
+        events: EventLog,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 id,
                 limits,
                 pool,
                 calls,
+                events,
             }),
         }
     }
 
     fn status(&self, error: impl Into<Error>) -> Status {
+        let error = error.into();
+        if let Error::Pool(PoolError::Join(source)) = &error {
+            self.shared
+                .events
+                .error("CPU job failed", &[("error", &source.to_string())]);
+        }
         InstanceError {
             instance: &self.shared.id,
-            error: error.into(),
+            error,
         }
         .into()
     }
@@ -152,7 +167,7 @@ impl OperationsService {
         F: FnOnce(&Cancel) -> Result<T, ops::Cancelled> + Send + 'static,
     {
         if inline {
-            job(&Cancel::new()).map_err(|e| self.status(crate::pool::PoolError::from(e)))
+            job(&Cancel::new()).map_err(|e| self.status(PoolError::from(e)))
         } else {
             self.shared.pool.run(job).await.map_err(|e| self.status(e))
         }
