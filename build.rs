@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/dlb/v1/operations.proto", "proto/dlb/v1/load.proto"];
+    let protos = [
+        "proto/dlb/v1/operations.proto",
+        "proto/dlb/v1/load.proto",
+        "proto/dlb/v1/gateway.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -2,8 +2,8 @@
 set positional-arguments
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-# Where `call` and `bench` send work (a compute instance until the gateway lands on 12000).
-addr := env_var_or_default("DLB_ADDR", "127.0.0.1:13001")
+# Where `call` and `bench` send work: the gateway.
+addr := env_var_or_default("DLB_ADDR", "127.0.0.1:12000")
 
 # Show the recipes
 default:
@@ -29,6 +29,10 @@ build:
 # Run one compute instance in the foreground (e.g. `just compute --id B --listen 127.0.0.1:13002`)
 compute *args: build
     target/release/dlb-compute "$@"
+
+# Run the gateway in the foreground over three local instances (override with --backend ...)
+gateway *args: build
+    target/release/dlb-gateway --backend A=127.0.0.1:13001 --backend B=127.0.0.1:13002 --backend C=127.0.0.1:13003 "$@"
 
 # Call one operation (e.g. `just call prime 97`, `just call fib 1000`)
 call *args: build

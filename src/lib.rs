@@ -7,6 +7,8 @@
 //! - [`endpoint`]: parsing of user-given addresses (`127.0.0.1:13001`, `http://host:port`).
 //! - [`metadata`]: the response metadata keys that make up part of the public contract.
 //! - [`events`]: the centralized event log in Redis (writer and reader).
+//! - [`health`]: `grpc.health.v1.Health` whose `Watch` streams end when a server drains.
+//! - [`server`]: reflection and the shutdown signal every server shares.
 //! - [`telemetry`]: the tracing subscriber that binaries install.
 //! - [`call`] and [`bench`]: what `dlb call` and `dlb bench` run, usable from tests.
 
@@ -14,7 +16,9 @@ pub mod bench;
 pub mod call;
 pub mod endpoint;
 pub mod events;
+pub mod health;
 pub mod metadata;
+pub mod server;
 pub mod telemetry;
 #[cfg(feature = "test-fixtures")]
 pub mod testing;

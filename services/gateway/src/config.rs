@@ -1,0 +1,265 @@
+//! Configuration of the gateway: flags, with `DLB_GATEWAY_*` environment equivalents.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use dlb::events::EventLogArgs;
+
+/// Default listen address: the original balancer's port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:12000";
+
+/// Default address of the Prometheus `/metrics` endpoint.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:12002";
+
+/// Default bound on calls served at once; above it calls get RESOURCE_EXHAUSTED.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
+
+/// Default instances tried per call (the first attempt plus retries).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// Default health probe interval (for `Check` polling and reconnection), milliseconds.
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 1_000;
+
+/// Default timeout of one health probe, milliseconds.
+pub const DEFAULT_PROBE_TIMEOUT_MS: u64 = 1_000;
+
+/// Default deadline of a call that carries none, seconds.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
+
+/// Default HTTP/2 connections per backend.
+pub const DEFAULT_CONNECTIONS: usize = 2;
+
+/// How the gateway picks an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Policy {
+    /// Strict rotation over ready instances (ours).
+    RoundRobin,
+    /// tower's power of two choices over peak-EWMA latency, for comparison.
+    P2c,
+}
+
+impl Policy {
+    /// The flag value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::P2c => "p2c",
+        }
+    }
+}
+
+/// One `--backend ID=HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// Instance id, the balancer's key.
+    pub id: String,
+    /// host:port (a name or an address; remote hosts allowed).
+    pub addr: String,
+}
+
+impl FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (id, addr) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?} is not ID=HOST:PORT (e.g. A=127.0.0.1:13001)"))?;
+        dlb::metadata::validate_instance_id(id)?;
+        let (host, port) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{addr:?} has no port (e.g. A=127.0.0.1:13001)"))?;
+        if host.is_empty() {
+            return Err(format!("{addr:?} has no host"));
+        }
+        port.parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{port:?} is not a port number (1-65535)"))?;
+        Ok(Self {
+            id: id.to_owned(),
+            addr: addr.to_owned(),
+        })
+    }
+}
+
+/// The gateway's configuration.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "dlb-gateway",
+    version,
+    about = "dlb gateway: balances dlb.v1.Operations over compute instances"
+)]
+pub struct Config {
+    /// Address to serve gRPC on (HOST:PORT; port 0 picks a free one).
+    #[arg(long, env = "DLB_GATEWAY_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Address of the Prometheus text endpoint `/metrics` ("none" turns it off).
+    #[arg(long, env = "DLB_GATEWAY_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: String,
+
+    /// This gateway's id in the event log.
+    #[arg(long, env = "DLB_GATEWAY_ID", default_value = "gw")]
+    pub id: String,
+
+    /// A compute instance: ID=HOST:PORT. Repeat the flag or separate with commas.
+    #[arg(long = "backend", env = "DLB_GATEWAY_BACKENDS", value_delimiter = ',')]
+    pub backends: Vec<Backend>,
+
+    /// How to pick an instance.
+    #[arg(
+        long,
+        env = "DLB_GATEWAY_POLICY",
+        value_enum,
+        default_value = "round-robin"
+    )]
+    pub policy: Policy,
+
+    /// Calls served at once before new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DLB_GATEWAY_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
+    pub max_in_flight: usize,
+
+    /// Instances tried per call, counting the first (retries only on UNAVAILABLE or a
+    /// connection failure, within the retry budget and the call's deadline).
+    #[arg(long, env = "DLB_GATEWAY_MAX_ATTEMPTS", default_value_t = DEFAULT_MAX_ATTEMPTS)]
+    pub max_attempts: u32,
+
+    /// Health probe interval in milliseconds (Check polling, reconnection).
+    #[arg(long, env = "DLB_GATEWAY_HEALTH_INTERVAL_MS", default_value_t = DEFAULT_HEALTH_INTERVAL_MS)]
+    pub health_interval_ms: u64,
+
+    /// Timeout of one health probe in milliseconds.
+    #[arg(long, env = "DLB_GATEWAY_PROBE_TIMEOUT_MS", default_value_t = DEFAULT_PROBE_TIMEOUT_MS)]
+    pub probe_timeout_ms: u64,
+
+    /// Deadline for calls that carry none, in seconds.
+    #[arg(long, env = "DLB_GATEWAY_TIMEOUT_SECS", default_value_t = DEFAULT_TIMEOUT_SECS)]
+    pub timeout_secs: u64,
+
+    /// HTTP/2 connections opened to each instance.
+    #[arg(long, env = "DLB_GATEWAY_CONNECTIONS", default_value_t = DEFAULT_CONNECTIONS)]
+    pub connections: usize,
+
+    /// Largest request message, in bytes.
+    #[arg(long, env = "DLB_GATEWAY_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Where events go (the Redis event log).
+    #[command(flatten)]
+    pub events: EventLogArgs,
+}
+
+impl Config {
+    /// Port 0 on loopback, no metrics listener, no event log, the given backends.
+    pub fn for_tests(backends: Vec<Backend>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: "none".to_owned(),
+            id: "gw".to_owned(),
+            backends,
+            policy: Policy::RoundRobin,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            health_interval_ms: 200,
+            probe_timeout_ms: DEFAULT_PROBE_TIMEOUT_MS,
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            connections: DEFAULT_CONNECTIONS,
+            max_message_bytes: 4 * 1024 * 1024,
+            events: EventLogArgs::disabled(),
+        }
+    }
+
+    /// Health probe interval.
+    pub fn health_interval(&self) -> Duration {
+        Duration::from_millis(self.health_interval_ms)
+    }
+
+    /// Health probe timeout.
+    pub fn probe_timeout(&self) -> Duration {
+        Duration::from_millis(self.probe_timeout_ms)
+    }
+
+    /// The metrics address, if enabled.
+    ///
+    /// # Errors
+    ///
+    /// A message when it is neither "none" nor HOST:PORT.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
+        let value = self.metrics_listen.trim();
+        if value.is_empty() || value.eq_ignore_ascii_case("none") {
+            return Ok(None);
+        }
+        value
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("--metrics-listen {value:?} is not HOST:PORT or \"none\""))
+    }
+
+    /// Checks what clap cannot.
+    ///
+    /// # Errors
+    ///
+    /// A one-line message naming the bad setting.
+    pub fn validate(&self) -> Result<(), String> {
+        dlb::metadata::validate_instance_id(&self.id).map_err(|e| format!("--id: {e}"))?;
+        let mut ids: Vec<&str> = self.backends.iter().map(|b| b.id.as_str()).collect();
+        ids.sort_unstable();
+        if let Some(pair) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("--backend: instance id {:?} given twice", pair[0]));
+        }
+        for (flag, value) in [
+            ("--max-in-flight", self.max_in_flight as u64),
+            ("--max-attempts", u64::from(self.max_attempts)),
+            ("--health-interval-ms", self.health_interval_ms),
+            ("--probe-timeout-ms", self.probe_timeout_ms),
+            ("--timeout-secs", self.timeout_secs),
+            ("--connections", self.connections as u64),
+        ] {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        self.metrics_addr()?;
+        self.events.config()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_parse_with_clear_errors() {
+        assert_eq!(
+            "A=127.0.0.1:13001".parse::<Backend>(),
+            Ok(Backend {
+                id: "A".into(),
+                addr: "127.0.0.1:13001".into()
+            })
+        );
+        assert!("compute-7=host.example:443".parse::<Backend>().is_ok());
+        assert!(
+            "127.0.0.1:13001"
+                .parse::<Backend>()
+                .unwrap_err()
+                .contains("ID=HOST:PORT")
+        );
+        assert!(
+            "A=127.0.0.1"
+                .parse::<Backend>()
+                .unwrap_err()
+                .contains("no port")
+        );
+        assert!(
+            "A=127.0.0.1:0"
+                .parse::<Backend>()
+                .unwrap_err()
+                .contains("port number")
+        );
+        assert!("A=host:x".parse::<Backend>().is_err());
+        assert!("<b>=h:1".parse::<Backend>().is_err());
+    }
+}

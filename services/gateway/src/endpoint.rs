@@ -1,0 +1,360 @@
+//! An endpoint: one compute instance as the gateway sees it. [`EndpointStats`] holds its state
+//! and traffic counters (read by stats and metrics); [`EndpointService`] is the `tower::Service`
+//! the balancer holds for it, spreading calls over its HTTP/2 connections, counting them, and
+//! reporting connection failures to the health monitor (passive ejection).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::sync::Notify;
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::transport::Channel;
+use tower::Service;
+
+/// How far back the request rate looks.
+pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// An endpoint's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Not yet heard from.
+    Connecting,
+    /// Health says SERVING: in the rotation.
+    Serving,
+    /// Health says NOT_SERVING (for example draining after SIGTERM): out of the rotation.
+    NotServing,
+    /// Unreachable, or a call failed at the connection level: out of the rotation until its
+    /// health says SERVING again.
+    Ejected,
+    /// Being drained on purpose (set by the control service): out of the rotation.
+    Draining,
+}
+
+impl State {
+    /// Lower-case name, as in stats and events.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Connecting => "connecting",
+            State::Serving => "serving",
+            State::NotServing => "not_serving",
+            State::Ejected => "ejected",
+            State::Draining => "draining",
+        }
+    }
+}
+
+/// Marks a response with the endpoint that produced it (an http extension).
+#[derive(Debug, Clone)]
+pub struct ServedBy(pub Arc<str>);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its data valid; a panic elsewhere does not poison it.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// State and counters of one endpoint.
+#[derive(Debug)]
+pub struct EndpointStats {
+    /// Instance id.
+    pub id: Arc<str>,
+    /// host:port.
+    pub addr: String,
+    state: Mutex<(State, u64)>,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    in_flight: AtomicU64,
+    latency_us: Mutex<Histogram<u64>>,
+    rate_samples: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+/// A point-in-time copy of [`EndpointStats`].
+#[derive(Debug, Clone)]
+pub struct EndpointSnapshot {
+    /// Instance id.
+    pub id: String,
+    /// host:port.
+    pub addr: String,
+    /// State now.
+    pub state: State,
+    /// Since when (ms since the epoch).
+    pub state_since_ms: u64,
+    /// Calls sent.
+    pub requests: u64,
+    /// Calls that failed.
+    pub errors: u64,
+    /// Calls in flight.
+    pub in_flight: u64,
+    /// Calls per second over [`RATE_WINDOW`].
+    pub rate: f64,
+    /// Median latency, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile latency, microseconds.
+    pub p99_us: f64,
+}
+
+impl EndpointStats {
+    /// A new endpoint in state `Connecting`.
+    #[allow(clippy::expect_used)]
+    pub fn new(id: &str, addr: &str) -> Self {
+        Self {
+            id: Arc::from(id),
+            addr: addr.to_owned(),
+            state: Mutex::new((State::Connecting, dlb::events::time::now_ms())),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            // Constant, valid bounds: 1 us to 10 min at 2 significant digits.
+            latency_us: Mutex::new(
+                Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid histogram bounds"),
+            ),
+            rate_samples: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Sets the state; returns the previous one.
+    pub fn set_state(&self, state: State) -> State {
+        let mut guard = lock(&self.state);
+        let old = guard.0;
+        if old != state {
+            *guard = (state, dlb::events::time::now_ms());
+        }
+        old
+    }
+
+    /// The state now.
+    pub fn state(&self) -> State {
+        lock(&self.state).0
+    }
+
+    /// Counts a failed call (a status from the instance, or a connection failure).
+    pub fn record_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn record(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        lock(&self.latency_us).saturating_record(us);
+    }
+
+    /// Samples the request counter for the rate; called about once a second.
+    pub fn sample_rate(&self, now: Instant) {
+        let mut samples = lock(&self.rate_samples);
+        samples.push_back((now, self.requests.load(Ordering::Relaxed)));
+        while samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            samples.pop_front();
+        }
+    }
+
+    /// A copy of the counters.
+    pub fn snapshot(&self) -> EndpointSnapshot {
+        let (state, since) = *lock(&self.state);
+        let requests = self.requests.load(Ordering::Relaxed);
+        let rate = {
+            let samples = lock(&self.rate_samples);
+            match (samples.front(), samples.back()) {
+                (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => {
+                    (n1 - n0) as f64 / t1.duration_since(*t0).as_secs_f64()
+                }
+                _ => 0.0,
+            }
+        };
+        let (p50_us, p99_us) = {
+            let h = lock(&self.latency_us);
+            if h.is_empty() {
+                (0.0, 0.0)
+            } else {
+                (
+                    h.value_at_quantile(0.5) as f64,
+                    h.value_at_quantile(0.99) as f64,
+                )
+            }
+        };
+        EndpointSnapshot {
+            id: self.id.to_string(),
+            addr: self.addr.clone(),
+            state,
+            state_since_ms: since,
+            requests,
+            errors: self.errors.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            rate,
+            p50_us,
+            p99_us,
+        }
+    }
+}
+
+/// Every endpoint the gateway knows, by id.
+#[derive(Debug, Default)]
+pub struct EndpointTable {
+    endpoints: RwLock<BTreeMap<String, Arc<EndpointStats>>>,
+}
+
+impl EndpointTable {
+    /// Adds or replaces an endpoint.
+    pub fn insert(&self, stats: Arc<EndpointStats>) {
+        self.endpoints
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(stats.id.to_string(), stats);
+    }
+
+    /// Removes an endpoint.
+    pub fn remove(&self, id: &str) {
+        self.endpoints
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+    }
+
+    /// The endpoint with this id.
+    pub fn get(&self, id: &str) -> Option<Arc<EndpointStats>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    /// Every endpoint, in id order.
+    pub fn all(&self) -> Vec<Arc<EndpointStats>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// "A serving, B ejected": for messages.
+    pub fn summary(&self) -> String {
+        let all = self.all();
+        if all.is_empty() {
+            return "no instances configured".to_owned();
+        }
+        all.iter()
+            .map(|e| format!("{} {}", e.id, e.state().name()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+// === impl EndpointService ===
+
+/// The balancer's handle on one endpoint. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EndpointService {
+    shared: Arc<Shared>,
+    picked: Option<Channel>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    stats: Arc<EndpointStats>,
+    channels: Vec<Channel>,
+    next: AtomicUsize,
+    eject: Arc<Notify>,
+}
+
+impl EndpointService {
+    /// Calls go over `channels` in turn; a connection failure wakes `eject`.
+    pub fn new(stats: Arc<EndpointStats>, channels: Vec<Channel>, eject: Arc<Notify>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                stats,
+                channels,
+                next: AtomicUsize::new(0),
+                eject,
+            }),
+            picked: None,
+        }
+    }
+
+    fn pick(&self) -> Option<Channel> {
+        let n = self.shared.channels.len();
+        if n == 0 {
+            return None;
+        }
+        let i = self.shared.next.fetch_add(1, Ordering::Relaxed) % n;
+        Some(self.shared.channels[i].clone())
+    }
+}
+
+/// Calls to an endpoint fail at the connection level with this.
+pub type EndpointError = tonic::transport::Error;
+
+impl Service<http::Request<Body>> for EndpointService {
+    type Response = http::Response<Body>;
+    type Error = tower::BoxError;
+    type Future = Pin<
+        Box<dyn Future<Output = Result<http::Response<Body>, tower::BoxError>> + Send + 'static>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.picked.is_none() {
+            self.picked = self.pick();
+        }
+        match &mut self.picked {
+            Some(channel) => channel.poll_ready(cx).map_err(Into::into),
+            None => Poll::Ready(Err("endpoint has no connections".into())),
+        }
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let Some(mut channel) = self.picked.take() else {
+            return Box::pin(std::future::ready(Err(
+                "endpoint called before it was ready".into(),
+            )));
+        };
+        let shared = Arc::clone(&self.shared);
+        shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+        shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let start = Instant::now();
+        let future = channel.call(request);
+        Box::pin(async move {
+            let result = future.await;
+            shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            shared.stats.record(start.elapsed());
+            match result {
+                Ok(mut response) => {
+                    response
+                        .extensions_mut()
+                        .insert(ServedBy(Arc::clone(&shared.stats.id)));
+                    Ok(response)
+                }
+                Err(error) => {
+                    shared.stats.record_error();
+                    // Passive health: a connection failure takes the endpoint out at once.
+                    shared.eject.notify_one();
+                    Err(error.into())
+                }
+            }
+        })
+    }
+}
+
+/// Keeps each endpoint's rate samples fresh; one task per gateway.
+pub async fn sample_rates(table: Arc<EndpointTable>, cancel: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        let now = Instant::now();
+        for endpoint in table.all() {
+            endpoint.sample_rate(now);
+        }
+    }
+}

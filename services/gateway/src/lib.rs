@@ -1,0 +1,216 @@
+//! dlb gateway: serves `dlb.v1.Operations` and spreads each call over compute instances.
+//!
+//! A call enters [`service::GatewayService`], which forwards it through the balancer (our
+//! [`balance::RoundRobin`], or tower's p2c with `--policy p2c`) to an [`endpoint`]. Which
+//! endpoints are in the balancer is decided by one [`health`] monitor per instance, and which
+//! instances exist by a [`membership`] source (today the static `--backend` list). Stats are
+//! served as `dlb.v1.Gateway/Stats` and as Prometheus text ([`stats`]); every call is an event in
+//! the Redis log.
+
+pub mod balance;
+pub mod config;
+pub mod deadline;
+pub mod endpoint;
+pub mod error;
+pub mod health;
+pub mod membership;
+pub mod service;
+pub mod stats;
+pub mod testing;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlb::events::EventLog;
+use dlb::health::HealthState;
+use dlb::proto::v1::gateway_server::GatewayServer;
+use dlb::proto::v1::operations_server::OperationsServer;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceExt};
+
+pub use config::Config;
+
+use crate::balance::RoundRobinLayer;
+use crate::config::Policy;
+use crate::endpoint::EndpointTable;
+use crate::membership::{Membership, MonitorSettings};
+use crate::service::{
+    Balanced, Counters, ForwardError, ForwardSettings, GatewayService, ReadyErrorsInCall,
+};
+use crate::stats::{GatewayStatsService, StatsSource};
+
+/// How long shutdown waits for calls in flight.
+pub const GRACE_PERIOD: Duration = Duration::from_secs(10);
+
+/// How long the server may take to close connections once drained.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Failures that stop the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Reflection could not be built.
+    #[error("building the reflection service")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The server failed.
+    #[error("serving gRPC")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+fn build_balancer(policy: Policy, discover: membership::Discovered) -> Balanced {
+    match policy {
+        Policy::RoundRobin => BoxCloneSyncService::new(ReadyErrorsInCall::new(
+            RoundRobinLayer::new().layer(discover).map_err(ForwardError),
+        )),
+        Policy::P2c => {
+            let ewma = tower::load::PeakEwmaDiscover::new(
+                discover,
+                Duration::from_millis(1),
+                Duration::from_secs(10),
+                tower::load::CompleteOnResponse::default(),
+            );
+            let balance = tower::balance::p2c::Balance::new(ewma);
+            BoxCloneSyncService::new(ReadyErrorsInCall::new(
+                tower::buffer::Buffer::new(balance, 1024).map_err(ForwardError),
+            ))
+        }
+    }
+}
+
+/// Serves on `listener` (and `/metrics` on `metrics`) until `shutdown` resolves, then drains.
+///
+/// # Errors
+///
+/// [`RunError`] when the configuration is invalid or the server fails.
+pub async fn run(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    config: Config,
+    membership: Box<dyn Membership>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    config.validate().map_err(RunError::Config)?;
+    let events_config = config.events.config().map_err(RunError::Config)?;
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let writer_stop = CancellationToken::new();
+    let (events, writer) =
+        EventLog::start(events_config, "gateway", &config.id, writer_stop.clone());
+
+    let table = Arc::new(EndpointTable::default());
+    let (changes, discovered) = mpsc::unbounded_channel();
+    let balancer = build_balancer(config.policy, UnboundedReceiverStream::new(discovered));
+    tracker.spawn(membership::supervise(
+        membership,
+        Arc::clone(&table),
+        changes,
+        events.clone(),
+        MonitorSettings {
+            interval: config.health_interval(),
+            probe_timeout: config.probe_timeout(),
+            connections: config.connections,
+        },
+        cancel.clone(),
+        tracker.clone(),
+    ));
+    tracker.spawn(endpoint::sample_rates(Arc::clone(&table), cancel.clone()));
+
+    let counters = Arc::new(Counters::default());
+    let service = GatewayService::new(
+        balancer,
+        Arc::clone(&table),
+        ForwardSettings {
+            max_in_flight: config.max_in_flight,
+            max_attempts: config.max_attempts,
+            default_timeout: Duration::from_secs(config.timeout_secs),
+            max_message_bytes: config.max_message_bytes,
+        },
+        events.clone(),
+        Arc::clone(&counters),
+        config.id.clone(),
+    );
+    let source = StatsSource {
+        table: Arc::clone(&table),
+        counters,
+        service: service.clone(),
+        events: events.clone(),
+        policy: config.policy.name(),
+        max_in_flight: config.max_in_flight,
+        health_interval_ms: config.health_interval_ms,
+        probe_timeout_ms: config.probe_timeout_ms,
+    };
+    if let Some(metrics) = metrics {
+        tracker.spawn(stats::serve_metrics(
+            metrics,
+            source.clone(),
+            cancel.clone(),
+        ));
+    }
+
+    let health = HealthState::new(&["dlb.v1.Operations", "dlb.v1.Gateway"]);
+    let (reflection_v1, reflection_v1alpha) = dlb::server::reflection()?;
+
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
+    let stop = CancellationToken::new();
+    let server = Server::builder()
+        .add_service(health.service())
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            OperationsServer::new(service.clone())
+                .max_decoding_message_size(config.max_message_bytes)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(GatewayServer::new(GatewayStatsService(source)))
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stop.clone().cancelled_owned(),
+        );
+    tokio::pin!(server);
+    events.lifecycle(
+        "started",
+        &[("addr", &addr), ("policy", config.policy.name())],
+    );
+
+    let served = tokio::select! {
+        result = &mut server => Some(result),
+        () = shutdown => None,
+    };
+    if served.is_none() {
+        tracing::info!(in_flight = service.in_flight(), "draining");
+        events.lifecycle("draining", &[]);
+        health.set(ServingStatus::NotServing);
+        let _ = tokio::time::timeout(GRACE_PERIOD, async {
+            while service.in_flight() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        health.close();
+        stop.cancel();
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await;
+    }
+    cancel.cancel();
+    tracker.close();
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, tracker.wait()).await;
+    events.lifecycle("stopped", &[]);
+    writer_stop.cancel();
+    let _ = writer.await;
+    match served {
+        Some(result) => result.map_err(RunError::from),
+        None => Ok(()),
+    }
+}

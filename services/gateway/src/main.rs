@@ -1,0 +1,61 @@
+//! `dlb-gateway`: parse flags, bind, serve until SIGTERM or SIGINT, drain, exit 0.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use dlb_gateway::Config;
+use dlb_gateway::membership::StaticMembership;
+use tokio::net::TcpListener;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    if let Err(message) = config.validate() {
+        eprintln!("dlb-gateway: {message}");
+        return ExitCode::from(2);
+    }
+    dlb::telemetry::init();
+    let listener = match TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!(
+                "dlb-gateway: cannot listen on {}: {error} (choose another with --listen or DLB_GATEWAY_LISTEN)",
+                config.listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics = match config.metrics_addr() {
+        Ok(Some(addr)) => match TcpListener::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(error) => {
+                eprintln!(
+                    "dlb-gateway: cannot listen on {addr} for /metrics: {error} (choose another with --metrics-listen, or \"none\")"
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    if config.backends.is_empty() {
+        eprintln!("dlb-gateway: warning: no --backend given; every call will get UNAVAILABLE");
+    }
+    let addr = listener.local_addr().unwrap_or(config.listen);
+    println!("dlb-gateway listening on {addr}");
+    let membership = Box::new(StaticMembership(config.backends.clone()));
+    match dlb_gateway::run(
+        listener,
+        metrics,
+        config,
+        membership,
+        dlb::server::shutdown_signal(),
+    )
+    .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("dlb-gateway: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! `dlb.v1.Gateway/Stats` and the Prometheus text on `/metrics`: the same numbers, two formats.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use dlb::events::EventLog;
+use dlb::proto::v1::{InstanceStats, StatsRequest, StatsResponse, gateway_server::Gateway};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::endpoint::EndpointTable;
+use crate::service::{Counters, GatewayService};
+
+/// Everything the stats are read from.
+#[derive(Debug, Clone)]
+pub struct StatsSource {
+    /// Endpoints.
+    pub table: Arc<EndpointTable>,
+    /// Gateway counters.
+    pub counters: Arc<Counters>,
+    /// The forwarding service (for in-flight calls).
+    pub service: GatewayService,
+    /// The event log (for its counters).
+    pub events: EventLog,
+    /// Policy name.
+    pub policy: &'static str,
+    /// Bound on calls in flight.
+    pub max_in_flight: usize,
+    /// Health probe interval, ms.
+    pub health_interval_ms: u64,
+    /// Probe timeout, ms.
+    pub probe_timeout_ms: u64,
+}
+
+impl StatsSource {
+    /// A snapshot as the protobuf message.
+    pub fn snapshot(&self) -> StatsResponse {
+        let events = self.events.stats();
+        StatsResponse {
+            instances: self
+                .table
+                .all()
+                .iter()
+                .map(|e| {
+                    let s = e.snapshot();
+                    InstanceStats {
+                        instance: s.id,
+                        address: s.addr,
+                        state: s.state.name().to_owned(),
+                        requests: s.requests,
+                        errors: s.errors,
+                        in_flight: s.in_flight,
+                        rate: s.rate,
+                        p50_us: s.p50_us,
+                        p99_us: s.p99_us,
+                        state_since_ms: s.state_since_ms,
+                    }
+                })
+                .collect(),
+            policy: self.policy.to_owned(),
+            in_flight: self.service.in_flight() as u64,
+            max_in_flight: self.max_in_flight as u64,
+            requests: self.counters.requests.load(Ordering::Relaxed),
+            retries: self.counters.retries.load(Ordering::Relaxed),
+            failures: self.counters.failures.load(Ordering::Relaxed),
+            health_interval_ms: self.health_interval_ms,
+            probe_timeout_ms: self.probe_timeout_ms,
+            events_written: events.written,
+            events_dropped: events.dropped,
+            events_queued: events.queued,
+        }
+    }
+
+    /// The snapshot as Prometheus text exposition.
+    pub fn prometheus(&self) -> String {
+        let s = self.snapshot();
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in rows {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        let per = |f: &dyn Fn(&InstanceStats) -> String| -> Vec<(String, String)> {
+            s.instances
+                .iter()
+                .map(|i| (format!("{{instance=\"{}\"}}", i.instance), f(i)))
+                .collect()
+        };
+        metric(
+            "dlb_gateway_instance_requests_total",
+            "counter",
+            "Calls sent to the instance.",
+            per(&|i| i.requests.to_string()),
+        );
+        metric(
+            "dlb_gateway_instance_errors_total",
+            "counter",
+            "Calls to the instance that failed.",
+            per(&|i| i.errors.to_string()),
+        );
+        metric(
+            "dlb_gateway_instance_in_flight",
+            "gauge",
+            "Calls in flight to the instance.",
+            per(&|i| i.in_flight.to_string()),
+        );
+        metric(
+            "dlb_gateway_instance_rate",
+            "gauge",
+            "Calls per second over the last 10 s.",
+            per(&|i| format!("{:.3}", i.rate)),
+        );
+        metric(
+            "dlb_gateway_instance_latency_p50_seconds",
+            "gauge",
+            "Median call latency.",
+            per(&|i| format!("{:.6}", i.p50_us / 1e6)),
+        );
+        metric(
+            "dlb_gateway_instance_latency_p99_seconds",
+            "gauge",
+            "99th percentile call latency.",
+            per(&|i| format!("{:.6}", i.p99_us / 1e6)),
+        );
+        metric(
+            "dlb_gateway_instance_serving",
+            "gauge",
+            "1 when the instance is in the rotation.",
+            per(&|i| u8::from(i.state == "serving").to_string()),
+        );
+        let one = |v: u64| vec![(String::new(), v.to_string())];
+        metric(
+            "dlb_gateway_requests_total",
+            "counter",
+            "Calls answered by the gateway.",
+            one(s.requests),
+        );
+        metric(
+            "dlb_gateway_retries_total",
+            "counter",
+            "Retries on another instance.",
+            one(s.retries),
+        );
+        metric(
+            "dlb_gateway_failures_total",
+            "counter",
+            "Calls answered with an error.",
+            one(s.failures),
+        );
+        metric(
+            "dlb_gateway_in_flight",
+            "gauge",
+            "Calls being served.",
+            one(s.in_flight),
+        );
+        metric(
+            "dlb_gateway_events_written_total",
+            "counter",
+            "Events written to Redis.",
+            one(s.events_written),
+        );
+        metric(
+            "dlb_gateway_events_dropped_total",
+            "counter",
+            "Events dropped while Redis was away.",
+            one(s.events_dropped),
+        );
+        out
+    }
+}
+
+/// Implements `dlb.v1.Gateway`.
+#[derive(Debug, Clone)]
+pub struct GatewayStatsService(pub StatsSource);
+
+#[tonic::async_trait]
+impl Gateway for GatewayStatsService {
+    async fn stats(
+        &self,
+        _request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
+        Ok(Response::new(self.0.snapshot()))
+    }
+}
+
+/// Largest HTTP request head read on the metrics port.
+const MAX_HEAD_BYTES: usize = 8 * 1024;
+
+/// Serves `GET /metrics` (and nothing else) on `listener` until `cancel`.
+pub async fn serve_metrics(listener: TcpListener, source: StatsSource, cancel: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = cancel.cancelled() => return,
+        };
+        let Ok((mut socket, _)) = accepted else {
+            continue;
+        };
+        let source = source.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD_BYTES {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let request_line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+            let (status, content_type, body) = match request_line {
+                b"GET /metrics HTTP/1.1" | b"GET /metrics HTTP/1.0" => (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    source.prometheus(),
+                ),
+                _ => (
+                    "404 Not Found",
+                    "text/plain; charset=utf-8",
+                    "only GET /metrics is served here\n".to_owned(),
+                ),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+            let _ = socket.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,487 @@
+//! The gateway with real compute instances on 127.0.0.1 port 0: rotation, failover when an
+//! instance is killed or stopped, no healthy instance, slow calls, deadlines, Redis outages,
+//! stats and metrics.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use dlb::bench::{self, BenchConfig, Progress};
+use dlb::call::Op;
+use dlb::events::EventLogArgs;
+use dlb::proto::v1::{
+    FibonacciRequest, GetLoadRequest, ReverseRequest, load_client::LoadClient,
+    operations_client::OperationsClient,
+};
+use dlb::testing::RedisServer;
+use dlb_compute::testing::RunningCompute;
+use dlb_gateway::Config;
+use dlb_gateway::config::Backend;
+use dlb_gateway::testing::RunningGateway;
+use support::{ComputeProcess, PATIENCE, channel, state_of, stats, wait_serving};
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn in_process(ids: &[&str]) -> Vec<RunningCompute> {
+    let mut computes = Vec::new();
+    for id in ids {
+        computes.push(
+            RunningCompute::start(dlb_compute::Config::for_tests(id))
+                .await
+                .unwrap(),
+        );
+    }
+    computes
+}
+
+fn backends(computes: &[RunningCompute], ids: &[&str]) -> Vec<Backend> {
+    computes
+        .iter()
+        .zip(ids)
+        .map(|(c, id)| Backend {
+            id: (*id).to_owned(),
+            addr: c.addr.to_string(),
+        })
+        .collect()
+}
+
+async fn reverse(
+    gateway: &Channel,
+    text: &str,
+) -> Result<tonic::Response<dlb::proto::v1::ReverseResponse>, tonic::Status> {
+    OperationsClient::new(gateway.clone())
+        .reverse(ReverseRequest { text: text.into() })
+        .await
+}
+
+fn load(gateway: &RunningGateway, concurrency: usize, requests: u64) -> BenchConfig {
+    BenchConfig {
+        addrs: vec![gateway.addr.to_string()],
+        op: Op::Reverse {
+            text: "hello".into(),
+        },
+        concurrency,
+        rate: None,
+        connections: 2,
+        warmup: Duration::ZERO,
+        duration: Duration::from_secs(60),
+        requests: Some(requests),
+        timeout: Duration::from_secs(10),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_is_exact_over_three_instances() {
+    let ids = ["A", "B", "C"];
+    let computes = in_process(&ids).await;
+    let gateway = RunningGateway::start(Config::for_tests(vec![]), backends(&computes, &ids), true)
+        .await
+        .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &ids, PATIENCE).await;
+
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    let mut client = OperationsClient::new(gw.clone());
+    for _ in 0..3_000 {
+        let response = client
+            .reverse(ReverseRequest {
+                text: "hello".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(response.metadata().get("x-attempts").unwrap(), "1");
+        let served_by = response
+            .metadata()
+            .get("x-served-by")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(response.into_inner().text, "olleh");
+        *counts.entry(served_by).or_default() += 1;
+    }
+    assert_eq!(
+        counts,
+        BTreeMap::from([
+            ("A".into(), 1_000),
+            ("B".into(), 1_000),
+            ("C".into(), 1_000)
+        ])
+    );
+
+    // The same numbers in Stats and on /metrics.
+    let snapshot = stats(&gw).await;
+    assert_eq!(snapshot.policy, "round-robin");
+    assert_eq!(snapshot.requests, 3_000);
+    for instance in &snapshot.instances {
+        assert_eq!(instance.requests, 1_000, "{instance:?}");
+        assert_eq!(instance.state, "serving");
+        assert!(instance.p50_us > 0.0);
+    }
+    let metrics = http_get(gateway.metrics_addr.unwrap(), "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    assert!(
+        metrics.contains("dlb_gateway_instance_requests_total{instance=\"B\"} 1000"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dlb_gateway_requests_total 3000"),
+        "{metrics}"
+    );
+    let other = http_get(gateway.metrics_addr.unwrap(), "/debug").await;
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+
+    gateway.shutdown().await.unwrap();
+    for c in computes {
+        c.shutdown().await.unwrap();
+    }
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+async fn failover_under_load(signal: &str) {
+    let mut computes: Vec<ComputeProcess> = ["A", "B", "C"]
+        .iter()
+        .map(|id| ComputeProcess::start(id, "127.0.0.1:0"))
+        .collect();
+    let gateway = RunningGateway::start(
+        Config::for_tests(vec![]),
+        computes.iter().map(ComputeProcess::backend).collect(),
+        false,
+    )
+    .await
+    .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &["A", "B", "C"], PATIENCE).await;
+
+    let progress = Arc::new(Progress::default());
+    let run = tokio::spawn(bench::run(load(&gateway, 32, 5_000), Arc::clone(&progress)));
+    tokio::time::timeout(PATIENCE, async {
+        while progress.completed.load(Ordering::Relaxed) < 1_000 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let status = computes[1].signal_and_wait(signal);
+    if signal == "TERM" {
+        assert_eq!(status.code(), Some(0), "a drained instance exits 0");
+    }
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.requests, 5_000);
+    assert!(
+        report.errors.is_empty(),
+        "failed calls: {:?}",
+        report.errors
+    );
+    assert_eq!(report.ok, 5_000);
+
+    // B is out of the rotation and receives nothing.
+    let state = state_of(&gw, "B").await;
+    assert!(state == "ejected" || state == "not_serving", "{state}");
+    let report = bench::run(load(&gateway, 4, 300), Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    assert_eq!(report.ok, 300);
+    assert_eq!(
+        report.per_instance.get("B"),
+        None,
+        "{:?}",
+        report.per_instance
+    );
+
+    // Restarted on the same port, it is back in rotation within 2 s.
+    computes[1].restart();
+    wait_serving(&gw, &["A", "B", "C"], Duration::from_secs(2)).await;
+    let report = bench::run(load(&gateway, 1, 30), Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    assert_eq!(
+        report.per_instance.get("B"),
+        Some(&10),
+        "{:?}",
+        report.per_instance
+    );
+
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_an_instance_under_load_loses_no_call() {
+    failover_under_load("KILL").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_an_instance_under_load_loses_no_call() {
+    failover_under_load("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_healthy_instance_is_unavailable_at_once_and_service_resumes() {
+    let ids = ["A", "B"];
+    let computes = in_process(&ids).await;
+    let addrs: Vec<_> = computes.iter().map(|c| c.addr).collect();
+    let gateway =
+        RunningGateway::start(Config::for_tests(vec![]), backends(&computes, &ids), false)
+            .await
+            .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &ids, PATIENCE).await;
+    for c in computes {
+        c.shutdown().await.unwrap();
+    }
+    wait_serving(&gw, &[], PATIENCE).await;
+
+    // The call carries a 60 s deadline: UNAVAILABLE (not DEADLINE_EXCEEDED) means no waiting.
+    let mut request = tonic::Request::new(ReverseRequest { text: "x".into() });
+    request.set_timeout(Duration::from_secs(60));
+    let status = OperationsClient::new(gw.clone())
+        .reverse(request)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().starts_with("no healthy instance"),
+        "{}",
+        status.message()
+    );
+    // The message names every instance with its state (draining ones may still say not_serving).
+    assert!(
+        status.message().contains("A ") && status.message().contains("B "),
+        "{}",
+        status.message()
+    );
+
+    // One instance comes back on its old address: service resumes.
+    let mut config = dlb_compute::Config::for_tests("A");
+    config.listen = addrs[0];
+    let back = RunningCompute::start(config).await.unwrap();
+    wait_serving(&gw, &["A"], PATIENCE).await;
+    let response = reverse(&gw, "back").await.unwrap();
+    assert_eq!(response.metadata().get("x-served-by").unwrap(), "A");
+    gateway.shutdown().await.unwrap();
+    back.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_fibonacci_does_not_delay_cheap_calls() {
+    let ids = ["A", "B", "C"];
+    let computes = in_process(&ids).await;
+    let gateway =
+        RunningGateway::start(Config::for_tests(vec![]), backends(&computes, &ids), false)
+            .await
+            .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &ids, PATIENCE).await;
+
+    let mut client = OperationsClient::new(gw.clone()).max_decoding_message_size(64 << 20);
+    let slow = tokio::spawn(async move {
+        client
+            .fibonacci(FibonacciRequest { n: 10_000_000 })
+            .await
+            .map(|r| r.into_inner().digits)
+    });
+    // Wait until it computes somewhere.
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let mut busy = 0;
+            for c in &computes {
+                busy += LoadClient::new(channel(&c.uri()).await)
+                    .get_load(GetLoadRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .busy_workers;
+            }
+            if busy > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .unwrap();
+    for _ in 0..30 {
+        assert_eq!(reverse(&gw, "abc").await.unwrap().into_inner().text, "cba");
+    }
+    assert!(
+        !slow.is_finished(),
+        "30 cheap calls were answered while F(10^7) computed"
+    );
+    assert_eq!(slow.await.unwrap().unwrap(), 2_089_877);
+    gateway.shutdown().await.unwrap();
+    for c in computes {
+        c.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_deadline_is_exceeded_and_the_instance_stops_the_work() {
+    let ids = ["A"];
+    let computes = in_process(&ids).await;
+    let gateway =
+        RunningGateway::start(Config::for_tests(vec![]), backends(&computes, &ids), false)
+            .await
+            .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &ids, PATIENCE).await;
+
+    let mut request = tonic::Request::new(FibonacciRequest { n: 10_000_000 });
+    request.set_timeout(Duration::from_millis(150));
+    let status = OperationsClient::new(gw.clone())
+        .fibonacci(request)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("deadline"),
+        "{}",
+        status.message()
+    );
+
+    let mut load = LoadClient::new(channel(&computes[0].uri()).await);
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let report = load.get_load(GetLoadRequest {}).await.unwrap().into_inner();
+            if report.cancelled == 1 && report.busy_workers == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the instance abandons the computation");
+    gateway.shutdown().await.unwrap();
+    for c in computes {
+        c.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_during_load_fails_no_call_and_logging_resumes() {
+    let mut redis = RedisServer::start();
+    let ids = ["A", "B", "C"];
+    let computes = in_process(&ids).await;
+    let mut config = Config::for_tests(vec![]);
+    config.events = EventLogArgs {
+        redis: redis.url(),
+        ..EventLogArgs::disabled()
+    };
+    let gateway = RunningGateway::start(config, backends(&computes, &ids), false)
+        .await
+        .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &ids, PATIENCE).await;
+
+    let progress = Arc::new(Progress::default());
+    let run = tokio::spawn(bench::run(load(&gateway, 16, 3_000), Arc::clone(&progress)));
+    tokio::time::timeout(PATIENCE, async {
+        while progress.completed.load(Ordering::Relaxed) < 500 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap();
+    redis.stop();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.ok, 3_000, "{:?}", report.errors);
+
+    redis.restart();
+    let reader = dlb::events::reader::EventReader::new(&redis.url()).unwrap();
+    reverse(&gw, "after").await.unwrap();
+    let events = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let events = reader.recent(50).await.unwrap_or_default();
+            if events.iter().any(|e| {
+                e.request
+                    .as_ref()
+                    .is_some_and(|r| r.input == "after" && r.op == "Reverse" && r.status == "OK")
+            }) {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("request events reach Redis again");
+    let after = events
+        .iter()
+        .find(|e| e.request.as_ref().is_some_and(|r| r.input == "after"))
+        .unwrap();
+    assert_eq!(after.service, "gateway");
+    let request = after.request.as_ref().unwrap();
+    assert!(ids.contains(&request.backend.as_str()));
+    assert_eq!(request.attempts, 1);
+    gateway.shutdown().await.unwrap();
+    for c in computes {
+        c.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_and_bad_input_are_answered_clearly() {
+    let ids = ["A"];
+    let computes = in_process(&ids).await;
+    let mut config = Config::for_tests(vec![]);
+    config.max_in_flight = 1;
+    let gateway = RunningGateway::start(config, backends(&computes, &ids), false)
+        .await
+        .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &ids, PATIENCE).await;
+
+    // An instance's own answer passes through, with who answered and how many tries.
+    let status = OperationsClient::new(gw.clone())
+        .is_prime(dlb::proto::v1::IsPrimeRequest {
+            number: "12a".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("number "),
+        "{}",
+        status.message()
+    );
+    assert_eq!(status.metadata().get("x-served-by").unwrap(), "A");
+    assert_eq!(status.metadata().get("x-attempts").unwrap(), "1");
+
+    let mut client = OperationsClient::new(gw.clone()).max_decoding_message_size(64 << 20);
+    let slow =
+        tokio::spawn(async move { client.fibonacci(FibonacciRequest { n: 5_000_000 }).await });
+    tokio::time::timeout(PATIENCE, async {
+        while stats(&gw).await.in_flight == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let status = reverse(&gw, "x").await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-in-flight"),
+        "{}",
+        status.message()
+    );
+    assert!(slow.await.unwrap().is_ok());
+    assert!(reverse(&gw, "x").await.is_ok());
+    gateway.shutdown().await.unwrap();
+    for c in computes {
+        c.shutdown().await.unwrap();
+    }
+}

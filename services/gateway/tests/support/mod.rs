@@ -1,0 +1,150 @@
+//! Shared fixtures of the gateway tests: compute instances as real child processes or
+//! in-process servers, a gateway on port 0, and waiting on the gateway's own stats.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use dlb::proto::v1::{StatsRequest, StatsResponse, gateway_client::GatewayClient};
+use dlb_gateway::config::Backend;
+use tonic::transport::Channel;
+
+/// Bound on anything a test waits for.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The `dlb-compute` binary, built on demand when this package's tests run alone.
+pub fn compute_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/dlb-compute
+    let bin = exe.parent().unwrap().parent().unwrap().join("dlb-compute");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "dlb-compute", "--bin", "dlb-compute"])
+            .status()
+            .expect("run cargo build for dlb-compute");
+        assert!(status.success(), "building dlb-compute failed");
+    }
+    bin
+}
+
+/// A `dlb-compute` child process; killed on drop so none outlives the test.
+pub struct ComputeProcess {
+    pub id: String,
+    pub addr: String,
+    child: Option<Child>,
+}
+
+impl ComputeProcess {
+    /// Starts `dlb-compute --id ID --listen LISTEN` and waits for its "listening" line.
+    pub fn start(id: &str, listen: &str) -> Self {
+        let mut child = Command::new(compute_binary())
+            .args(["--id", id, "--listen", listen, "--redis", "none"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn dlb-compute");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("listening on"), "{line:?}");
+        let addr = line.trim().rsplit(' ').next().unwrap().to_owned();
+        Self {
+            id: id.to_owned(),
+            addr,
+            child: Some(child),
+        }
+    }
+
+    /// `ID=ADDR` for the gateway.
+    pub fn backend(&self) -> Backend {
+        Backend {
+            id: self.id.clone(),
+            addr: self.addr.clone(),
+        }
+    }
+
+    /// Sends a signal (`KILL` or `TERM`) and waits for the process to end.
+    pub fn signal_and_wait(&mut self, signal: &str) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        child.wait().unwrap()
+    }
+
+    /// Starts the same instance again on the same address.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        let again = Self::start(&self.id, &self.addr);
+        *self = again;
+    }
+}
+
+impl Drop for ComputeProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A connected channel to `uri`.
+pub async fn channel(uri: &str) -> Channel {
+    Channel::from_shared(uri.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// The gateway's stats now.
+pub async fn stats(gateway: &Channel) -> StatsResponse {
+    GatewayClient::new(gateway.clone())
+        .stats(StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The state of instance `id` as the gateway sees it.
+pub async fn state_of(gateway: &Channel, id: &str) -> String {
+    stats(gateway)
+        .await
+        .instances
+        .into_iter()
+        .find(|i| i.instance == id)
+        .map(|i| i.state)
+        .unwrap_or_default()
+}
+
+/// Waits until the gateway sees exactly these instances serving.
+pub async fn wait_serving(gateway: &Channel, ids: &[&str], bound: Duration) {
+    let mut want: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+    want.sort();
+    tokio::time::timeout(bound, async {
+        loop {
+            let mut serving: Vec<String> = stats(gateway)
+                .await
+                .instances
+                .into_iter()
+                .filter(|i| i.state == "serving")
+                .map(|i| i.instance)
+                .collect();
+            serving.sort();
+            if serving == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("instances {want:?} serving within {bound:?}"));
+}

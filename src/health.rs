@@ -1,0 +1,156 @@
+//! `grpc.health.v1.Health` for every dlb server, with one difference from tonic-health's:
+//! [`HealthState::close`] ends every open `Watch` stream. A draining server calls it so that
+//! HTTP/2's graceful close is not held open by watchers, and watchers (the gateway) see the
+//! stream end and reconnect to whatever serves that address next.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+/// The serving status of a server and the services it names. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct HealthState {
+    status: Arc<watch::Sender<ServingStatus>>,
+    services: Arc<Vec<String>>,
+    closing: CancellationToken,
+}
+
+impl HealthState {
+    /// A state answering for the server ("") and for each of `services`, starting SERVING.
+    pub fn new(services: &[&str]) -> Self {
+        let (status, _) = watch::channel(ServingStatus::Serving);
+        Self {
+            status: Arc::new(status),
+            services: Arc::new(services.iter().map(|s| (*s).to_owned()).collect()),
+            closing: CancellationToken::new(),
+        }
+    }
+
+    /// Sets the status; watchers see the change.
+    pub fn set(&self, status: ServingStatus) {
+        self.status.send_replace(status);
+    }
+
+    /// The status now.
+    pub fn get(&self) -> ServingStatus {
+        *self.status.borrow()
+    }
+
+    /// Ends every `Watch` stream, now and from now on.
+    pub fn close(&self) {
+        self.closing.cancel();
+    }
+
+    /// The gRPC service.
+    pub fn service(&self) -> HealthServer<HealthService> {
+        HealthServer::new(HealthService(self.clone()))
+    }
+
+    fn knows(&self, service: &str) -> bool {
+        service.is_empty() || self.services.iter().any(|s| s == service)
+    }
+}
+
+/// Implements `grpc.health.v1.Health` over a [`HealthState`].
+#[derive(Debug, Clone)]
+pub struct HealthService(HealthState);
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Health for HealthService {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        let service = request.into_inner().service;
+        if !self.0.knows(&service) {
+            return Err(Status::not_found(format!("unknown service {service:?}")));
+        }
+        Ok(Response::new(HealthCheckResponse {
+            status: self.0.get().into(),
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let service = request.into_inner().service;
+        if !self.0.knows(&service) {
+            return Err(Status::not_found(format!("unknown service {service:?}")));
+        }
+        let changes =
+            tokio_stream::wrappers::WatchStream::new(self.0.status.subscribe()).map(|status| {
+                Ok(HealthCheckResponse {
+                    status: status.into(),
+                })
+            });
+        Ok(Response::new(Box::pin(UntilClosed {
+            inner: changes,
+            closing: Box::pin(self.0.closing.clone().cancelled_owned()),
+        })))
+    }
+}
+
+/// A stream that ends when `closing` completes.
+struct UntilClosed<S> {
+    inner: S,
+    closing: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl<S: Stream + Unpin> Stream for UntilClosed<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        if self.closing.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(None);
+        }
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn watch_sees_changes_and_ends_on_close() {
+        let state = HealthState::new(&["dlb.v1.Operations"]);
+        let service = HealthService(state.clone());
+        let mut stream = service
+            .watch(Request::new(HealthCheckRequest {
+                service: "dlb.v1.Operations".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(first.status(), ServingStatus::Serving);
+        state.set(ServingStatus::NotServing);
+        let second = stream.next().await.unwrap().unwrap();
+        assert_eq!(second.status(), ServingStatus::NotServing);
+        state.close();
+        assert!(stream.next().await.is_none());
+        let unknown = service
+            .check(Request::new(HealthCheckRequest {
+                service: "nope".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
+    }
+}
