@@ -24,7 +24,7 @@ use crate::endpoint::{EndpointService, EndpointStats, State};
 
 /// Changes sent to the balancer.
 pub type BalancerChanges =
-    mpsc::UnboundedSender<Result<Change<String, EndpointService>, Infallible>>;
+    mpsc::UnboundedSender<Result<Change<Arc<str>, EndpointService>, Infallible>>;
 
 /// Longest pause between reconnection attempts to an unreachable endpoint.
 const MAX_RECONNECT_PAUSE: Duration = Duration::from_millis(250);
@@ -72,7 +72,7 @@ impl Monitor {
         if watcher.in_ring {
             let _ = self
                 .balancer
-                .send(Ok(Change::Remove(self.stats.id.to_string())));
+                .send(Ok(Change::Remove(Arc::clone(&self.stats.id))));
         }
     }
 }
@@ -105,7 +105,7 @@ impl Watcher<'_> {
                 ],
             );
         }
-        let id = m.stats.id.to_string();
+        let id = Arc::clone(&m.stats.id);
         if state == State::Serving && !self.in_ring {
             self.in_ring = true;
             let _ = m

@@ -20,7 +20,7 @@ use crate::health::{BalancerChanges, Monitor};
 /// The balancer's discovery stream: endpoints inserted and removed by the health monitors.
 pub type Discovered = tokio_stream::wrappers::UnboundedReceiverStream<
     Result<
-        tower::discover::Change<String, crate::endpoint::EndpointService>,
+        tower::discover::Change<Arc<str>, crate::endpoint::EndpointService>,
         std::convert::Infallible,
     >,
 >;

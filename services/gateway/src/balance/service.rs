@@ -131,33 +131,37 @@ where
         if ring.endpoints.is_empty() {
             return Poll::Ready(Err(BalanceError::NoEndpoints.into()));
         }
-        // Candidates in rotation order: the keys after the last pick, then from the start.
-        let (after, upto) = match &ring.last {
-            Some(last) => (
-                ring.endpoints
-                    .range((Bound::Excluded(last), Bound::Unbounded))
-                    .collect::<Vec<_>>(),
-                ring.endpoints
-                    .range((Bound::Unbounded, Bound::Included(last)))
-                    .collect::<Vec<_>>(),
-            ),
-            None => (ring.endpoints.iter().collect(), Vec::new()),
-        };
+        // Candidates in rotation order: the keys after the last pick, then from the start up to
+        // and including it. No allocation: two ranges of the map, chained.
         let mut chosen = None;
         let mut pending = false;
-        for (key, service) in after.into_iter().chain(upto) {
-            let mut candidate = service.clone();
-            match candidate.poll_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    chosen = Some((key.clone(), candidate));
-                    break;
+        {
+            let ring = &*ring;
+            let (after, upto) = match &ring.last {
+                Some(last) => (
+                    ring.endpoints
+                        .range::<K, _>((Bound::Excluded(last), Bound::Unbounded)),
+                    Some(
+                        ring.endpoints
+                            .range::<K, _>((Bound::Unbounded, Bound::Included(last))),
+                    ),
+                ),
+                None => (ring.endpoints.range::<K, _>(..), None),
+            };
+            for (key, service) in after.chain(upto.into_iter().flatten()) {
+                let mut candidate = service.clone();
+                match candidate.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        chosen = Some((key.clone(), candidate));
+                        break;
+                    }
+                    Poll::Pending => {
+                        pending = true;
+                        self.waiting.push(candidate);
+                    }
+                    // Skipped for this pick only; discovery decides whether it leaves the ring.
+                    Poll::Ready(Err(_)) => {}
                 }
-                Poll::Pending => {
-                    pending = true;
-                    self.waiting.push(candidate);
-                }
-                // Skipped for this pick only; discovery decides whether it leaves the ring.
-                Poll::Ready(Err(_)) => {}
             }
         }
         match chosen {
