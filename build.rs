@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/dlb/v1/operations.proto",
         "proto/dlb/v1/load.proto",
         "proto/dlb/v1/gateway.proto",
+        "proto/dlb/v1/control.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -30,9 +30,13 @@ build:
 compute *args: build
     target/release/dlb-compute "$@"
 
-# Run the gateway in the foreground over three local instances (override with --backend ...)
+# Run control (three instances A, B, C on 13001-13003) in the foreground
+control *args: build
+    target/release/dlb-control "$@"
+
+# Run the gateway in the foreground, following control on 12001
 gateway *args: build
-    target/release/dlb-gateway --backend A=127.0.0.1:13001 --backend B=127.0.0.1:13002 --backend C=127.0.0.1:13003 "$@"
+    target/release/dlb-gateway --control http://127.0.0.1:12001 "$@"
 
 # Call one operation (e.g. `just call prime 97`, `just call fib 1000`)
 call *args: build

@@ -3,7 +3,6 @@
 //! HTTP/2's graceful close is not held open by watchers, and watchers (the gateway) see the
 //! stream end and reconnect to whatever serves that address next.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -96,30 +95,10 @@ impl Health for HealthService {
                     status: status.into(),
                 })
             });
-        Ok(Response::new(Box::pin(UntilClosed {
-            inner: changes,
-            closing: Box::pin(self.0.closing.clone().cancelled_owned()),
-        })))
-    }
-}
-
-/// A stream that ends when `closing` completes.
-struct UntilClosed<S> {
-    inner: S,
-    closing: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
-}
-
-impl<S: Stream + Unpin> Stream for UntilClosed<S> {
-    type Item = S::Item;
-
-    fn poll_next(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<S::Item>> {
-        if self.closing.as_mut().poll(cx).is_ready() {
-            return std::task::Poll::Ready(None);
-        }
-        Pin::new(&mut self.inner).poll_next(cx)
+        Ok(Response::new(Box::pin(crate::server::until_cancelled(
+            changes,
+            self.0.closing.clone(),
+        ))))
     }
 }
 

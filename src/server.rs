@@ -1,5 +1,12 @@
-//! What every dlb gRPC server shares: reflection and the shutdown signal.
+//! What every dlb gRPC server shares: reflection, the shutdown signal, and ending server
+//! streams on shutdown.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio_stream::Stream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic_reflection::server::Error as ReflectionError;
 
 /// Server reflection for every dlb proto and grpc.health.v1, in both protocol versions: v1, and
@@ -44,5 +51,33 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// `stream`, ending early once `cancel` fires: for server streams (health `Watch`,
+/// `WatchInstances`) that would otherwise hold a draining server's connections open forever.
+pub fn until_cancelled<S: Stream + Unpin>(
+    stream: S,
+    cancel: CancellationToken,
+) -> impl Stream<Item = S::Item> {
+    UntilCancelled {
+        inner: stream,
+        cancelled: Box::pin(cancel.cancelled_owned()),
+    }
+}
+
+struct UntilCancelled<S> {
+    inner: S,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl<S: Stream + Unpin> Stream for UntilCancelled<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        if self.cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut self.inner).poll_next(cx)
     }
 }

@@ -58,6 +58,11 @@ pub struct Config {
     #[arg(long, env = "DLB_COMPUTE_GRACE_PERIOD_SECS", default_value_t = DEFAULT_GRACE_PERIOD_SECS)]
     pub grace_period_secs: u64,
 
+    /// Drain and exit when the parent process goes away (set by dlb-control, so that no
+    /// instance outlives its supervisor, even one killed with SIGKILL).
+    #[arg(long, env = "DLB_COMPUTE_EXIT_WITH_PARENT")]
+    pub exit_with_parent: bool,
+
     /// Where events go (the Redis event log).
     #[command(flatten)]
     pub events: EventLogArgs,
@@ -75,6 +80,7 @@ impl Config {
             workers: None,
             queue: pool::DEFAULT_QUEUE,
             grace_period_secs: DEFAULT_GRACE_PERIOD_SECS,
+            exit_with_parent: false,
             events: EventLogArgs::disabled(),
         }
     }

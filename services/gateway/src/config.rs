@@ -108,6 +108,11 @@ pub struct Config {
     #[arg(long = "backend", env = "DLB_GATEWAY_BACKENDS", value_delimiter = ',')]
     pub backends: Vec<Backend>,
 
+    /// The control service to follow for membership (e.g. http://127.0.0.1:12001), in
+    /// addition to any --backend.
+    #[arg(long, env = "DLB_GATEWAY_CONTROL")]
+    pub control: Option<String>,
+
     /// How to pick an instance.
     #[arg(
         long,
@@ -159,6 +164,7 @@ impl Config {
             metrics_listen: "none".to_owned(),
             id: "gw".to_owned(),
             backends,
+            control: None,
             policy: Policy::RoundRobin,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
@@ -168,6 +174,19 @@ impl Config {
             connections: DEFAULT_CONNECTIONS,
             max_message_bytes: 4 * 1024 * 1024,
             events: EventLogArgs::disabled(),
+        }
+    }
+
+    /// The membership sources this configuration names: the static list, control, or both.
+    pub fn membership(&self) -> Box<dyn crate::membership::Membership> {
+        use crate::membership::{ControlMembership, Merged, StaticMembership};
+        let static_list = Box::new(StaticMembership(self.backends.clone()));
+        match &self.control {
+            None => static_list,
+            Some(addr) => Box::new(Merged(vec![
+                static_list,
+                Box::new(ControlMembership { addr: addr.clone() }),
+            ])),
         }
     }
 

@@ -26,6 +26,12 @@ use crate::endpoint::{EndpointService, EndpointStats, State};
 pub type BalancerChanges =
     mpsc::UnboundedSender<Result<Change<Arc<str>, EndpointService>, Infallible>>;
 
+/// How long a removed endpoint's connections stay open for calls still in flight on them.
+const IN_FLIGHT_GRACE: Duration = Duration::from_secs(60);
+
+/// Extra time after the last response headers, for response bodies and trailers.
+const BODY_GRACE: Duration = Duration::from_secs(1);
+
 /// Longest pause between reconnection attempts to an unreachable endpoint.
 const MAX_RECONNECT_PAUSE: Duration = Duration::from_millis(250);
 
@@ -74,6 +80,16 @@ impl Monitor {
                 .balancer
                 .send(Ok(Change::Remove(Arc::clone(&self.stats.id))));
         }
+        // Calls already sent keep running on these connections: hold them open until those
+        // calls are done (bounded), or removing an instance would cut its in-flight calls.
+        let _ = tokio::time::timeout(IN_FLIGHT_GRACE, async {
+            while self.stats.snapshot().in_flight > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        tokio::time::sleep(BODY_GRACE).await;
+        drop(watcher);
     }
 }
 

@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dlb_gateway::Config;
-use dlb_gateway::membership::StaticMembership;
 use tokio::net::TcpListener;
 
 #[tokio::main]
@@ -37,12 +36,14 @@ async fn main() -> ExitCode {
         },
         _ => None,
     };
-    if config.backends.is_empty() {
-        eprintln!("dlb-gateway: warning: no --backend given; every call will get UNAVAILABLE");
+    if config.backends.is_empty() && config.control.is_none() {
+        eprintln!(
+            "dlb-gateway: warning: no --backend or --control given; every call will get UNAVAILABLE"
+        );
     }
     let addr = listener.local_addr().unwrap_or(config.listen);
     println!("dlb-gateway listening on {addr}");
-    let membership = Box::new(StaticMembership(config.backends.clone()));
+    let membership = config.membership();
     match dlb_gateway::run(
         listener,
         metrics,

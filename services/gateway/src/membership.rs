@@ -143,3 +143,98 @@ fn connect(backend: &Backend, settings: &MonitorSettings) -> Option<Vec<Channel>
         })
         .collect()
 }
+
+/// Membership from the control service's `WatchInstances`: instances that are starting or
+/// serving are members; draining, stopped, crashed or removed ones are not. While control is
+/// unreachable the last membership stays as it was, and the stream reconnects by itself.
+#[derive(Debug, Clone)]
+pub struct ControlMembership {
+    /// The control service, e.g. `http://127.0.0.1:12001`.
+    pub addr: String,
+}
+
+/// Longest wait between reconnections to control.
+const CONTROL_MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+impl Membership for ControlMembership {
+    fn changes(self: Box<Self>) -> Pin<Box<dyn Stream<Item = MemberChange> + Send>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(follow_control(self.addr, tx));
+        Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+    }
+}
+
+async fn follow_control(addr: String, tx: tokio::sync::mpsc::UnboundedSender<MemberChange>) {
+    use dlb::proto::v1::{InstanceState, WatchInstancesRequest, control_client::ControlClient};
+    let mut members: HashMap<String, String> = HashMap::new();
+    let mut backoff = Duration::from_millis(100);
+    while !tx.is_closed() {
+        let stream = match dlb::endpoint::endpoint(&addr) {
+            Ok(endpoint) => match endpoint.connect().await {
+                Ok(channel) => ControlClient::new(channel)
+                    .watch_instances(WatchInstancesRequest {})
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .ok(),
+                Err(_) => None,
+            },
+            Err(error) => {
+                tracing::error!(%addr, %error, "invalid --control address");
+                return;
+            }
+        };
+        if let Some(mut stream) = stream {
+            tracing::info!(%addr, "following control");
+            backoff = Duration::from_millis(100);
+            while let Ok(Some(list)) = stream.message().await {
+                let wanted: HashMap<String, String> = list
+                    .instances
+                    .into_iter()
+                    .filter(|i| {
+                        matches!(i.state(), InstanceState::Starting | InstanceState::Serving)
+                            && !i.address.ends_with(":0")
+                    })
+                    .map(|i| (i.id, i.address))
+                    .collect();
+                for id in members.keys() {
+                    if !wanted.contains_key(id) {
+                        let _ = tx.send(MemberChange::Remove(id.clone()));
+                    }
+                }
+                for (id, addr) in &wanted {
+                    if members.get(id) != Some(addr) {
+                        let _ = tx.send(MemberChange::Upsert(Backend {
+                            id: id.clone(),
+                            addr: addr.clone(),
+                        }));
+                    }
+                }
+                members = wanted;
+            }
+            tracing::warn!(%addr, "lost control; keeping the last membership");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(CONTROL_MAX_BACKOFF);
+    }
+}
+
+/// Both sources at once: a static list and control.
+#[derive(Debug)]
+pub struct Merged(pub Vec<Box<dyn Membership>>);
+
+impl std::fmt::Debug for dyn Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Membership")
+    }
+}
+
+impl Membership for Merged {
+    fn changes(self: Box<Self>) -> Pin<Box<dyn Stream<Item = MemberChange> + Send>> {
+        let mut merged: Pin<Box<dyn Stream<Item = MemberChange> + Send>> =
+            Box::pin(tokio_stream::pending());
+        for source in self.0 {
+            merged = Box::pin(merged.merge(source.changes()));
+        }
+        merged
+    }
+}

@@ -7,7 +7,6 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::config::Backend;
-use crate::membership::StaticMembership;
 use crate::{Config, RunError, run};
 
 /// A gateway running on this process's runtime.
@@ -22,7 +21,8 @@ pub struct RunningGateway {
 }
 
 impl RunningGateway {
-    /// Starts a gateway over a static list of `backends` with `config` (use port 0).
+    /// Starts a gateway over a static list of `backends` (and `config.control`, if set) with
+    /// `config` (use port 0).
     ///
     /// # Errors
     ///
@@ -42,15 +42,10 @@ impl RunningGateway {
         };
         let metrics_addr = metrics.as_ref().map(TcpListener::local_addr).transpose()?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(
-            listener,
-            metrics,
-            config,
-            Box::new(StaticMembership(backends)),
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let membership = config.membership();
+        let task = tokio::spawn(run(listener, metrics, config, membership, async {
+            let _ = stopped.await;
+        }));
         Ok(Self {
             addr,
             metrics_addr,

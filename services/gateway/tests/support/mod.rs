@@ -17,18 +17,7 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 
 /// The `dlb-compute` binary, built on demand when this package's tests run alone.
 pub fn compute_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> -> target/<profile>/dlb-compute
-    let bin = exe.parent().unwrap().parent().unwrap().join("dlb-compute");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "dlb-compute", "--bin", "dlb-compute"])
-            .status()
-            .expect("run cargo build for dlb-compute");
-        assert!(status.success(), "building dlb-compute failed");
-    }
-    bin
+    dlb::testing::workspace_binary("dlb-compute")
 }
 
 /// A `dlb-compute` child process; killed on drop so none outlives the test.

@@ -1,0 +1,153 @@
+//! Configuration of the control service: flags, with `DLB_CONTROL_*` environment equivalents.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use dlb::events::EventLogArgs;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:12001";
+
+/// Port of instance A; B gets the next one, and so on.
+pub const DEFAULT_FIRST_PORT: u16 = 13001;
+
+/// What to do when an instance exits without being asked to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Restart {
+    /// Report it as crashed and leave it.
+    Never,
+    /// Report it, then start it again after a backoff (0.5 s doubling to 10 s).
+    OnFailure,
+}
+
+/// The control service's configuration.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "dlb-control",
+    version,
+    about = "dlb control: supervises dlb-compute instances"
+)]
+pub struct Config {
+    /// Address to serve gRPC on (HOST:PORT; port 0 picks a free one).
+    #[arg(long, env = "DLB_CONTROL_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// The dlb-compute binary (default: next to this executable).
+    #[arg(long, env = "DLB_CONTROL_COMPUTE_BIN")]
+    pub compute_bin: Option<PathBuf>,
+
+    /// Instances started at launch (ids A, B, C, ...).
+    #[arg(long, env = "DLB_CONTROL_INSTANCES", default_value_t = 3)]
+    pub instances: usize,
+
+    /// Port of instance A; B gets the next, and so on. 0 lets each instance pick a free port
+    /// (kept across its restarts).
+    #[arg(long, env = "DLB_CONTROL_FIRST_PORT", default_value_t = DEFAULT_FIRST_PORT)]
+    pub first_port: u16,
+
+    /// Restart instances that exit on their own.
+    #[arg(long, env = "DLB_CONTROL_RESTART", value_enum, default_value = "never")]
+    pub restart: Restart,
+
+    /// Seconds an instance has to report SERVING after it is spawned.
+    #[arg(long, env = "DLB_CONTROL_START_TIMEOUT_SECS", default_value_t = 10)]
+    pub start_timeout_secs: u64,
+
+    /// Seconds a stop waits for in-flight calls before SIGTERM.
+    #[arg(long, env = "DLB_CONTROL_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
+    pub drain_timeout_secs: u64,
+
+    /// Seconds after SIGTERM before SIGKILL.
+    #[arg(long, env = "DLB_CONTROL_GRACE_PERIOD_SECS", default_value_t = 10)]
+    pub grace_period_secs: u64,
+
+    /// Where events go (the Redis event log); instances log to the same Redis.
+    #[command(flatten)]
+    pub events: EventLogArgs,
+}
+
+impl Config {
+    /// Port 0 for control and instances, no event log, `instances` instances.
+    pub fn for_tests(compute_bin: PathBuf, instances: usize) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            compute_bin: Some(compute_bin),
+            instances,
+            first_port: 0,
+            restart: Restart::Never,
+            start_timeout_secs: 10,
+            drain_timeout_secs: 10,
+            grace_period_secs: 10,
+            events: EventLogArgs::disabled(),
+        }
+    }
+
+    /// The compute binary to spawn.
+    pub fn compute_bin(&self) -> PathBuf {
+        self.compute_bin.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|dir| dir.join("dlb-compute")))
+                .unwrap_or_else(|| PathBuf::from("dlb-compute"))
+        })
+    }
+
+    /// Start timeout.
+    pub fn start_timeout(&self) -> Duration {
+        Duration::from_secs(self.start_timeout_secs)
+    }
+
+    /// Drain timeout.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+
+    /// SIGTERM to SIGKILL.
+    pub fn grace_period(&self) -> Duration {
+        Duration::from_secs(self.grace_period_secs)
+    }
+
+    /// Checks what clap cannot.
+    ///
+    /// # Errors
+    ///
+    /// A one-line message naming the bad setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.instances > 26 * 27 {
+            return Err("--instances must be at most 702 (ids A to ZZ)".to_owned());
+        }
+        if self.first_port != 0 && usize::from(self.first_port) + self.instances > 65_536 {
+            return Err("--first-port leaves no room for every instance's port".to_owned());
+        }
+        self.events.config()?;
+        Ok(())
+    }
+}
+
+/// The id of the instance at `index`: A..Z, then AA..ZZ.
+pub fn instance_id(index: usize) -> String {
+    let letter = |i: usize| char::from(b'A' + (i % 26) as u8);
+    if index < 26 {
+        letter(index).to_string()
+    } else {
+        let rest = index - 26;
+        format!("{}{}", letter(rest / 26), letter(rest))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_run_a_to_z_then_aa() {
+        assert_eq!(instance_id(0), "A");
+        assert_eq!(instance_id(2), "C");
+        assert_eq!(instance_id(25), "Z");
+        assert_eq!(instance_id(26), "AA");
+        assert_eq!(instance_id(27), "AB");
+        assert_eq!(instance_id(26 + 26 * 26 - 1), "ZZ");
+    }
+}

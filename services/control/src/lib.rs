@@ -1,0 +1,141 @@
+//! dlb control service: supervises `dlb-compute` processes and tells the gateway about them.
+//!
+//! A request enters [`service::ControlService`] and is carried out by the [`supervisor`],
+//! which owns every compute process ([`process`] spawns them directly, no shell). Every change
+//! is a new snapshot on `WatchInstances`, which the gateway follows. No instance outlives
+//! control: on SIGTERM/SIGINT it drains them all; if control dies any other way, each instance
+//! notices its parent is gone (`--exit-with-parent`) and stops itself.
+
+pub mod config;
+pub mod process;
+pub mod service;
+pub mod supervisor;
+pub mod testing;
+
+use std::future::Future;
+use std::time::Duration;
+
+use dlb::events::EventLog;
+use dlb::health::HealthState;
+use dlb::proto::v1::control_server::ControlServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+pub use config::Config;
+
+use crate::service::ControlService;
+use crate::supervisor::Supervisor;
+
+/// Failures that stop the control service.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Reflection could not be built.
+    #[error("building the reflection service")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The server failed.
+    #[error("serving gRPC")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Starts the configured instances, serves on `listener` until `shutdown`, then drains every
+/// instance and returns.
+///
+/// # Errors
+///
+/// [`RunError`] when the configuration is invalid or the server fails.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    config.validate().map_err(RunError::Config)?;
+    let events_config = config.events.config().map_err(RunError::Config)?;
+    let writer_stop = CancellationToken::new();
+    let (events, writer) =
+        EventLog::start(events_config, "control", "control", writer_stop.clone());
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let supervisor = Supervisor::new(&config, events.clone(), cancel.clone(), tracker.clone());
+
+    let health = HealthState::new(&["dlb.v1.Control"]);
+    let (reflection_v1, reflection_v1alpha) = dlb::server::reflection()?;
+    let stop = CancellationToken::new();
+    let closing = CancellationToken::new();
+    let server = Server::builder()
+        .add_service(health.service())
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ControlServer::new(ControlService {
+            supervisor: supervisor.clone(),
+            closing: closing.clone(),
+        }))
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stop.clone().cancelled_owned(),
+        );
+    tokio::pin!(server);
+
+    // Start the initial instances while already answering List/Watch.
+    let initial = {
+        let supervisor = supervisor.clone();
+        let count = config.instances;
+        tokio::spawn(async move {
+            let starts: Vec<_> = (0..count)
+                .map(|_| {
+                    let supervisor = supervisor.clone();
+                    tokio::spawn(async move { supervisor.add().await })
+                })
+                .collect();
+            for start in starts {
+                if let Ok(Err(error)) = start.await {
+                    tracing::error!(%error, "initial instance did not start");
+                }
+            }
+        })
+    };
+    let sampler = {
+        let supervisor = supervisor.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => supervisor.sample_usage().await,
+                    () = cancel.cancelled() => return,
+                }
+            }
+        })
+    };
+    events.lifecycle("started", &[]);
+
+    let served = tokio::select! {
+        result = &mut server => Some(result),
+        () = shutdown => None,
+    };
+    tracing::info!("stopping every instance");
+    initial.abort();
+    health.set(ServingStatus::NotServing);
+    supervisor.stop_all().await;
+    health.close();
+    closing.cancel();
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), &mut server).await;
+    cancel.cancel();
+    sampler.abort();
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    events.lifecycle("stopped", &[]);
+    writer_stop.cancel();
+    let _ = writer.await;
+    match served {
+        Some(result) => result.map_err(RunError::from),
+        None => Ok(()),
+    }
+}

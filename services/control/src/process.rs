@@ -1,0 +1,168 @@
+//! One compute process: spawning it (no shell), learning its address, signals, and what
+//! `/proc` says about its CPU and memory.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Lines of a process's stderr kept for error messages.
+const STDERR_LINES: usize = 5;
+
+/// The last lines a process wrote to stderr.
+#[derive(Debug, Clone, Default)]
+pub struct StderrTail(Arc<Mutex<VecDeque<String>>>);
+
+impl StderrTail {
+    /// The kept lines, joined.
+    pub fn text(&self) -> String {
+        let lines = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        lines.iter().cloned().collect::<Vec<_>>().join(" | ")
+    }
+
+    fn push(&self, line: String) {
+        let mut lines = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if lines.len() == STDERR_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line);
+    }
+}
+
+/// A spawned `dlb-compute`.
+#[derive(Debug)]
+pub struct Spawned {
+    /// The child; killed if dropped.
+    pub child: Child,
+    /// Its pid.
+    pub pid: u32,
+    /// The address it reported.
+    pub addr: String,
+    /// Its last stderr lines.
+    pub stderr: StderrTail,
+}
+
+/// Why a process could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The binary could not be executed.
+    #[error("cannot run {bin}: {source} (set --compute-bin)")]
+    Exec {
+        /// The binary.
+        bin: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process exited before it listened.
+    #[error("exited before listening: {stderr}")]
+    Exited {
+        /// What it said.
+        stderr: String,
+    },
+}
+
+/// Spawns `bin --id ID --listen LISTEN ...` directly, and waits for its "listening on" line.
+///
+/// # Errors
+///
+/// [`SpawnError`] when it cannot run or exits before listening.
+pub async fn spawn(bin: &Path, id: &str, listen: &str, redis: &str) -> Result<Spawned, SpawnError> {
+    let mut child = Command::new(bin)
+        .args([
+            "--id",
+            id,
+            "--listen",
+            listen,
+            "--redis",
+            redis,
+            "--exit-with-parent",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| SpawnError::Exec {
+            bin: bin.display().to_string(),
+            source,
+        })?;
+    let pid = child.id().unwrap_or(0);
+    let stderr = StderrTail::default();
+    if let Some(err) = child.stderr.take() {
+        // Drain stderr for good, so the child never blocks on a full pipe.
+        let tail = stderr.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(err).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tail.push(line);
+            }
+        });
+    }
+    let mut addr = None;
+    if let Some(out) = child.stdout.take() {
+        let mut lines = BufReader::new(out).lines();
+        if let Ok(Some(line)) = lines.next_line().await {
+            // "dlb-compute <id> listening on <addr>"
+            addr = line
+                .split_once(" listening on ")
+                .map(|(_, a)| a.trim().to_owned());
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    }
+    match addr {
+        Some(addr) => Ok(Spawned {
+            child,
+            pid,
+            addr,
+            stderr,
+        }),
+        None => {
+            let _ = child.wait().await;
+            // Give the stderr reader a moment to collect the reason.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            Err(SpawnError::Exited {
+                stderr: stderr.text(),
+            })
+        }
+    }
+}
+
+/// Sends SIGTERM (`force` false) or SIGKILL.
+pub fn signal(pid: u32, force: bool) {
+    let Ok(raw) = i32::try_from(pid) else {
+        return;
+    };
+    if raw <= 0 {
+        return;
+    }
+    let signal = if force {
+        Signal::SIGKILL
+    } else {
+        Signal::SIGTERM
+    };
+    let _ = kill(Pid::from_raw(raw), signal);
+}
+
+/// CPU ticks (user + system) and resident bytes of `pid`, from `/proc`.
+pub fn usage(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((ticks, rss_kib * 1024))
+}
