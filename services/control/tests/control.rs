@@ -546,3 +546,47 @@ async fn grpcurl_lists_and_calls_control() {
     );
     control.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_starts_say_why() {
+    // A missing binary.
+    let mut missing = config(0);
+    missing.compute_bin = Some("/nonexistent/dlb-compute".into());
+    let control = RunningControl::start(missing).await.unwrap();
+    let ch = channel(&control.uri()).await;
+    let status = ControlClient::new(ch.clone())
+        .add_instance(dlb::proto::v1::AddInstanceRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status
+            .message()
+            .contains("cannot run /nonexistent/dlb-compute")
+            && status.message().contains("--compute-bin"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(list(&ch).await["A"].state(), InstanceState::Crashed);
+    control.shutdown().await.unwrap();
+
+    // A port that is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut busy = config(0);
+    busy.first_port = taken.local_addr().unwrap().port();
+    let control = RunningControl::start(busy).await.unwrap();
+    let ch = channel(&control.uri()).await;
+    let status = ControlClient::new(ch.clone())
+        .add_instance(dlb::proto::v1::AddInstanceRequest {})
+        .await
+        .unwrap_err();
+    assert!(
+        status.message().contains("did not start") && status.message().contains("cannot listen"),
+        "{}",
+        status.message()
+    );
+    let a = list(&ch).await["A"].clone();
+    assert_eq!(a.state(), InstanceState::Crashed);
+    assert!(a.last_error.contains("Address already in use"), "{a:?}");
+    control.shutdown().await.unwrap();
+}
