@@ -43,9 +43,9 @@ pub(super) async fn run(shared: Arc<Shared>, config: EventLogConfig, cancel: Can
         ever_connected: false,
     };
     writer.serve(&cancel).await;
-    if writer.shared.len() > 0 {
-        let _ = tokio::time::timeout(FINAL_FLUSH_TIMEOUT, writer.flush_all()).await;
-    }
+    writer
+        .flush_all(tokio::time::Instant::now() + FINAL_FLUSH_TIMEOUT)
+        .await;
 }
 
 struct Writer {
@@ -86,13 +86,22 @@ impl Writer {
         }
     }
 
-    /// Writes until the queue is empty, retrying after failures (a stale connection is only
-    /// found out by using it). The caller bounds the time.
-    async fn flush_all(&mut self) {
-        while self.shared.len() > 0 {
+    /// Writes until the queue is empty or `deadline` passes, retrying after failures (a stale
+    /// connection is only found out by using it). A batch already sent is never cut short;
+    /// what is still queued at the deadline is counted as dropped.
+    async fn flush_all(&mut self, deadline: tokio::time::Instant) {
+        while self.shared.len() > 0 && tokio::time::Instant::now() < deadline {
             if !self.write_one_batch().await {
                 tokio::time::sleep(INITIAL_BACKOFF).await;
             }
+        }
+        let left = self.shared.take_batch(usize::MAX).len() as u64;
+        if left > 0 {
+            self.shared.dropped.fetch_add(left, Ordering::Relaxed);
+            tracing::warn!(
+                events = left,
+                "event log stopped with events it could not write"
+            );
         }
     }
 

@@ -278,7 +278,17 @@ impl Supervisor {
             self.publish(&slots).await;
             out
         };
-        let spawned = process::spawn(&self.inner.bin, id, &listen, &self.inner.redis).await;
+        let spawned = tokio::time::timeout(
+            self.inner.start_timeout,
+            process::spawn(&self.inner.bin, id, &listen, &self.inner.redis),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            // Dropping the spawn future kills the child (kill_on_drop).
+            Err(process::SpawnError::Exited {
+                stderr: format!("no address reported within {:?}", self.inner.start_timeout),
+            })
+        });
         let spawned = match spawned {
             Ok(spawned) => spawned,
             Err(error) => {
@@ -292,9 +302,21 @@ impl Supervisor {
         };
         {
             let mut slots = self.inner.slots.lock().await;
-            if let Some(slot) = slots.get_mut(id) {
-                slot.pid = spawned.pid;
-                slot.listen = spawned.addr.clone();
+            match slots.get_mut(id) {
+                Some(slot) if slot.generation == generation && !slot.stopping => {
+                    slot.pid = spawned.pid;
+                    slot.listen = spawned.addr.clone();
+                }
+                // Stopped or removed while the process was being spawned: it must not run.
+                _ => {
+                    drop(slots);
+                    let mut child = spawned.child;
+                    let _ = child.kill().await;
+                    return Err(ControlError::StartFailed {
+                        id: id.to_owned(),
+                        reason: "stopped while starting".to_owned(),
+                    });
+                }
             }
             self.publish(&slots).await;
         }
@@ -308,7 +330,12 @@ impl Supervisor {
             this.exited(&id_owned, generation, status, &stderr).await;
         });
 
-        match tokio::time::timeout(self.inner.start_timeout, self.wait_serving(&addr)).await {
+        match tokio::time::timeout(
+            self.inner.start_timeout,
+            self.wait_serving(id, generation, &addr),
+        )
+        .await
+        {
             Ok(true) => {}
             _ => {
                 let reason = format!(
@@ -352,8 +379,9 @@ impl Supervisor {
         Ok(snapshot)
     }
 
-    /// Polls health until SERVING; false if the process is gone.
-    async fn wait_serving(&self, addr: &str) -> bool {
+    /// Polls health until SERVING; false once this start is no longer current (the process
+    /// exited, or it was stopped or removed).
+    async fn wait_serving(&self, id: &str, generation: u64, addr: &str) -> bool {
         let Ok(endpoint) = dlb::endpoint::endpoint(addr) else {
             return false;
         };
@@ -368,6 +396,14 @@ impl Supervisor {
                 && reply.into_inner().status() == ServingStatus::Serving
             {
                 return true;
+            }
+            let current = self.inner.slots.lock().await.get(id).is_some_and(|slot| {
+                slot.generation == generation
+                    && slot.state == InstanceState::Starting
+                    && !slot.stopping
+            });
+            if !current {
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -465,7 +501,11 @@ impl Supervisor {
                 {
                     let mut slots = this.inner.slots.lock().await;
                     match slots.get_mut(&id) {
-                        Some(slot) if slot.state == InstanceState::Crashed && !slot.removed => {
+                        Some(slot)
+                            if slot.state == InstanceState::Crashed
+                                && !slot.removed
+                                && !slot.stopping =>
+                        {
                             slot.restarts += 1;
                         }
                         _ => return,
@@ -487,18 +527,25 @@ impl Supervisor {
     ///
     /// [`ControlError::NotFound`] for an unknown id.
     pub async fn stop(&self, id: &str, force: bool) -> Result<Instance, ControlError> {
-        let (pid, addr) = {
+        let (pid, generation, addr) = {
             let mut slots = self.inner.slots.lock().await;
             let Some(slot) = slots.get_mut(id) else {
                 drop(slots);
                 return Err(self.not_found(id).await);
             };
-            if slot.pid == 0 {
-                return Ok(slot.snapshot());
-            }
             slot.stopping = true;
+            if slot.pid == 0 {
+                // Crashed and waiting to restart, or still being spawned: neither may come up.
+                if slot.state != InstanceState::Stopped {
+                    slot.state = InstanceState::Stopped;
+                    slot.serving_since = None;
+                }
+                let snapshot = slot.snapshot();
+                self.publish(&slots).await;
+                return Ok(snapshot);
+            }
             slot.state = InstanceState::Draining;
-            let out = (slot.pid, slot.listen.clone());
+            let out = (slot.pid, slot.generation, slot.listen.clone());
             self.publish(&slots).await;
             out
         };
@@ -513,7 +560,9 @@ impl Supervisor {
             // The gateway takes it out of rotation from the snapshot just published; calls
             // already there finish first.
             let _ = tokio::time::timeout(self.inner.drain_timeout, wait_idle(&addr)).await;
-            process::signal(pid, false);
+            if self.still_running(id, generation, pid).await {
+                process::signal(pid, false);
+            }
         }
         let mut snapshots = self.subscribe();
         let exited = tokio::time::timeout(self.inner.grace, async {
@@ -534,7 +583,9 @@ impl Supervisor {
         .await;
         if exited.is_err() {
             tracing::warn!(instance = id, "grace period over; killing");
-            process::signal(pid, true);
+            if self.still_running(id, generation, pid).await {
+                process::signal(pid, true);
+            }
             let _ = tokio::time::timeout(Duration::from_secs(5), async {
                 loop {
                     if snapshots
@@ -560,6 +611,16 @@ impl Supervisor {
                 known: slots.keys().cloned().collect::<Vec<_>>().join(", "),
             }),
         }
+    }
+
+    /// Is `pid` still this slot's live process (so signalling it cannot hit a reused pid)?
+    async fn still_running(&self, id: &str, generation: u64, pid: u32) -> bool {
+        self.inner
+            .slots
+            .lock()
+            .await
+            .get(id)
+            .is_some_and(|slot| slot.generation == generation && slot.pid == pid && pid != 0)
     }
 
     /// Drains an instance if it runs, then forgets it.

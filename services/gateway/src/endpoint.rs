@@ -32,7 +32,8 @@ pub enum State {
     /// Unreachable, or a call failed at the connection level: out of the rotation until its
     /// health says SERVING again.
     Ejected,
-    /// Being drained on purpose (set by the control service): out of the rotation.
+    /// Being drained on purpose: out of the rotation. Reserved: today control takes a draining
+    /// instance out of the membership instead, and its health then says NOT_SERVING.
     Draining,
 }
 
@@ -319,13 +320,12 @@ impl Service<http::Request<Body>> for EndpointService {
         };
         let shared = Arc::clone(&self.shared);
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-        shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        let start = Instant::now();
+        // Counted out on drop, so a call abandoned mid-way (deadline, client gone) is too.
+        let guard = InFlight::new(Arc::clone(&shared.stats));
         let future = channel.call(request);
         Box::pin(async move {
             let result = future.await;
-            shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-            shared.stats.record(start.elapsed());
+            guard.finish();
             match result {
                 Ok(mut response) => {
                     response
@@ -341,6 +341,33 @@ impl Service<http::Request<Body>> for EndpointService {
                 }
             }
         })
+    }
+}
+
+/// One call in flight to an endpoint: counted in on creation, out on drop; latency recorded
+/// when the call finishes normally.
+struct InFlight {
+    stats: Arc<EndpointStats>,
+    start: Instant,
+}
+
+impl InFlight {
+    fn new(stats: Arc<EndpointStats>) -> Self {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self {
+            stats,
+            start: Instant::now(),
+        }
+    }
+
+    fn finish(self) {
+        self.stats.record(self.start.elapsed());
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -3,7 +3,8 @@
 //! A call enters [`service::GatewayService`], which forwards it through the balancer (our
 //! [`balance::RoundRobin`], or tower's p2c with `--policy p2c`) to an [`endpoint`]. Which
 //! endpoints are in the balancer is decided by one [`health`] monitor per instance, and which
-//! instances exist by a [`membership`] source (today the static `--backend` list). Stats are
+//! instances exist by a [`membership`] source (the static `--backend` list and/or the control
+//! service's `WatchInstances`). Stats are
 //! served as `dlb.v1.Gateway/Stats` and as Prometheus text ([`stats`]); every call is an event in
 //! the Redis log.
 

@@ -1,6 +1,7 @@
 //! Membership: which instances exist. A [`Membership`] source says so as a stream of changes;
-//! [`supervise`] keeps one health [`Monitor`] per member. Today's source is the static
-//! `--backend` list; the control service's `WatchInstances` will be another.
+//! [`supervise`] keeps one health [`Monitor`] per member. Sources: the static `--backend` list
+//! ([`StaticMembership`]), the control service's `WatchInstances` ([`ControlMembership`]), or
+//! both ([`Merged`]).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -186,7 +187,15 @@ async fn follow_control(addr: String, tx: tokio::sync::mpsc::UnboundedSender<Mem
         if let Some(mut stream) = stream {
             tracing::info!(%addr, "following control");
             backoff = Duration::from_millis(100);
-            while let Ok(Some(list)) = stream.message().await {
+            loop {
+                // Stop following as soon as the gateway stops listening.
+                let message = tokio::select! {
+                    message = stream.message() => message,
+                    () = tx.closed() => return,
+                };
+                let Ok(Some(list)) = message else {
+                    break;
+                };
                 let wanted: HashMap<String, String> = list
                     .instances
                     .into_iter()
@@ -213,7 +222,10 @@ async fn follow_control(addr: String, tx: tokio::sync::mpsc::UnboundedSender<Mem
             }
             tracing::warn!(%addr, "lost control; keeping the last membership");
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = tx.closed() => return,
+        }
         backoff = (backoff * 2).min(CONTROL_MAX_BACKOFF);
     }
 }

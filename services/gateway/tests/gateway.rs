@@ -366,6 +366,14 @@ async fn a_short_deadline_is_exceeded_and_the_instance_stops_the_work() {
     })
     .await
     .expect("the instance abandons the computation");
+    // The abandoned call is no longer counted in flight at the gateway either.
+    tokio::time::timeout(PATIENCE, async {
+        while stats(&gw).await.instances.iter().any(|i| i.in_flight > 0) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("in-flight count back to zero");
     gateway.shutdown().await.unwrap();
     for c in computes {
         c.shutdown().await.unwrap();
