@@ -232,6 +232,18 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
+/// Did our own client give up because the call's deadline passed?
+pub fn expired_locally(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.downcast_ref::<tonic::TimeoutExpired>().is_some() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
 /// The status message followed by its source chain, so "tcp connect error" says why.
 pub fn status_message(status: &Status) -> String {
     let mut message = status.message().to_owned();
@@ -276,7 +288,12 @@ pub async fn call(
             op: op.name(),
             result: None,
             error: Some(CallError {
-                code: code_name(status.code()),
+                code: if expired_locally(&status) {
+                    // tonic reports its own client-side deadline as CANCELLED.
+                    "DEADLINE_EXCEEDED"
+                } else {
+                    code_name(status.code())
+                },
                 message: status_message(&status),
             }),
             served_by: metadata_str(status.metadata(), crate::metadata::SERVED_BY),

@@ -4,6 +4,7 @@
 //!
 //! - [`proto`]: the generated `dlb.v1` protobuf and gRPC code, plus the descriptor set that every
 //!   server registers for reflection.
+//! - [`deadline`]: `grpc-timeout` and the margin servers keep back from it.
 //! - [`endpoint`]: parsing of user-given addresses (`127.0.0.1:13001`, `http://host:port`).
 //! - [`metadata`]: the response metadata keys that make up part of the public contract.
 //! - [`events`]: the centralized event log in Redis (writer and reader).
@@ -14,6 +15,7 @@
 
 pub mod bench;
 pub mod call;
+pub mod deadline;
 pub mod endpoint;
 pub mod events;
 pub mod health;

@@ -110,6 +110,22 @@ async fn call_reports_errors_with_code_and_exit_status() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["error"]["code"], "INVALID_ARGUMENT");
 
+    // A deadline shorter than the work: DEADLINE_EXCEEDED, whoever noticed first.
+    let out = dlb(strings(&[
+        "call",
+        "--addr",
+        &addr,
+        "--json",
+        "--timeout",
+        "0.05",
+        "fib",
+        "10000000",
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["error"]["code"], "DEADLINE_EXCEEDED", "{json}");
+
     // Nothing listens on port 1 of loopback.
     let out = dlb(strings(&["call", "--addr", "127.0.0.1:1", "prime", "7"])).await;
     assert_eq!(out.status.code(), Some(1));

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dlb::events::EventLog;
 use dlb::proto::v1::{
@@ -160,16 +160,31 @@ impl OperationsService {
         .into()
     }
 
-    /// Runs `job` inline when `inline` (cheap), else on the CPU pool.
-    async fn compute<T, F>(&self, inline: bool, job: F) -> Result<T, Status>
+    /// Runs `job` inline when `inline` (cheap), else on the CPU pool within the caller's
+    /// deadline; when it passes, the job is cancelled and the answer is DEADLINE_EXCEEDED.
+    async fn compute<T, F>(
+        &self,
+        inline: bool,
+        deadline: Option<Duration>,
+        job: F,
+    ) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(&Cancel) -> Result<T, ops::Cancelled> + Send + 'static,
     {
         if inline {
-            job(&Cancel::new()).map_err(|e| self.status(PoolError::from(e)))
-        } else {
-            self.shared.pool.run(job).await.map_err(|e| self.status(e))
+            return job(&Cancel::new()).map_err(|e| self.status(PoolError::from(e)));
+        }
+        let run = self.shared.pool.run(job);
+        let Some(deadline) = deadline else {
+            return run.await.map_err(|e| self.status(e));
+        };
+        // Dropping `run` at the deadline cancels the job.
+        match tokio::time::timeout(deadline.saturating_sub(dlb::deadline::MARGIN), run).await {
+            Ok(result) => result.map_err(|e| self.status(e)),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "deadline of {deadline:?} exceeded; the computation was stopped"
+            ))),
         }
     }
 }
@@ -181,6 +196,7 @@ impl Operations for OperationsService {
         request: Request<IsPrimeRequest>,
     ) -> Result<Response<IsPrimeResponse>, Status> {
         let _call = self.shared.calls.begin();
+        let deadline = dlb::deadline::from_metadata(request.metadata());
         let number = prime::parse_number(
             &request.into_inner().number,
             self.shared.limits.max_prime_digits,
@@ -188,7 +204,9 @@ impl Operations for OperationsService {
         .map_err(|e| self.status(e))?;
         let inline = matches!(number, prime::Number::Small(_));
         let answer = self
-            .compute(inline, move |cancel| prime::is_prime(&number, cancel))
+            .compute(inline, deadline, move |cancel| {
+                prime::is_prime(&number, cancel)
+            })
             .await?;
         Ok(Response::new(IsPrimeResponse {
             prime: answer.prime,
@@ -205,10 +223,11 @@ impl Operations for OperationsService {
         request: Request<IsPalindromeRequest>,
     ) -> Result<Response<IsPalindromeResponse>, Status> {
         let _call = self.shared.calls.begin();
+        let deadline = dlb::deadline::from_metadata(request.metadata());
         let IsPalindromeRequest { text, normalize } = request.into_inner();
         let inline = text.len() <= palindrome::INLINE_MAX_BYTES;
         let palindrome = self
-            .compute(inline, move |_| {
+            .compute(inline, deadline, move |_| {
                 Ok(palindrome::is_palindrome(&text, normalize))
             })
             .await?;
@@ -220,10 +239,11 @@ impl Operations for OperationsService {
         request: Request<ReverseRequest>,
     ) -> Result<Response<ReverseResponse>, Status> {
         let _call = self.shared.calls.begin();
+        let deadline = dlb::deadline::from_metadata(request.metadata());
         let text = request.into_inner().text;
         let inline = text.len() <= reverse::INLINE_MAX_BYTES;
         let text = self
-            .compute(inline, move |_| Ok(reverse::reverse(&text)))
+            .compute(inline, deadline, move |_| Ok(reverse::reverse(&text)))
             .await?;
         Ok(Response::new(ReverseResponse { text }))
     }
@@ -233,6 +253,7 @@ impl Operations for OperationsService {
         request: Request<FibonacciRequest>,
     ) -> Result<Response<FibonacciResponse>, Status> {
         let _call = self.shared.calls.begin();
+        let deadline = dlb::deadline::from_metadata(request.metadata());
         let n = request.into_inner().n;
         let max = self.shared.limits.max_fib_n;
         if n > max {
@@ -240,7 +261,9 @@ impl Operations for OperationsService {
         }
         let inline = n <= fibonacci::INLINE_MAX_N;
         let value = self
-            .compute(inline, move |cancel| fibonacci::fibonacci(n, cancel))
+            .compute(inline, deadline, move |cancel| {
+                fibonacci::fibonacci(n, cancel)
+            })
             .await?;
         Ok(Response::new(FibonacciResponse {
             digits: value.len() as u64,
@@ -253,6 +276,7 @@ impl Operations for OperationsService {
         request: Request<WordCountRequest>,
     ) -> Result<Response<WordCountResponse>, Status> {
         let _call = self.shared.calls.begin();
+        let deadline = dlb::deadline::from_metadata(request.metadata());
         let WordCountRequest { text, top } = request.into_inner();
         if top > word_count::MAX_TOP {
             return Err(self.status(Error::TopTooLarge {
@@ -262,7 +286,7 @@ impl Operations for OperationsService {
         }
         let inline = text.len() <= word_count::INLINE_MAX_BYTES;
         let counts = self
-            .compute(inline, move |cancel| {
+            .compute(inline, deadline, move |cancel| {
                 word_count::word_count(&text, top, cancel)
             })
             .await?;

@@ -31,7 +31,15 @@ impl Drop for ChildGuard {
 async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     let mut child = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_dlb-compute"))
-            .args(["--listen", "127.0.0.1:0", "--id", "T"])
+            // A long grace period: the slow call must finish however loaded the machine is.
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--id",
+                "T",
+                "--grace-period-secs",
+                "120",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

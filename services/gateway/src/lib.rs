@@ -10,7 +10,6 @@
 
 pub mod balance;
 pub mod config;
-pub mod deadline;
 pub mod endpoint;
 pub mod error;
 pub mod health;

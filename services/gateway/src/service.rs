@@ -117,10 +117,8 @@ impl std::error::Error for SharedError {
     }
 }
 
-/// Time kept back from the caller's deadline, so the gateway's DEADLINE_EXCEEDED reaches the
-/// caller before the caller's own timer fires (tonic clients report that as a vaguer
-/// CANCELLED "Timeout expired"). Deadlines shorter than this are exceeded at once.
-pub const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+/// Time kept back from the caller's deadline (see [`dlb::deadline::MARGIN`]).
+const DEADLINE_MARGIN: Duration = dlb::deadline::MARGIN;
 
 /// Settings of the forwarding path.
 #[derive(Debug, Clone)]
@@ -235,7 +233,7 @@ impl GatewayService {
             .into();
             return Err(self.answer_error(op, &input, start, 0, None, &status));
         };
-        let timeout = crate::deadline::from_metadata(request.metadata())
+        let timeout = dlb::deadline::from_metadata(request.metadata())
             .unwrap_or(inner.settings.default_timeout);
         let deadline = start + timeout;
         let message = request.into_inner();

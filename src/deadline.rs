@@ -1,6 +1,12 @@
-//! The `grpc-timeout` header: how long the caller will wait.
+//! Deadlines: the `grpc-timeout` header, and the margin servers keep back from it.
 
 use std::time::Duration;
+
+/// Time a dlb server keeps back from the caller's deadline, so that its own
+/// DEADLINE_EXCEEDED reaches the caller before the caller's timer fires (tonic clients report
+/// their own timer as a vaguer CANCELLED "Timeout expired", and tonic servers answer an expired
+/// `grpc-timeout` with CANCELLED too). Deadlines shorter than this are exceeded at once.
+pub const MARGIN: Duration = Duration::from_millis(20);
 
 use tonic::metadata::MetadataMap;
 
