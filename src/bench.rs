@@ -71,7 +71,7 @@ pub enum BenchError {
     #[error(transparent)]
     Addr(#[from] crate::endpoint::AddrError),
     /// A connection could not be opened.
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}: {}", crate::call::error_chain(source))]
     Connect {
         /// The address.
         addr: String,

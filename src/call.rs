@@ -195,7 +195,7 @@ pub struct CallOutcome {
     /// The `x-served-by` metadata.
     pub served_by: Option<String>,
     /// The `x-attempts` metadata (through a gateway).
-    pub attempts: Option<String>,
+    pub attempts: Option<u64>,
     /// Wall time of the call, microseconds.
     pub latency_us: u64,
 }
@@ -230,6 +230,21 @@ pub fn code_name(code: Code) -> &'static str {
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
     }
+}
+
+/// An error followed by its sources, e.g. "transport error: Connection refused (os error 111)".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = inner.source();
+    }
+    message
 }
 
 /// Did our own client give up because the call's deadline passed?
@@ -281,7 +296,8 @@ pub async fn call(
             result: Some(value),
             error: None,
             served_by: metadata_str(&metadata, crate::metadata::SERVED_BY),
-            attempts: metadata_str(&metadata, crate::metadata::ATTEMPTS),
+            attempts: metadata_str(&metadata, crate::metadata::ATTEMPTS)
+                .and_then(|a| a.parse().ok()),
             latency_us,
         },
         Err(status) => CallOutcome {
@@ -297,7 +313,8 @@ pub async fn call(
                 message: status_message(&status),
             }),
             served_by: metadata_str(status.metadata(), crate::metadata::SERVED_BY),
-            attempts: metadata_str(status.metadata(), crate::metadata::ATTEMPTS),
+            attempts: metadata_str(status.metadata(), crate::metadata::ATTEMPTS)
+                .and_then(|a| a.parse().ok()),
             latency_us,
         },
     }

@@ -263,5 +263,10 @@ async fn run_bench(args: BenchArgs) -> Result<ExitCode, String> {
     } else {
         print!("{}", report.human());
     }
-    Ok(ExitCode::SUCCESS)
+    // A run where nothing succeeded measured nothing: say so in the exit status too.
+    Ok(if report.requests > 0 && report.ok == 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

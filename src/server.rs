@@ -7,15 +7,19 @@ use std::task::{Context, Poll};
 
 use tokio_stream::Stream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::codegen::http::{self, HeaderValue};
 use tonic_reflection::server::Error as ReflectionError;
 
-/// Server reflection for every dlb proto and grpc.health.v1, in both protocol versions: v1, and
-/// v1alpha for grpcurl 1.8 and other older clients.
+/// Server reflection in both protocol versions (v1, and v1alpha for grpcurl 1.8 and other older
+/// clients), listing `services` (the ones this server implements) and grpc.health.v1.Health.
+/// Every dlb proto is described, so any message type resolves.
 ///
 /// # Errors
 ///
 /// When a descriptor set does not decode (a build problem).
-pub fn reflection() -> Result<
+pub fn reflection(
+    services: &[&str],
+) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
             impl tonic_reflection::server::v1::ServerReflection,
@@ -26,14 +30,18 @@ pub fn reflection() -> Result<
     ),
     ReflectionError,
 > {
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let builder = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        for service in services {
+            builder = builder.with_service_name(*service);
+        }
+        builder
+    };
+    let v1 = builder().build_v1()?;
+    let v1alpha = builder().build_v1alpha()?;
     Ok((v1, v1alpha))
 }
 
@@ -80,4 +88,60 @@ impl<S: Stream + Unpin> Stream for UntilCancelled<S> {
         }
         Pin::new(&mut self.inner).poll_next(cx)
     }
+}
+
+/// tonic answers a request over the decoding limit with OUT_OF_RANGE; gRPC's convention (and
+/// our contract) is RESOURCE_EXHAUSTED, with a message naming the limit and the flag. Our
+/// handlers never use OUT_OF_RANGE, so any such trailers-only status is this case. Every dlb
+/// server applies this to its responses.
+pub fn oversize_is_resource_exhausted(headers: &mut http::HeaderMap) {
+    const OUT_OF_RANGE: &str = "11";
+    if headers.get("grpc-status").and_then(|v| v.to_str().ok()) != Some(OUT_OF_RANGE) {
+        return;
+    }
+    let original = percent_decode(
+        headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default(),
+    );
+    // tonic's text: "Error, decoded message length too large: found N bytes, the limit is: M bytes"
+    let numbers: Vec<&str> = original
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let message = match numbers.as_slice() {
+        [found, limit] => format!(
+            "request message is {found} bytes, over the limit of {limit} bytes (--max-message-bytes)"
+        ),
+        _ => "request message is over the size limit (--max-message-bytes)".to_owned(),
+    };
+    headers.insert("grpc-status", HeaderValue::from_static("8"));
+    if let Ok(value) = HeaderValue::from_str(&message) {
+        headers.insert("grpc-message", value);
+    }
+}
+
+/// Decodes the percent-encoding of a `grpc-message` header.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

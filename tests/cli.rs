@@ -205,6 +205,7 @@ async fn bench_counts_requests_and_splits_by_instance() {
         "prime", "--input", "x1",
     ]))
     .await;
+    assert_eq!(out.status.code(), Some(1), "nothing succeeded");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["ok"], 0);
     assert_eq!(report["errors"]["INVALID_ARGUMENT"], 50);
@@ -231,7 +232,11 @@ async fn bench_counts_requests_and_splits_by_instance() {
     ]))
     .await;
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to 127.0.0.1:1"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot connect to 127.0.0.1:1") && err.contains("refused"),
+        "{err}"
+    );
     let out = dlb(strings(&["bench", "--addr", &addrs, "--rate", "-5", "-q"])).await;
     assert_eq!(out.status.code(), Some(2));
 

@@ -161,7 +161,10 @@ impl Writer {
                         Ok(Err(error)) => error.to_string(),
                         _ => "timed out".to_owned(),
                     };
-                    tracing::debug!(%error, "event log cannot reach Redis");
+                    tracing::warn!(
+                        %error,
+                        "event log cannot reach Redis; events wait in memory (oldest dropped when full)"
+                    );
                 }
                 None
             }

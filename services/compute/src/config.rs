@@ -26,7 +26,7 @@ pub const DEFAULT_GRACE_PERIOD_SECS: u64 = 10;
     about = "dlb compute instance: serves dlb.v1.Operations"
 )]
 pub struct Config {
-    /// Address to listen on (HOST:PORT; port 0 picks a free one).
+    /// Address to listen on (IP:PORT, e.g. 127.0.0.1:13001; port 0 picks a free one).
     #[arg(long, env = "DLB_COMPUTE_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 

@@ -56,61 +56,6 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
 }
 
-/// tonic answers a request over the decoding limit with OUT_OF_RANGE; gRPC's convention (and
-/// our contract) is RESOURCE_EXHAUSTED, with a message naming the limit and the flag. Our
-/// handlers never use OUT_OF_RANGE, so any such trailers-only status is this case.
-fn oversize_is_resource_exhausted(headers: &mut http::HeaderMap) {
-    const OUT_OF_RANGE: &str = "11";
-    if headers.get("grpc-status").and_then(|v| v.to_str().ok()) != Some(OUT_OF_RANGE) {
-        return;
-    }
-    let original = percent_decode(
-        headers
-            .get("grpc-message")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default(),
-    );
-    // tonic's text: "Error, decoded message length too large: found N bytes, the limit is: M bytes"
-    let numbers: Vec<&str> = original
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .collect();
-    let message = match numbers.as_slice() {
-        [found, limit] => format!(
-            "request message is {found} bytes, over the limit of {limit} bytes (--max-message-bytes)"
-        ),
-        _ => "request message is over the size limit (--max-message-bytes)".to_owned(),
-    };
-    headers.insert("grpc-status", HeaderValue::from_static("8"));
-    if let Ok(value) = HeaderValue::from_str(&message) {
-        headers.insert("grpc-message", value);
-    }
-}
-
-/// Decodes the percent-encoding of a `grpc-message` header.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Serves on `listener` until `shutdown` resolves, then drains and returns.
 ///
 /// # Errors
@@ -145,7 +90,8 @@ pub async fn run(
 
     let health = HealthState::new(&["dlb.v1.Operations"]);
 
-    let (reflection_v1, reflection_v1alpha) = dlb::server::reflection()?;
+    let (reflection_v1, reflection_v1alpha) =
+        dlb::server::reflection(&["dlb.v1.Operations", "dlb.v1.Load"])?;
 
     let stop = CancellationToken::new();
     let addr = listener
@@ -158,7 +104,7 @@ pub async fn run(
                 response
                     .headers_mut()
                     .insert(dlb::metadata::SERVED_BY, served_by.clone());
-                oversize_is_resource_exhausted(response.headers_mut());
+                dlb::server::oversize_is_resource_exhausted(response.headers_mut());
                 response
             },
         ))

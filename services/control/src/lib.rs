@@ -65,7 +65,7 @@ pub async fn run(
     let supervisor = Supervisor::new(&config, events.clone(), cancel.clone(), tracker.clone());
 
     let health = HealthState::new(&["dlb.v1.Control"]);
-    let (reflection_v1, reflection_v1alpha) = dlb::server::reflection()?;
+    let (reflection_v1, reflection_v1alpha) = dlb::server::reflection(&["dlb.v1.Control"])?;
     let stop = CancellationToken::new();
     let closing = CancellationToken::new();
     let server = Server::builder()

@@ -92,7 +92,7 @@ impl FromStr for Backend {
     about = "dlb gateway: balances dlb.v1.Operations over compute instances"
 )]
 pub struct Config {
-    /// Address to serve gRPC on (HOST:PORT; port 0 picks a free one).
+    /// Address to serve gRPC on (IP:PORT, e.g. 127.0.0.1:12000; port 0 picks a free one).
     #[arg(long, env = "DLB_GATEWAY_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
@@ -210,10 +210,9 @@ impl Config {
         if value.is_empty() || value.eq_ignore_ascii_case("none") {
             return Ok(None);
         }
-        value
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("--metrics-listen {value:?} is not HOST:PORT or \"none\""))
+        value.parse().map(Some).map_err(|_| {
+            format!("--metrics-listen {value:?} is not IP:PORT (e.g. 127.0.0.1:12002) or \"none\"")
+        })
     }
 
     /// Checks what clap cannot.

@@ -242,7 +242,8 @@ impl EndpointTable {
     pub fn summary(&self) -> String {
         let all = self.all();
         if all.is_empty() {
-            return "no instances configured".to_owned();
+            return "no instances known (give --backend, or --control and check that control runs)"
+                .to_owned();
         }
         all.iter()
             .map(|e| format!("{} {}", e.id, e.state().name()))

@@ -159,13 +159,20 @@ pub async fn run(
     }
 
     let health = HealthState::new(&["dlb.v1.Operations", "dlb.v1.Gateway"]);
-    let (reflection_v1, reflection_v1alpha) = dlb::server::reflection()?;
+    let (reflection_v1, reflection_v1alpha) =
+        dlb::server::reflection(&["dlb.v1.Operations", "dlb.v1.Gateway"])?;
 
     let addr = listener
         .local_addr()
         .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
     let stop = CancellationToken::new();
     let server = Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            |mut response: tonic::codegen::http::Response<tonic::body::Body>| {
+                dlb::server::oversize_is_resource_exhausted(response.headers_mut());
+                response
+            },
+        ))
         .add_service(health.service())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

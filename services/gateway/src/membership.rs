@@ -169,6 +169,7 @@ async fn follow_control(addr: String, tx: tokio::sync::mpsc::UnboundedSender<Mem
     use dlb::proto::v1::{InstanceState, WatchInstancesRequest, control_client::ControlClient};
     let mut members: HashMap<String, String> = HashMap::new();
     let mut backoff = Duration::from_millis(100);
+    let mut warned = false;
     while !tx.is_closed() {
         let stream = match dlb::endpoint::endpoint(&addr) {
             Ok(endpoint) => match endpoint.connect().await {
@@ -184,8 +185,13 @@ async fn follow_control(addr: String, tx: tokio::sync::mpsc::UnboundedSender<Mem
                 return;
             }
         };
+        if stream.is_none() && !warned {
+            warned = true;
+            tracing::warn!(%addr, "cannot reach control; retrying (instances it lists stay as they were)");
+        }
         if let Some(mut stream) = stream {
             tracing::info!(%addr, "following control");
+            warned = false;
             backoff = Duration::from_millis(100);
             loop {
                 // Stop following as soon as the gateway stops listening.

@@ -304,7 +304,18 @@ impl GatewayService {
             }
             Err(status) => {
                 let served_by = header(status.metadata(), dlb::metadata::SERVED_BY);
-                if let Some(endpoint) = served_by.as_deref().and_then(|id| inner.table.get(id)) {
+                // Bad input is the caller's mistake, not the instance's: not counted against it.
+                let callers_fault = matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument
+                        | tonic::Code::NotFound
+                        | tonic::Code::OutOfRange
+                        | tonic::Code::FailedPrecondition
+                        | tonic::Code::AlreadyExists
+                );
+                if !callers_fault
+                    && let Some(endpoint) = served_by.as_deref().and_then(|id| inner.table.get(id))
+                {
                     endpoint.record_error();
                 }
                 Err(self.answer_error(op, &input, start, attempts, served_by.as_deref(), &status))
