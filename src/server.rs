@@ -1,5 +1,5 @@
-//! What every dlb gRPC server shares: reflection, the shutdown signal, and ending server
-//! streams on shutdown.
+//! What every dlb gRPC server shares: the error that stops one, reflection, the shutdown
+//! signal, ending server streams on shutdown, and running one in-process for tests.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -144,4 +144,82 @@ fn percent_decode(text: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Failures that stop a dlb server's `run`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Reflection could not be built from the descriptor sets.
+    #[error("building the reflection service")]
+    Reflection(#[from] ReflectionError),
+    /// The server failed while serving.
+    #[error("serving gRPC")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A server running on this process's tokio runtime (for tests), stopped through the
+/// `shutdown` future its `run` was given.
+#[derive(Debug)]
+pub struct InProcess {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), RunError>>,
+}
+
+impl InProcess {
+    /// Binds `listen` (use port 0) and spawns `run(listener, shutdown)`; the listener is bound
+    /// before this returns, so calls can be made at once.
+    ///
+    /// # Errors
+    ///
+    /// The bind error.
+    pub async fn start<F, Fut>(listen: std::net::SocketAddr, run: F) -> std::io::Result<Self>
+    where
+        F: FnOnce(tokio::net::TcpListener, Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+        Fut: Future<Output = Result<(), RunError>> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(
+            listener,
+            Box::pin(async {
+                let _ = stopped.await;
+            }),
+        ));
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// `http://` URI of the server.
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts the drain (as SIGTERM does) without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Drains and waits for `run` to return; a panic in it is passed on.
+    ///
+    /// # Errors
+    ///
+    /// What `run` returned.
+    pub async fn shutdown(mut self) -> Result<(), RunError> {
+        self.begin_shutdown();
+        match self.task.await {
+            Ok(result) => result,
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+    }
 }

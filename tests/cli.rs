@@ -5,7 +5,6 @@
 use std::process::{Command, Output};
 
 use dlb_compute::Config;
-use dlb_compute::testing::RunningCompute;
 
 async fn dlb(args: Vec<String>) -> Output {
     tokio::task::spawn_blocking(move || {
@@ -28,7 +27,9 @@ fn stdout(output: &Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_prints_result_server_and_latency() {
-    let compute = RunningCompute::start(Config::for_tests("A")).await.unwrap();
+    let compute = dlb_compute::testing::start(Config::for_tests("A"))
+        .await
+        .unwrap();
     let addr = compute.addr.to_string();
 
     let out = dlb(strings(&["call", "--addr", &addr, "prime", "97"])).await;
@@ -86,7 +87,9 @@ async fn call_prints_result_server_and_latency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_reports_errors_with_code_and_exit_status() {
-    let compute = RunningCompute::start(Config::for_tests("A")).await.unwrap();
+    let compute = dlb_compute::testing::start(Config::for_tests("A"))
+        .await
+        .unwrap();
     let addr = compute.addr.to_string();
 
     let out = dlb(strings(&["call", "--addr", &addr, "prime", "12a"])).await;
@@ -143,8 +146,12 @@ async fn call_reports_errors_with_code_and_exit_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_counts_requests_and_splits_by_instance() {
-    let a = RunningCompute::start(Config::for_tests("A")).await.unwrap();
-    let b = RunningCompute::start(Config::for_tests("B")).await.unwrap();
+    let a = dlb_compute::testing::start(Config::for_tests("A"))
+        .await
+        .unwrap();
+    let b = dlb_compute::testing::start(Config::for_tests("B"))
+        .await
+        .unwrap();
     let addrs = format!("{},{}", a.addr, b.addr);
 
     let out = dlb(strings(&[

@@ -33,6 +33,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tower::util::MapResponseLayer;
 
 pub use config::Config;
+pub use dlb::server::RunError;
 
 use crate::load::LoadService;
 use crate::pool::CpuPool;
@@ -41,20 +42,6 @@ use crate::service::{CallStats, Limits, OperationsService};
 /// How long the server may take to close connections once drained. Health `Watch` streams
 /// never end by themselves, so HTTP/2's graceful close is cut short after this.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Failures that stop a compute instance.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// Bad configuration.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// Reflection could not be built from the descriptor set.
-    #[error("building the reflection service")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// The server failed while serving.
-    #[error("serving gRPC")]
-    Serve(#[from] tonic::transport::Error),
-}
 
 /// Serves on `listener` until `shutdown` resolves, then drains and returns.
 ///

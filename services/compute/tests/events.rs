@@ -10,7 +10,6 @@ use dlb::events::reader::EventReader;
 use dlb::proto::v1::{ReverseRequest, operations_client::OperationsClient};
 use dlb::testing::{RedisServer, free_port};
 use dlb_compute::Config;
-use dlb_compute::testing::RunningCompute;
 use tonic::transport::Channel;
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -41,7 +40,7 @@ async fn compute_serves_without_redis_and_logs_once_it_appears() {
         redis: url.clone(),
         ..EventLogArgs::disabled()
     };
-    let compute = RunningCompute::start(config).await.unwrap();
+    let compute = dlb_compute::testing::start(config).await.unwrap();
     let channel = Channel::from_shared(compute.uri())
         .unwrap()
         .connect()

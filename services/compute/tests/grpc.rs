@@ -21,7 +21,7 @@ use tonic_health::pb::{
 const PATIENCE: Duration = Duration::from_secs(60);
 
 async fn start(config: Config) -> (RunningCompute, Channel) {
-    let compute = RunningCompute::start(config).await.unwrap();
+    let compute = dlb_compute::testing::start(config).await.unwrap();
     let channel = Channel::from_shared(compute.uri())
         .unwrap()
         .connect()

@@ -10,7 +10,6 @@
 use std::process::Command;
 
 use dlb_compute::Config;
-use dlb_compute::testing::RunningCompute;
 
 async fn run(args: Vec<String>) -> String {
     let shown = args.join(" ");
@@ -32,7 +31,9 @@ async fn run(args: Vec<String>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_describes_checks_health_and_calls_every_operation() {
-    let compute = RunningCompute::start(Config::for_tests("G")).await.unwrap();
+    let compute = dlb_compute::testing::start(Config::for_tests("G"))
+        .await
+        .unwrap();
     let addr = compute.addr.to_string();
 
     let list = run(vec!["-plaintext".into(), addr.clone(), "list".into()]).await;

@@ -26,23 +26,10 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 pub use config::Config;
+pub use dlb::server::RunError;
 
 use crate::service::ControlService;
 use crate::supervisor::Supervisor;
-
-/// Failures that stop the control service.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// Bad configuration.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// Reflection could not be built.
-    #[error("building the reflection service")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// The server failed.
-    #[error("serving gRPC")]
-    Serve(#[from] tonic::transport::Error),
-}
 
 /// Starts the configured instances, serves on `listener` until `shutdown`, then drains every
 /// instance and returns.

@@ -22,7 +22,6 @@ use dlb::proto::v1::{
 use dlb::testing::{RedisServer, process_gone, workspace_binary};
 use dlb_control::Config;
 use dlb_control::config::Restart;
-use dlb_control::testing::RunningControl;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -80,7 +79,7 @@ fn cmdline(pid: u32) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_matches_the_real_processes() {
-    let control = RunningControl::start(config(3)).await.unwrap();
+    let control = dlb_control::testing::start(config(3)).await.unwrap();
     let ch = channel(&control.uri()).await;
     let serving = InstanceState::Serving;
     let all = wait_states(&ch, &[("A", serving), ("B", serving), ("C", serving)]).await;
@@ -190,7 +189,7 @@ async fn lifecycle_matches_the_real_processes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_an_instance_under_load_through_the_gateway_fails_no_call() {
-    let control = RunningControl::start(config(3)).await.unwrap();
+    let control = dlb_control::testing::start(config(3)).await.unwrap();
     let ch = channel(&control.uri()).await;
     let serving = InstanceState::Serving;
     let all = wait_states(&ch, &[("A", serving), ("B", serving), ("C", serving)]).await;
@@ -308,7 +307,7 @@ async fn a_crash_is_reported_logged_and_restarted() {
         redis: redis.url(),
         ..EventLogArgs::disabled()
     };
-    let control = RunningControl::start(cfg).await.unwrap();
+    let control = dlb_control::testing::start(cfg).await.unwrap();
     let ch = channel(&control.uri()).await;
     let before = wait_states(&ch, &[("A", InstanceState::Serving)]).await["A"].clone();
     let mut watch = ControlClient::new(ch.clone())
@@ -430,10 +429,10 @@ async fn sigkill_of_control_leaves_no_instance_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_serves_through_a_control_restart_and_follows_the_new_one() {
     // One instance the gateway knows statically, and control's.
-    let fixed = dlb_compute::testing::RunningCompute::start(dlb_compute::Config::for_tests("X"))
+    let fixed = dlb_compute::testing::start(dlb_compute::Config::for_tests("X"))
         .await
         .unwrap();
-    let control = RunningControl::start(config(1)).await.unwrap();
+    let control = dlb_control::testing::start(config(1)).await.unwrap();
     let control_addr = control.addr;
     let ch = channel(&control.uri()).await;
     wait_states(&ch, &[("A", InstanceState::Serving)]).await;
@@ -495,7 +494,7 @@ async fn gateway_serves_through_a_control_restart_and_follows_the_new_one() {
     control.shutdown().await.unwrap();
     let mut again = config(2);
     again.listen = control_addr;
-    let control = RunningControl::start(again).await.unwrap();
+    let control = dlb_control::testing::start(again).await.unwrap();
     let report = run.await.unwrap().unwrap();
     assert_eq!(report.ok, 3_000, "{:?}", report.errors);
     tokio::time::timeout(PATIENCE, async {
@@ -512,7 +511,7 @@ async fn gateway_serves_through_a_control_restart_and_follows_the_new_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_and_calls_control() {
-    let control = RunningControl::start(config(1)).await.unwrap();
+    let control = dlb_control::testing::start(config(1)).await.unwrap();
     let ch = channel(&control.uri()).await;
     wait_states(&ch, &[("A", InstanceState::Serving)]).await;
     let addr = control.addr.to_string();
@@ -552,7 +551,7 @@ async fn failed_starts_say_why() {
     // A missing binary.
     let mut missing = config(0);
     missing.compute_bin = Some("/nonexistent/dlb-compute".into());
-    let control = RunningControl::start(missing).await.unwrap();
+    let control = dlb_control::testing::start(missing).await.unwrap();
     let ch = channel(&control.uri()).await;
     let status = ControlClient::new(ch.clone())
         .add_instance(dlb::proto::v1::AddInstanceRequest {})
@@ -574,7 +573,7 @@ async fn failed_starts_say_why() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut busy = config(0);
     busy.first_port = taken.local_addr().unwrap().port();
-    let control = RunningControl::start(busy).await.unwrap();
+    let control = dlb_control::testing::start(busy).await.unwrap();
     let ch = channel(&control.uri()).await;
     let status = ControlClient::new(ch.clone())
         .add_instance(dlb::proto::v1::AddInstanceRequest {})

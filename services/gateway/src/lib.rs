@@ -38,6 +38,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 
 pub use config::Config;
+pub use dlb::server::RunError;
 
 use crate::balance::RoundRobinLayer;
 use crate::config::Policy;
@@ -53,20 +54,6 @@ pub const GRACE_PERIOD: Duration = Duration::from_secs(10);
 
 /// How long the server may take to close connections once drained.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Failures that stop the gateway.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// Bad configuration.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// Reflection could not be built.
-    #[error("building the reflection service")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// The server failed.
-    #[error("serving gRPC")]
-    Serve(#[from] tonic::transport::Error),
-}
 
 fn build_balancer(policy: Policy, discover: membership::Discovered) -> Balanced {
     match policy {

@@ -31,7 +31,7 @@ async fn in_process(ids: &[&str]) -> Vec<RunningCompute> {
     let mut computes = Vec::new();
     for id in ids {
         computes.push(
-            RunningCompute::start(dlb_compute::Config::for_tests(id))
+            dlb_compute::testing::start(dlb_compute::Config::for_tests(id))
                 .await
                 .unwrap(),
         );
@@ -270,7 +270,7 @@ async fn no_healthy_instance_is_unavailable_at_once_and_service_resumes() {
     // One instance comes back on its old address: service resumes.
     let mut config = dlb_compute::Config::for_tests("A");
     config.listen = addrs[0];
-    let back = RunningCompute::start(config).await.unwrap();
+    let back = dlb_compute::testing::start(config).await.unwrap();
     wait_serving(&gw, &["A"], PATIENCE).await;
     let response = reverse(&gw, "back").await.unwrap();
     assert_eq!(response.metadata().get("x-served-by").unwrap(), "A");

@@ -7,7 +7,6 @@ mod support;
 
 use std::process::Command;
 
-use dlb_compute::testing::RunningCompute;
 use dlb_gateway::Config;
 use dlb_gateway::config::Backend;
 use dlb_gateway::testing::RunningGateway;
@@ -36,7 +35,7 @@ async fn grpcurl_talks_to_the_gateway() {
     let mut computes = Vec::new();
     let mut backends = Vec::new();
     for id in ["A", "B"] {
-        let c = RunningCompute::start(dlb_compute::Config::for_tests(id))
+        let c = dlb_compute::testing::start(dlb_compute::Config::for_tests(id))
             .await
             .unwrap();
         backends.push(Backend {
