@@ -477,9 +477,8 @@ mod tests {
 
     #[test]
     fn thousand_digit_numbers() {
-        // 10^999 + 7 is composite? We only know what the test says if we check it independently:
-        // (10^1000 - 1) / 9 * ... is hard; instead use a known 1,000+-digit prime form:
-        // 2^3217 - 1 is a Mersenne prime with 969 digits, 2^4253 - 1 has 1,281 digits.
+        // Known answers at about 1,000 digits: the Mersenne primes 2^3217 - 1 (969 digits) and
+        // 2^4253 - 1 (1,281 digits), and composites built from them.
         let m3217 = (UBig::ONE << 3217) - UBig::ONE;
         let m4253 = (UBig::ONE << 4253) - UBig::ONE;
         assert_eq!(m4253.to_string().len(), 1281);
@@ -504,10 +503,8 @@ mod tests {
     }
 
     #[test]
-    fn lucas_catches_base2_pseudoprimes_above_2_64() {
-        // Strong base-2 pseudoprimes above 2^64 exist; a product p * (2p - 1) with both prime
-        // and p = 3 mod 4 pattern is typical. Whatever the construction, a composite must never be
-        // called prime: check products of two primes just above 2^32.
+    fn a_product_of_two_primes_above_2_64_is_composite() {
+        // No trial-division factor below 1,000, so Baillie-PSW itself must say composite.
         let p = UBig::from(4294967311u64); // prime
         let q = UBig::from(4294967357u64); // prime
         let n = &p * &q;
