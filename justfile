@@ -38,6 +38,10 @@ control *args: build
 gateway *args: build
     target/release/dlb-gateway --control http://127.0.0.1:12001 "$@"
 
+# Run the dashboard in the foreground on http://127.0.0.1:5000
+ui *args: build
+    target/release/dlb-ui "$@"
+
 # Call one operation (e.g. `just call prime 97`, `just call fib 1000`)
 call *args: build
     target/release/dlb call --addr {{addr}} "$@"

@@ -1,0 +1,495 @@
+// dlb dashboard. Every piece of text from the mesh (ids, errors, event fields, call results)
+// reaches the page through textContent or attribute setters, never through HTML parsing.
+'use strict';
+
+const MAX_EVENTS = 50;
+const HISTORY_MS = 5 * 60 * 1000;
+const COLORS = ['#2563eb', '#16a34a', '#d97706', '#9333ea', '#dc2626', '#0891b2', '#4d7c0f', '#db2777'];
+
+const csrfToken = document.querySelector('meta[name="csrf-token"]').content;
+const adminRequired = document.querySelector('meta[name="admin-required"]').content === 'yes';
+
+let snapshot = null;
+let events = [];
+let history = {};
+let streamUp = false;
+let redisWasOk = null;
+const pendingActions = new Set();
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props || {})) {
+    if (key === 'class') node.className = value;
+    else if (key === 'text') node.textContent = value;
+    else if (key.startsWith('data-')) node.setAttribute(key, value);
+    else node[key] = value;
+  }
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+// --- formatting -----------------------------------------------------------------------------
+
+function fmtUs(us) {
+  if (!us) return '–';
+  return us >= 1000 ? (us / 1000).toFixed(us >= 100000 ? 0 : 1) + ' ms' : Math.round(us) + ' µs';
+}
+function fmtBytes(b) {
+  if (!b) return '–';
+  if (b >= 1 << 30) return (b / (1 << 30)).toFixed(1) + ' GiB';
+  if (b >= 1 << 20) return (b / (1 << 20)).toFixed(1) + ' MiB';
+  return Math.round(b / 1024) + ' KiB';
+}
+function fmtDuration(ms) {
+  if (!ms) return '–';
+  const s = Math.floor(ms / 1000);
+  if (s < 60) return s + ' s';
+  if (s < 3600) return Math.floor(s / 60) + ' min ' + (s % 60) + ' s';
+  return Math.floor(s / 3600) + ' h ' + Math.floor((s % 3600) / 60) + ' min';
+}
+function fmtTime(ms) {
+  const d = new Date(ms);
+  const pad = (n, w) => String(n).padStart(w || 2, '0');
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+}
+function fmtRate(r) {
+  return r >= 100 ? Math.round(r).toLocaleString() : r.toFixed(1);
+}
+function pillClass(state) {
+  switch (state) {
+    case 'serving': return 'pill pill-ok';
+    case 'starting': case 'draining': case 'connecting': return 'pill pill-wait';
+    case 'stopped': case undefined: case null: return 'pill pill-off';
+    default: return 'pill pill-bad';
+  }
+}
+
+// --- requests -------------------------------------------------------------------------------
+
+async function post(path, body) {
+  const headers = { 'X-CSRF-Token': csrfToken };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const token = $('admin-token').value.trim();
+  if (token) headers.Authorization = 'Bearer ' + token;
+  const response = await fetch(path, {
+    method: 'POST',
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+    credentials: 'same-origin',
+  });
+  let data = null;
+  try { data = await response.json(); } catch (_) { /* not JSON */ }
+  if (!response.ok) {
+    throw new Error((data && data.error) || `HTTP ${response.status}`);
+  }
+  return data;
+}
+
+async function getJson(path) {
+  const response = await fetch(path, { credentials: 'same-origin' });
+  let data = null;
+  try { data = await response.json(); } catch (_) { /* not JSON */ }
+  if (!response.ok) throw new Error((data && data.error) || `HTTP ${response.status}`);
+  return data;
+}
+
+// --- banners and header ---------------------------------------------------------------------
+
+function renderBanners() {
+  const box = $('banners');
+  const banners = [];
+  if (!streamUp) {
+    banners.push(['bad', 'Lost the connection to the dashboard server; reconnecting… (the numbers below are frozen)']);
+  }
+  if (snapshot) {
+    const s = snapshot.sources;
+    if (s.gateway.state === 'down') {
+      banners.push(['bad', `Gateway at ${s.gateway.addr} is unreachable: ${s.gateway.error || 'no answer'}. Health and traffic are unknown; operations cannot run.`]);
+    }
+    if (s.control.state === 'down') {
+      banners.push(['bad', `Control at ${s.control.addr} is unreachable: ${s.control.error || 'no answer'}. Lifecycle states and buttons are unavailable.`]);
+    }
+    if (s.redis.state === 'down') {
+      banners.push(['bad', `Event log (Redis at ${s.redis.addr}) is unreachable: ${s.redis.error || 'no answer'}. Events are paused; services keep serving and buffer their events.`]);
+    }
+    if (s.redis.state === 'off') {
+      banners.push(['info', 'The event log is off (dlb-ui --redis none): no events to show.']);
+    }
+  }
+  box.replaceChildren(...banners.map(([kind, text]) =>
+    el('p', { class: kind === 'info' ? 'banner info' : 'banner', 'data-source': kind, text })));
+}
+
+function renderSettings() {
+  const g = snapshot && snapshot.gateway;
+  if (!g) {
+    $('gateway-settings').textContent = 'gateway: no data';
+    return;
+  }
+  $('gateway-settings').textContent =
+    `policy ${g.policy} · health probe every ${g.health_interval_ms} ms (timeout ${g.probe_timeout_ms} ms)` +
+    ` · in flight ${g.in_flight}/${g.max_in_flight} · ${g.requests.toLocaleString()} calls` +
+    ` · ${g.retries.toLocaleString()} retries · ${g.failures.toLocaleString()} failed`;
+}
+
+// --- instances ------------------------------------------------------------------------------
+
+// The latest transitions, e.g. "serving 10:02:03 → 4.1 s → draining → 7 ms → stopped".
+function trailNode(trail) {
+  const shown = trail.slice(-4);
+  const span = el('span', { class: 'trail', title: trail.map((t) => `${t.state} at ${fmtTime(t.at_ms)}`).join('\n') });
+  shown.forEach((t, i) => {
+    if (i > 0) {
+      const gap = t.at_ms - shown[i - 1].at_ms;
+      span.append(` → ${gap < 1000 ? gap + ' ms' : (gap / 1000).toFixed(1) + ' s'} → `);
+    } else {
+      span.append(fmtTime(t.at_ms).slice(0, 8) + ' ');
+    }
+    span.append(el('b', { text: t.state }));
+  });
+  return span;
+}
+
+function actionButtons(instance) {
+  if (!snapshot.control_enabled || !instance.state) return [];
+  const buttons = [];
+  const busy = pendingActions.has(instance.id);
+  const add = (action, label, danger) => buttons.push(el('button', {
+    type: 'button', class: danger ? 'danger' : '', text: label, disabled: busy,
+    'data-action': action, 'data-id': instance.id,
+  }));
+  switch (instance.state) {
+    case 'serving': case 'starting':
+      add('stop', 'Stop (drain)'); add('kill', 'Kill', true); break;
+    case 'draining':
+      add('kill', 'Kill', true); break;
+    default:
+      add('start', 'Start'); add('remove', 'Remove', true);
+  }
+  return buttons;
+}
+
+function renderInstances() {
+  const body = $('instances').querySelector('tbody');
+  const rows = snapshot.instances.map((i) => {
+    const lifecycle = el('td', { class: 'state' },
+      el('span', { class: pillClass(i.state), text: i.state || 'unknown' }));
+    if (i.state === 'draining') {
+      const since = i.trail.length ? snapshot.at_ms - i.trail[i.trail.length - 1].at_ms : 0;
+      lifecycle.append(el('span', { class: 'detail', text: `for ${since < 1000 ? '<1 s' : fmtDuration(since)}, ${i.in_flight} in flight` }));
+    }
+    if (i.trail.length > 1) lifecycle.append(trailNode(i.trail));
+    if (i.last_error) lifecycle.append(el('div', { class: 'error-text', text: i.last_error }));
+    const health = el('td', { class: 'health' },
+      el('span', { class: pillClass(i.health), text: i.health || 'not in rotation' }));
+    return el('tr', { 'data-id': i.id },
+      el('td', { class: 'id', text: i.id }),
+      el('td', { class: 'address', text: i.address }),
+      lifecycle,
+      health,
+      el('td', { class: 'num requests', text: i.requests.toLocaleString() }),
+      el('td', { class: 'num rate', text: fmtRate(i.rate) }),
+      el('td', { class: 'num', text: fmtUs(i.p50_us) }),
+      el('td', { class: 'num', text: fmtUs(i.p99_us) }),
+      el('td', { class: 'num errors', text: i.errors.toLocaleString() }),
+      el('td', { class: 'num in-flight', text: i.in_flight }),
+      el('td', { class: 'num', text: i.pid ? i.cpu_percent.toFixed(1) + ' %' : '–' }),
+      el('td', { class: 'num', text: i.pid ? fmtBytes(i.rss_bytes) : '–' }),
+      el('td', { class: 'num', text: i.pid ? fmtDuration(i.uptime_ms) : '–' }),
+      el('td', { class: 'actions' }, ...actionButtons(i)));
+  });
+  body.replaceChildren(...rows);
+  $('instances-empty').hidden = rows.length > 0;
+  $('add-instance').hidden = !snapshot.control_enabled;
+}
+
+function setActionStatus(text, bad) {
+  const status = $('action-status');
+  status.textContent = text;
+  status.className = bad ? 'action-status bad' : 'action-status';
+}
+
+async function lifecycle(action, id) {
+  const verbs = { start: 'Starting', stop: 'Draining and stopping', kill: 'Killing', remove: 'Removing' };
+  setActionStatus(`${verbs[action]} ${id}…`);
+  pendingActions.add(id);
+  if (snapshot) renderInstances();
+  try {
+    const data = await post(`/api/instances/${encodeURIComponent(id)}/${action}`);
+    const state = data.instance ? data.instance.state : 'removed';
+    setActionStatus(`${id}: ${state}`);
+  } catch (error) {
+    setActionStatus(`${action} ${id} failed: ${error.message}`, true);
+  } finally {
+    pendingActions.delete(id);
+    if (snapshot) renderInstances();
+  }
+}
+
+// --- chart ----------------------------------------------------------------------------------
+
+function colorOf(id) {
+  const ids = Object.keys(history).sort();
+  return COLORS[Math.max(0, ids.indexOf(id)) % COLORS.length];
+}
+
+function recordRates() {
+  if (!snapshot || !snapshot.gateway) return;
+  for (const i of snapshot.instances) {
+    if (!i.health) continue;
+    const points = history[i.id] || (history[i.id] = []);
+    points.push({ at_ms: snapshot.at_ms, rate: i.rate });
+  }
+  const horizon = snapshot.at_ms - HISTORY_MS;
+  for (const id of Object.keys(history)) {
+    history[id] = history[id].filter((p) => p.at_ms >= horizon);
+    if (history[id].length === 0) delete history[id];
+  }
+}
+
+// The smallest 1, 2 or 5 times a power of ten that is at least v.
+function niceStep(v) {
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  for (const m of [1, 2, 5]) if (v <= m * p) return m * p;
+  return 10 * p;
+}
+
+function drawChart() {
+  const canvas = $('chart');
+  const ratio = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth || 640;
+  const height = canvas.clientHeight || 200;
+  if (canvas.width !== Math.round(width * ratio)) canvas.width = Math.round(width * ratio);
+  if (canvas.height !== Math.round(height * ratio)) canvas.height = Math.round(height * ratio);
+  const ctx = canvas.getContext('2d');
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  const left = 48, right = 8, top = 8, bottom = 20;
+  const now = snapshot ? snapshot.at_ms : Date.now();
+  let max = 0;
+  for (const points of Object.values(history)) for (const p of points) max = Math.max(max, p.rate);
+  const step = niceStep(Math.max(max, 1) / 4);
+  max = step * 4;
+  ctx.font = '11px system-ui, sans-serif';
+  ctx.fillStyle = '#64748b';
+  ctx.strokeStyle = '#e2e8f0';
+  ctx.lineWidth = 1;
+  for (let k = 0; k <= 4; k++) {
+    const y = top + (height - top - bottom) * (1 - k / 4);
+    ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(width - right, y); ctx.stroke();
+    ctx.fillText(fmtRate(step * k), 4, y + 4);
+  }
+  for (let m = 0; m <= 5; m++) {
+    const x = left + (width - left - right) * (1 - m / 5);
+    ctx.fillText(m === 0 ? 'now' : `-${m} min`, x - 14, height - 5);
+  }
+  const xOf = (t) => left + (width - left - right) * (1 - (now - t) / HISTORY_MS);
+  const yOf = (r) => top + (height - top - bottom) * (1 - r / max);
+  const legend = [];
+  for (const id of Object.keys(history).sort()) {
+    const points = history[id];
+    ctx.strokeStyle = colorOf(id);
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    points.forEach((p, n) => (n ? ctx.lineTo(xOf(p.at_ms), yOf(p.rate)) : ctx.moveTo(xOf(p.at_ms), yOf(p.rate))));
+    ctx.stroke();
+    const swatch = el('span', { class: 'swatch' });
+    swatch.style.background = colorOf(id);
+    const last = points[points.length - 1];
+    legend.push(el('span', {}, swatch, `${id} ${fmtRate(last ? last.rate : 0)}/s`));
+  }
+  $('legend').replaceChildren(...legend);
+}
+
+// --- operations form ------------------------------------------------------------------------
+
+function showInputs() {
+  const op = $('op').value;
+  for (const label of document.querySelectorAll('#call-form [data-for]')) {
+    label.hidden = !label.getAttribute('data-for').split(' ').includes(op);
+  }
+}
+
+function describeResult(op, r) {
+  switch (op) {
+    case 'prime': return `${r.prime ? 'prime' : 'not prime'} (certainty: ${r.certainty})`;
+    case 'palindrome': return r.palindrome ? 'palindrome: yes' : 'palindrome: no';
+    case 'reverse': return r.text;
+    case 'fib': return `${r.value}${r.value_truncated ? '… (first 10,000 digits shown)' : ''}\n\n${Number(r.digits).toLocaleString()} digits`;
+    case 'wc': {
+      const lines = [`words ${r.words} · lines ${r.lines} · characters ${r.characters} · bytes ${r.bytes}`];
+      for (const w of r.top || []) lines.push(`${w.count}\t${w.word}`);
+      return lines.join('\n');
+    }
+    default: return JSON.stringify(r);
+  }
+}
+
+async function runCall(event) {
+  event.preventDefault();
+  const op = $('op').value;
+  const body = { op };
+  if (op === 'prime') body.input = $('input-number').value.trim();
+  else if (op === 'fib') body.input = $('input-n').value.trim();
+  else body.input = $('input-text').value;
+  if (op === 'palindrome') body.normalize = $('input-normalize').checked;
+  if (op === 'wc') {
+    const top = Number($('input-top').value || 0);
+    if (!Number.isInteger(top) || top < 0) {
+      showCall(true, 'Top words must be a whole number of 0 or more.');
+      return;
+    }
+    body.top = top;
+  }
+  $('run').disabled = true;
+  $('run').textContent = 'Running…';
+  try {
+    const outcome = await post('/api/call', body);
+    if (outcome.error) {
+      showCall(true, `${outcome.error.code}: ${outcome.error.message}`, outcome);
+    } else {
+      showCall(false, describeResult(op, outcome.result), outcome);
+    }
+  } catch (error) {
+    showCall(true, error.message);
+  } finally {
+    $('run').disabled = false;
+    $('run').textContent = 'Run';
+  }
+}
+
+function showCall(failed, text, outcome) {
+  $('call-result').hidden = false;
+  $('call-result').className = failed ? 'call-result failed' : 'call-result';
+  $('result').textContent = text;
+  $('result-served-by').textContent = (outcome && outcome.served_by) || '–';
+  $('result-attempts').textContent = (outcome && outcome.attempts) || '–';
+  $('result-latency').textContent = outcome ? fmtUs(outcome.latency_us) : '–';
+}
+
+// --- events ---------------------------------------------------------------------------------
+
+function summary(e) {
+  if (e.kind === 'request') {
+    const input = e.input ? ` · input "${e.input}"` : '';
+    return `${e.op} → ${e.backend || '?'} ${e.status} in ${fmtUs(e.latency_us)} · attempts ${e.attempts}${input}`;
+  }
+  const fields = Object.entries(e.fields || {}).map(([k, v]) => `${k}=${v}`).join(' ');
+  return fields ? `${e.message}: ${fields}` : e.message;
+}
+
+function eventNode(e) {
+  return el('li', { 'data-kind': e.kind },
+    el('span', { class: 'time', text: fmtTime(e.ts_ms), title: e.ts }),
+    el('span', { class: 'who', text: `${e.service}/${e.instance}` }),
+    el('span', { class: `kind kind-${e.kind}`, text: e.kind }),
+    el('span', { class: 'summary', text: summary(e) }));
+}
+
+function renderEvents() {
+  $('events').replaceChildren(...events.map(eventNode));
+  renderEventsEmpty();
+}
+
+function renderEventsEmpty() {
+  const redis = snapshot ? snapshot.sources.redis.state : 'connecting';
+  $('events-empty').textContent = redis === 'down'
+    ? 'The event log is unreachable; events appear again when it is back.'
+    : 'No events yet.';
+  $('events-empty').hidden = $('events').children.length > 0;
+}
+
+let eventsRequest = 0;
+async function loadEvents() {
+  const kind = $('event-kind').value;
+  const request = ++eventsRequest;
+  try {
+    const data = await getJson(`/api/events?kind=${encodeURIComponent(kind)}&limit=${MAX_EVENTS}`);
+    if (request !== eventsRequest) return;
+    events = data.events;
+    renderEvents();
+  } catch (_) {
+    // The banner (from the snapshot) says why; keep what is shown.
+  }
+}
+
+function addEvent(e) {
+  const kind = $('event-kind').value;
+  if (kind !== 'all' && e.kind !== kind) return;
+  events.unshift(e);
+  events.length = Math.min(events.length, MAX_EVENTS);
+  $('events').prepend(eventNode(e));
+  while ($('events').children.length > MAX_EVENTS) $('events').lastChild.remove();
+  renderEventsEmpty();
+}
+
+// --- live stream ----------------------------------------------------------------------------
+
+function applySnapshot(next) {
+  snapshot = next;
+  const redisOk = next.sources.redis.state === 'ok';
+  if (redisOk && redisWasOk === false) loadEvents();
+  redisWasOk = redisOk;
+  recordRates();
+  renderBanners();
+  renderSettings();
+  renderInstances();
+  renderEventsEmpty();
+  drawChart();
+}
+
+function connect() {
+  const source = new EventSource('/api/stream');
+  source.addEventListener('open', async () => {
+    streamUp = true;
+    $('conn').textContent = 'live';
+    $('conn').className = 'pill pill-ok';
+    renderBanners();
+    loadEvents();
+    try {
+      history = await getJson('/api/history');
+      drawChart();
+    } catch (_) { /* the next snapshots rebuild it */ }
+  });
+  source.addEventListener('error', () => {
+    streamUp = false;
+    $('conn').textContent = 'reconnecting…';
+    $('conn').className = 'pill pill-bad';
+    renderBanners();
+  });
+  source.addEventListener('snapshot', (m) => applySnapshot(JSON.parse(m.data)));
+  source.addEventListener('log', (m) => addEvent(JSON.parse(m.data)));
+  source.addEventListener('resync', () => loadEvents());
+}
+
+document.addEventListener('DOMContentLoaded', () => {
+  $('admin').hidden = !adminRequired;
+  $('op').addEventListener('change', showInputs);
+  $('call-form').addEventListener('submit', runCall);
+  $('event-kind').addEventListener('change', loadEvents);
+  $('add-instance').addEventListener('click', async () => {
+    setActionStatus('Adding an instance…');
+    try {
+      const data = await post('/api/instances');
+      setActionStatus(`Added ${data.instance.id} (${data.instance.state})`);
+    } catch (error) {
+      setActionStatus(`Add failed: ${error.message}`, true);
+    }
+  });
+  $('instances').addEventListener('click', (event) => {
+    const button = event.target.closest('button[data-action]');
+    if (!button) return;
+    const action = button.getAttribute('data-action');
+    const id = button.getAttribute('data-id');
+    if ((action === 'kill' || action === 'remove') && !window.confirm(`${action} ${id}?`)) return;
+    lifecycle(action, id);
+  });
+  window.addEventListener('resize', drawChart);
+  showInputs();
+  connect();
+});

@@ -1,0 +1,597 @@
+//! The dashboard's picture of the mesh, kept current by background loops:
+//!
+//! - control's `WatchInstances` stream: lifecycle state of each instance, and the trail of its
+//!   transitions (so a drain reads `serving → draining → stopped` even when it took 50 ms);
+//! - the gateway's `Stats`, every `--refresh-ms`: health as the gateway sees it, requests,
+//!   rate, latency, errors, in flight; the rate also feeds a five-minute history per instance;
+//! - Redis pub/sub `lb_logs:live`: every event as it is written, passed on to the pages.
+//!
+//! Each loop reports whether its source answers; a source that does not is shown as a banner
+//! and the rest keeps working. Every change publishes a new [`Snapshot`] on a watch channel,
+//! which the pages' event streams follow.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use dlb::events::reader::EventReader;
+use dlb::events::{Event, time::now_ms};
+use dlb::proto::v1::control_client::ControlClient;
+use dlb::proto::v1::gateway_client::GatewayClient;
+use dlb::proto::v1::{Instance, InstanceState, StatsRequest, StatsResponse, WatchInstancesRequest};
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// Transitions kept per instance.
+pub const TRAIL_LEN: usize = 8;
+
+/// Throughput samples kept per instance: five minutes at the default refresh.
+pub const HISTORY_LEN: usize = 300;
+
+/// Longest wait between reconnection attempts to control or Redis.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Live messages the pages receive besides snapshots.
+#[derive(Debug, Clone)]
+pub enum Live {
+    /// An event just written to the log.
+    Event(Arc<Event>),
+    /// The tail was (re)connected and may have missed events: read the latest again.
+    Resync,
+}
+
+/// Whether one source of the dashboard answers.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Source {
+    /// Where it is.
+    pub addr: String,
+    /// `ok`, `down`, `connecting` or `off` (not configured).
+    pub state: &'static str,
+    /// Why it is down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Since when (ms since the epoch).
+    pub since_ms: u64,
+}
+
+impl Source {
+    fn new(addr: &str, state: &'static str) -> Self {
+        Self {
+            addr: addr.to_owned(),
+            state,
+            error: None,
+            since_ms: now_ms(),
+        }
+    }
+
+    fn set(&mut self, state: &'static str, error: Option<String>) -> bool {
+        if self.state == state && self.error == error {
+            return false;
+        }
+        if self.state != state {
+            self.since_ms = now_ms();
+        }
+        self.state = state;
+        self.error = error;
+        true
+    }
+}
+
+/// The three sources.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sources {
+    /// The gateway (stats and operations).
+    pub gateway: Source,
+    /// Control (lifecycle).
+    pub control: Source,
+    /// Redis (event log).
+    pub redis: Source,
+}
+
+/// One lifecycle state change of an instance.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Transition {
+    /// The new state.
+    pub state: String,
+    /// When the dashboard saw it (ms since the epoch).
+    pub at_ms: u64,
+}
+
+/// One instance as the page shows it: control's view merged with the gateway's.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct InstanceView {
+    /// Instance id.
+    pub id: String,
+    /// Its gRPC address.
+    pub address: String,
+    /// Lifecycle state from control (`starting`, `serving`, `draining`, `stopped`, `crashed`),
+    /// or `None` when control does not know it or cannot be reached.
+    pub state: Option<String>,
+    /// Health as the gateway sees it (`serving`, `not_serving`, `ejected`, `connecting`,
+    /// `draining`), or `None` when it is not in the gateway's membership.
+    pub health: Option<String>,
+    /// Since when the gateway has seen that health (ms since the epoch).
+    pub health_since_ms: Option<u64>,
+    /// Calls the gateway sent it.
+    pub requests: u64,
+    /// Of which failed.
+    pub errors: u64,
+    /// In flight now.
+    pub in_flight: u64,
+    /// Calls per second, recent.
+    pub rate: f64,
+    /// Recent median latency, microseconds.
+    pub p50_us: f64,
+    /// Recent 99th percentile latency, microseconds.
+    pub p99_us: f64,
+    /// Process id (control).
+    pub pid: u32,
+    /// Uptime, ms (control).
+    pub uptime_ms: u64,
+    /// Restarts (control).
+    pub restarts: u32,
+    /// CPU use, percent of one core (control).
+    pub cpu_percent: f64,
+    /// Resident memory, bytes (control).
+    pub rss_bytes: u64,
+    /// Why it last failed (control).
+    pub last_error: String,
+    /// Latest lifecycle transitions, oldest first.
+    pub trail: Vec<Transition>,
+}
+
+/// The gateway's settings and totals.
+#[derive(Debug, Clone, Serialize)]
+pub struct GatewayView {
+    /// Balancing policy.
+    pub policy: String,
+    /// Calls in flight now.
+    pub in_flight: u64,
+    /// Bound on calls in flight.
+    pub max_in_flight: u64,
+    /// Calls received.
+    pub requests: u64,
+    /// Retries made.
+    pub retries: u64,
+    /// Calls that failed.
+    pub failures: u64,
+    /// Health probe interval, ms.
+    pub health_interval_ms: u64,
+    /// Health probe timeout, ms.
+    pub probe_timeout_ms: u64,
+    /// Events the gateway wrote to Redis.
+    pub events_written: u64,
+    /// Events the gateway dropped (Redis away too long).
+    pub events_dropped: u64,
+}
+
+/// Everything the page shows except the events.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    /// When it was taken (ms since the epoch).
+    pub at_ms: u64,
+    /// Instances by id.
+    pub instances: Vec<InstanceView>,
+    /// The gateway's settings and totals, when it answers.
+    pub gateway: Option<GatewayView>,
+    /// Whether each source answers.
+    pub sources: Sources,
+    /// Whether instances can be started and stopped from here.
+    pub control_enabled: bool,
+}
+
+/// One throughput sample.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RatePoint {
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+    /// Calls per second.
+    pub rate: f64,
+}
+
+#[derive(Debug)]
+struct Model {
+    sources: Sources,
+    control_enabled: bool,
+    instances: Vec<Instance>,
+    stats: Option<StatsResponse>,
+    trails: BTreeMap<String, VecDeque<Transition>>,
+    history: BTreeMap<String, VecDeque<RatePoint>>,
+}
+
+impl Model {
+    fn snapshot(&self) -> Snapshot {
+        let mut views: BTreeMap<String, InstanceView> = BTreeMap::new();
+        for instance in &self.instances {
+            let view = views.entry(instance.id.clone()).or_default();
+            view.id.clone_from(&instance.id);
+            view.address.clone_from(&instance.address);
+            view.state = Some(state_name(instance.state));
+            view.pid = instance.pid;
+            view.uptime_ms = instance.uptime_ms;
+            view.restarts = instance.restarts;
+            view.cpu_percent = instance.cpu_percent;
+            view.rss_bytes = instance.rss_bytes;
+            view.last_error.clone_from(&instance.last_error);
+        }
+        if let Some(stats) = &self.stats {
+            for s in &stats.instances {
+                let view = views.entry(s.instance.clone()).or_default();
+                view.id.clone_from(&s.instance);
+                if view.address.is_empty() {
+                    view.address.clone_from(&s.address);
+                }
+                view.health = Some(s.state.clone());
+                view.health_since_ms = Some(s.state_since_ms);
+                view.requests = s.requests;
+                view.errors = s.errors;
+                view.in_flight = s.in_flight;
+                view.rate = s.rate;
+                view.p50_us = s.p50_us;
+                view.p99_us = s.p99_us;
+            }
+        }
+        for (id, view) in &mut views {
+            if let Some(trail) = self.trails.get(id) {
+                view.trail = trail.iter().cloned().collect();
+            }
+        }
+        Snapshot {
+            at_ms: now_ms(),
+            instances: views.into_values().collect(),
+            gateway: self.stats.as_ref().map(|s| GatewayView {
+                policy: s.policy.clone(),
+                in_flight: s.in_flight,
+                max_in_flight: s.max_in_flight,
+                requests: s.requests,
+                retries: s.retries,
+                failures: s.failures,
+                health_interval_ms: s.health_interval_ms,
+                probe_timeout_ms: s.probe_timeout_ms,
+                events_written: s.events_written,
+                events_dropped: s.events_dropped,
+            }),
+            sources: self.sources.clone(),
+            control_enabled: self.control_enabled,
+        }
+    }
+
+    fn set_instances(&mut self, instances: Vec<Instance>) {
+        let at_ms = now_ms();
+        for instance in &instances {
+            let state = state_name(instance.state);
+            let trail = self.trails.entry(instance.id.clone()).or_default();
+            if trail.back().is_none_or(|last| last.state != state) {
+                trail.push_back(Transition { state, at_ms });
+                if trail.len() > TRAIL_LEN {
+                    trail.pop_front();
+                }
+            }
+        }
+        self.trails
+            .retain(|id, _| instances.iter().any(|i| &i.id == id));
+        self.instances = instances;
+    }
+
+    fn set_stats(&mut self, stats: Option<StatsResponse>) {
+        if let Some(stats) = &stats {
+            let at_ms = now_ms();
+            for s in &stats.instances {
+                let history = self.history.entry(s.instance.clone()).or_default();
+                history.push_back(RatePoint {
+                    at_ms,
+                    rate: s.rate,
+                });
+                if history.len() > HISTORY_LEN {
+                    history.pop_front();
+                }
+            }
+            // Instances gone from the gateway keep their history until it ages out of view.
+            let horizon = at_ms.saturating_sub(HISTORY_LEN as u64 * 1000);
+            self.history
+                .retain(|_, h| h.back().is_some_and(|p| p.at_ms >= horizon));
+        }
+        self.stats = stats;
+    }
+}
+
+/// `SERVING` → `serving`.
+fn state_name(state: i32) -> String {
+    InstanceState::try_from(state)
+        .map_or("unknown", |s| s.as_str_name())
+        .to_ascii_lowercase()
+}
+
+/// Shared by the loops and the routes.
+#[derive(Debug)]
+pub struct Collector {
+    model: Mutex<Model>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    live: broadcast::Sender<Live>,
+}
+
+impl Collector {
+    /// An empty picture: every configured source `connecting`.
+    pub fn new(gateway: &str, control: Option<&str>, redis: Option<&str>) -> Arc<Self> {
+        let model = Model {
+            sources: Sources {
+                gateway: Source::new(gateway, "connecting"),
+                control: match control {
+                    Some(addr) => Source::new(addr, "connecting"),
+                    None => Source::new("", "off"),
+                },
+                redis: match redis {
+                    Some(url) => Source::new(url, "connecting"),
+                    None => Source::new("", "off"),
+                },
+            },
+            control_enabled: control.is_some(),
+            instances: Vec::new(),
+            stats: None,
+            trails: BTreeMap::new(),
+            history: BTreeMap::new(),
+        };
+        let (snapshots, _) = watch::channel(Arc::new(model.snapshot()));
+        let (live, _) = broadcast::channel(1024);
+        Arc::new(Self {
+            model: Mutex::new(model),
+            snapshots,
+            live,
+        })
+    }
+
+    fn model(&self) -> MutexGuard<'_, Model> {
+        // A panic while holding the lock leaves a consistent model (every update is one
+        // assignment), so a poisoned lock is still usable.
+        self.model.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Model)) {
+        let snapshot = {
+            let mut model = self.model();
+            change(&mut model);
+            Arc::new(model.snapshot())
+        };
+        self.snapshots.send_replace(snapshot);
+    }
+
+    /// The latest snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// Follows every new snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshots.subscribe()
+    }
+
+    /// Follows events and resyncs.
+    pub fn live(&self) -> broadcast::Receiver<Live> {
+        self.live.subscribe()
+    }
+
+    /// Throughput history per instance, oldest first.
+    pub fn history(&self) -> BTreeMap<String, Vec<RatePoint>> {
+        self.model()
+            .history
+            .iter()
+            .map(|(id, h)| (id.clone(), h.iter().copied().collect()))
+            .collect()
+    }
+
+    /// Whether control knows `id` (from the latest list).
+    pub fn knows(&self, id: &str) -> bool {
+        self.model().instances.iter().any(|i| i.id == id)
+    }
+
+    /// Marks Redis down from a failed read in a route.
+    pub fn redis_failed(&self, error: String) {
+        self.update(|m| {
+            m.sources.redis.set("down", Some(error));
+        });
+    }
+}
+
+/// Reads the gateway's stats every `interval` until `cancel`.
+pub async fn poll_gateway(
+    collector: Arc<Collector>,
+    channel: Channel,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    let mut client = GatewayClient::new(channel);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let mut request = tonic::Request::new(StatsRequest {});
+        request.set_timeout(interval.max(Duration::from_secs(1)));
+        let result = client.stats(request).await;
+        collector.update(|m| match result {
+            Ok(response) => {
+                m.sources.gateway.set("ok", None);
+                m.set_stats(Some(response.into_inner()));
+            }
+            Err(status) => {
+                m.sources
+                    .gateway
+                    .set("down", Some(dlb::call::status_message(&status)));
+                m.set_stats(None);
+            }
+        });
+    }
+}
+
+/// Follows control's instance list until `cancel`, reconnecting with backoff.
+pub async fn watch_control(collector: Arc<Collector>, channel: Channel, cancel: CancellationToken) {
+    let mut client = ControlClient::new(channel);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let followed = async {
+            let mut stream = client
+                .watch_instances(WatchInstancesRequest {})
+                .await?
+                .into_inner();
+            while let Some(list) = stream.message().await? {
+                collector.update(|m| {
+                    m.sources.control.set("ok", None);
+                    m.set_instances(list.instances);
+                });
+                backoff = Duration::from_millis(100);
+            }
+            Err(tonic::Status::unavailable("the instance stream ended"))
+        };
+        let error = tokio::select! {
+            () = cancel.cancelled() => return,
+            result = followed => match result {
+                Ok(()) => continue,
+                Err(status) => dlb::call::status_message(&status),
+            },
+        };
+        collector.update(|m| {
+            if m.sources.control.set("down", Some(error)) {
+                tracing::warn!(error = ?m.sources.control.error, "control unreachable");
+            }
+            // Stale lifecycle states would mislead; the gateway's view stays.
+            m.set_instances(Vec::new());
+        });
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Tails the event log until `cancel`, passing events on; reconnects with backoff and tells
+/// the pages to read the latest events again after each (re)connection.
+pub async fn tail_events(
+    collector: Arc<Collector>,
+    reader: EventReader,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let error = match tokio::select! {
+            () = cancel.cancelled() => return,
+            tail = reader.tail() => tail,
+        } {
+            Ok(stream) => {
+                collector.update(|m| {
+                    m.sources.redis.set("ok", None);
+                });
+                let _ = collector.live.send(Live::Resync);
+                backoff = Duration::from_millis(100);
+                let mut stream = std::pin::pin!(stream);
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        next = stream.next() => match next {
+                            Some(event) => {
+                                let _ = collector.live.send(Live::Event(Arc::new(event)));
+                            }
+                            None => break,
+                        },
+                    }
+                }
+                "connection to Redis lost".to_owned()
+            }
+            Err(error) => dlb::call::error_chain(&error),
+        };
+        collector.update(|m| {
+            if m.sources.redis.set("down", Some(error)) {
+                tracing::warn!(error = ?m.sources.redis.error, "event log unreachable");
+            }
+        });
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(id: &str, state: InstanceState) -> Instance {
+        Instance {
+            id: id.into(),
+            address: format!("127.0.0.1:1300{id}"),
+            state: state as i32,
+            ..Instance::default()
+        }
+    }
+
+    #[test]
+    fn trails_record_each_change_once() {
+        let collector = Collector::new("gw", Some("control"), None);
+        for state in [
+            InstanceState::Serving,
+            InstanceState::Serving,
+            InstanceState::Draining,
+            InstanceState::Stopped,
+        ] {
+            collector.update(|m| m.set_instances(vec![instance("B", state)]));
+        }
+        let snapshot = collector.snapshot();
+        let trail: Vec<&str> = snapshot.instances[0]
+            .trail
+            .iter()
+            .map(|t| t.state.as_str())
+            .collect();
+        assert_eq!(trail, ["serving", "draining", "stopped"]);
+        assert_eq!(snapshot.instances[0].state.as_deref(), Some("stopped"));
+    }
+
+    #[test]
+    fn control_and_gateway_views_merge_by_id() {
+        let collector = Collector::new("gw", Some("control"), None);
+        collector.update(|m| {
+            m.set_instances(vec![instance("A", InstanceState::Serving)]);
+            m.set_stats(Some(StatsResponse {
+                instances: vec![dlb::proto::v1::InstanceStats {
+                    instance: "A".into(),
+                    state: "serving".into(),
+                    requests: 7,
+                    rate: 2.5,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }));
+        });
+        let snapshot = collector.snapshot();
+        assert_eq!(snapshot.instances.len(), 1);
+        let a = &snapshot.instances[0];
+        assert_eq!(
+            (a.state.as_deref(), a.health.as_deref()),
+            (Some("serving"), Some("serving"))
+        );
+        assert_eq!(a.requests, 7);
+        assert_eq!(collector.history()["A"][0].rate, 2.5);
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let collector = Collector::new("gw", None, None);
+        for _ in 0..HISTORY_LEN + 10 {
+            collector.update(|m| {
+                m.set_stats(Some(StatsResponse {
+                    instances: vec![dlb::proto::v1::InstanceStats {
+                        instance: "A".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }));
+            });
+        }
+        assert_eq!(collector.history()["A"].len(), HISTORY_LEN);
+    }
+}

@@ -1,0 +1,36 @@
+//! `dlb-ui`: parse flags, bind, serve the dashboard until SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use dlb_ui::Config;
+use tokio::net::TcpListener;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    if let Err(message) = config.validate() {
+        eprintln!("dlb-ui: {message}");
+        return ExitCode::from(2);
+    }
+    dlb::telemetry::init();
+    let listener = match TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!(
+                "dlb-ui: cannot listen on {}: {error} (choose another with --listen or DLB_UI_LISTEN)",
+                config.listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().unwrap_or(config.listen);
+    println!("dlb-ui listening on http://{addr}");
+    match dlb_ui::run(listener, config, dlb::server::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("dlb-ui: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

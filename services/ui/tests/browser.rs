@@ -1,0 +1,325 @@
+//! The dashboard in a real headless Chromium (through chromedriver) against a real mesh:
+//! control with three compute processes, a gateway, Redis. What a user sees and clicks.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::TestMesh;
+use support::webdriver::Browser;
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Form fields to fill: `(css selector, text)`.
+type Inputs<'a> = &'a [(&'a str, &'a str)];
+
+/// `{lifecycle, health, trail}` texts of instance `id`'s row, or null while it has none.
+const ROW: &str = "
+    const row = document.querySelector(`#instances tr[data-id=\"${arguments[0]}\"]`);
+    if (!row) return null;
+    return {
+        lifecycle: row.querySelector('td.state .pill').textContent,
+        health: row.querySelector('td.health .pill').textContent,
+        trail: [...row.querySelectorAll('.trail b')].map((b) => b.textContent),
+    };";
+
+async fn wait_row(browser: &Browser, id: &str, lifecycle: &str, health: &str) -> Value {
+    let script = format!(
+        "{ROW_FN} const r = row(arguments[0]); \
+         return r && r.lifecycle === arguments[1] && r.health === arguments[2] ? r : null;",
+        ROW_FN = format_args!("function row() {{ {ROW} }}")
+    );
+    browser
+        .wait_for(
+            &format!("{id} to show {lifecycle} / {health}"),
+            &script,
+            json!([id, lifecycle, health]),
+            PATIENCE,
+        )
+        .await
+}
+
+/// Runs one operation from the form like a user; returns `(result text, served-by)`.
+async fn run_op(browser: &Browser, op: &str, inputs: &[(&str, &str)]) -> (String, String) {
+    browser.click(&format!("#op option[value=\"{op}\"]")).await;
+    for (css, text) in inputs {
+        browser.type_into(css, text).await;
+    }
+    browser
+        .eval(
+            "document.getElementById('result').textContent = ''; \
+             document.getElementById('result-served-by').textContent = '';",
+            json!([]),
+        )
+        .await;
+    browser.click("#run").await;
+    let shown = browser
+        .wait_for(
+            &format!("the result of {op}"),
+            "const r = document.getElementById('result').textContent; \
+             const s = document.getElementById('result-served-by').textContent; \
+             return r && s ? [r, s] : null;",
+            json!([]),
+            PATIENCE,
+        )
+        .await;
+    (
+        shown[0].as_str().unwrap().to_owned(),
+        shown[1].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Waits for an event row whose summary contains `needle`; returns its summary.
+async fn wait_event(browser: &Browser, needle: &str) -> String {
+    browser
+        .wait_for(
+            &format!("an event mentioning {needle:?}"),
+            "const li = [...document.querySelectorAll('#events li .summary')]
+                 .find((s) => s.textContent.includes(arguments[0]));
+             return li ? li.textContent : null;",
+            json!([needle]),
+            PATIENCE,
+        )
+        .await
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_runs_the_mesh_in_a_real_browser() {
+    let mut mesh = TestMesh::start(3).await;
+    let browser = Browser::start().await;
+    let url = mesh.ui.url();
+    browser.goto(&url).await;
+
+    // Page weight of a full load: the document and every asset (the event stream stays open
+    // and is counted by its headers only).
+    let weight = browser
+        .wait_for(
+            "the page's resources to load",
+            "const nav = performance.getEntriesByType('navigation')[0];
+             if (!nav || nav.loadEventEnd === 0) return null;
+             const res = performance.getEntriesByType('resource');
+             return { bytes: nav.transferSize + res.reduce((n, r) => n + r.transferSize, 0),
+                      files: 1 + res.length,
+                      names: res.map((r) => new URL(r.name).pathname) };",
+            json!([]),
+            PATIENCE,
+        )
+        .await;
+    println!("page weight: {weight}");
+    let names: Vec<&str> = weight["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(
+        names.iter().all(|n| n.starts_with("/")),
+        "only this server: {names:?}"
+    );
+
+    // A, B and C serving, as control and the gateway see them.
+    for id in ["A", "B", "C"] {
+        wait_row(&browser, id, "serving", "serving").await;
+    }
+    let settings = browser
+        .eval(
+            "return document.getElementById('gateway-settings').textContent",
+            json!([]),
+        )
+        .await;
+    assert!(
+        settings.as_str().unwrap().contains("policy round-robin"),
+        "{settings}"
+    );
+
+    // Each operation from the form: the right result and who served it.
+    let cases: [(&str, Inputs, &str); 5] = [
+        ("prime", &[("#input-number", "97")], "prime (certainty"),
+        (
+            "palindrome",
+            &[("#input-text", "A man, a plan, a canal: Panama")],
+            "palindrome: no",
+        ),
+        ("reverse", &[("#input-text", "stressed")], "desserts"),
+        ("fib", &[("#input-n", "90")], "2880067194370816120"),
+        (
+            "wc",
+            &[("#input-text", "the cat the hat"), ("#input-top", "2")],
+            "words 4",
+        ),
+    ];
+    let mut served = BTreeSet::new();
+    for (op, inputs, want) in cases {
+        let (text, served_by) = run_op(&browser, op, inputs).await;
+        assert!(
+            text.starts_with(want),
+            "{op}: {text:?} should start with {want:?}"
+        );
+        assert!(
+            ["A", "B", "C"].contains(&served_by.as_str()),
+            "{op}: {served_by}"
+        );
+        served.insert(served_by);
+    }
+    // Round robin over three instances: five calls reach all of them.
+    assert_eq!(served.len(), 3, "{served:?}");
+    // The normalize flag is a typed input of its own.
+    browser.click("#op option[value=\"palindrome\"]").await;
+    browser.click("#input-normalize").await;
+    let (text, _) = run_op(
+        &browser,
+        "palindrome",
+        &[("#input-text", "A man, a plan, a canal: Panama")],
+    )
+    .await;
+    assert_eq!(text, "palindrome: yes");
+    // Bad input is a readable message, and the mesh keeps serving.
+    let (text, _) = run_op(&browser, "prime", &[("#input-number", "12abc")]).await;
+    assert!(text.starts_with("INVALID_ARGUMENT: "), "{text}");
+
+    // The call shows up in the events panel without a reload. The page itself times it: from
+    // the click to the result shown, and to the event's row appearing.
+    let marker = format!("e2e-{}", std::process::id());
+    browser.click("#op option[value=\"reverse\"]").await;
+    browser.type_into("#input-text", &marker).await;
+    browser
+        .eval(
+            "const marker = arguments[0];
+             window.dlbTiming = { start: performance.now() };
+             new MutationObserver((_, observer) => {
+                 const t = window.dlbTiming;
+                 if (!t.result && document.getElementById('result-served-by').textContent
+                         && document.getElementById('result').textContent.includes('-e2e')) {
+                     t.result = performance.now() - t.start;
+                 }
+                 if ([...document.querySelectorAll('#events li .summary')]
+                         .some((s) => s.textContent.includes(marker))) {
+                     t.event = performance.now() - t.start;
+                     observer.disconnect();
+                 }
+             }).observe(document.body, { subtree: true, childList: true, characterData: true });
+             document.getElementById('run').click();",
+            json!([marker]),
+        )
+        .await;
+    let timing = browser
+        .wait_for(
+            "the call's event in the panel",
+            "const t = window.dlbTiming; return t.event !== undefined ? t : null;",
+            json!([]),
+            PATIENCE,
+        )
+        .await;
+    let summary = wait_event(&browser, &marker).await;
+    assert!(summary.starts_with("Reverse → "), "{summary}");
+    println!(
+        "click to result shown: {:.1} ms; click to event row shown: {:.1} ms",
+        timing["result"].as_f64().unwrap_or(f64::NAN),
+        timing["event"].as_f64().unwrap()
+    );
+
+    // HTML in text is shown as text and injects nothing.
+    for hostile in ["<img src=x onerror=alert(1)>", "<script>"] {
+        let (text, _) = run_op(&browser, "reverse", &[("#input-text", hostile)]).await;
+        assert_eq!(text, hostile.chars().rev().collect::<String>());
+        let summary = wait_event(&browser, hostile).await;
+        assert!(
+            summary.contains(&format!("input \"{hostile}\"")),
+            "{summary}"
+        );
+    }
+    let dom = browser
+        .eval(
+            "return { imgs: document.querySelectorAll('img').length,
+                      scripts: [...document.scripts].map((s) => s.getAttribute('src')) };",
+            json!([]),
+        )
+        .await;
+    assert_eq!(dom, json!({ "imgs": 0, "scripts": ["/assets/app.js"] }));
+    assert_eq!(browser.alert_text().await, None, "no script ran");
+
+    // Stop B: draining, then stopped; out of the gateway's rotation; calls go to A and C.
+    browser
+        .click("#instances tr[data-id=\"B\"] button[data-action=\"stop\"]")
+        .await;
+    let b = wait_row(&browser, "B", "stopped", "not in rotation").await;
+    let trail: Vec<&str> = b["trail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        trail[trail.len() - 2..],
+        ["draining", "stopped"],
+        "{trail:?}"
+    );
+    let status = browser
+        .eval(
+            "return document.getElementById('action-status').textContent",
+            json!([]),
+        )
+        .await;
+    assert_eq!(status, "B: stopped");
+    for _ in 0..6 {
+        let (_, served_by) = run_op(&browser, "reverse", &[("#input-text", "after stop")]).await;
+        assert!(["A", "C"].contains(&served_by.as_str()), "{served_by}");
+    }
+    // Start brings it back.
+    browser
+        .click("#instances tr[data-id=\"B\"] button[data-action=\"start\"]")
+        .await;
+    wait_row(&browser, "B", "serving", "serving").await;
+    let mut served = BTreeSet::new();
+    for _ in 0..6 {
+        served.insert(
+            run_op(&browser, "reverse", &[("#input-text", "after start")])
+                .await
+                .1,
+        );
+    }
+    assert!(served.contains("B"), "{served:?}");
+
+    // Let the chart gather a few points, then save what the page looks like.
+    browser
+        .wait_for(
+            "the chart legend",
+            "return document.querySelectorAll('#legend span.swatch').length >= 3",
+            json!([]),
+            PATIENCE,
+        )
+        .await;
+    let shot = browser.save_screenshot("dashboard").await;
+    println!("screenshot: {}", shot.display());
+
+    // Redis stopped: the page still loads, shows the banner, and the rest works.
+    mesh.redis.stop();
+    browser.goto(&url).await;
+    let banner = browser
+        .wait_for(
+            "the Redis banner",
+            "const b = [...document.querySelectorAll('#banners .banner')]
+                 .find((b) => b.textContent.includes('Event log'));
+             return b ? b.textContent : null;",
+            json!([]),
+            PATIENCE,
+        )
+        .await;
+    assert!(banner.as_str().unwrap().contains("unreachable"), "{banner}");
+    wait_row(&browser, "A", "serving", "serving").await;
+    let (text, served_by) = run_op(&browser, "reverse", &[("#input-text", "still here")]).await;
+    assert_eq!(text, "ereh llits");
+    assert!(!served_by.is_empty());
+    let shot = browser.save_screenshot("dashboard-redis-down").await;
+    println!("screenshot: {}", shot.display());
+
+    drop(browser);
+    mesh.shutdown().await;
+}
