@@ -2,12 +2,22 @@
 set positional-arguments
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-# Where `call` and `bench` send work: the gateway.
+# Where `call`, `bench` and the grpcurl recipes send work: the gateway.
 addr := env_var_or_default("DLB_ADDR", "127.0.0.1:12000")
+# Where the grpcurl recipes find control.
+control_addr := env_var_or_default("DLB_CONTROL_ADDR", "127.0.0.1:12001")
 
 # Show the recipes
 default:
     @just --list
+
+# Build (release) and run the whole mesh; Ctrl-C stops everything (e.g. `just up --instances 5`)
+up *args: build
+    target/release/dlb up "$@"
+
+# Stop a mesh started with `just up --detach`
+down *args:
+    cargo run --release --quiet --bin dlb -- down "$@"
 
 # Run every test (what CI runs)
 test:
@@ -53,3 +63,39 @@ bench *args: build
 # Operation benchmarks (criterion) against GMP and `wc -w`, with ratios
 bench-ops:
     scripts/bench-ops
+
+# grpcurl: list the gateway's services
+list:
+    grpcurl -plaintext {{addr}} list
+
+# grpcurl: the gateway's health
+health:
+    grpcurl -plaintext {{addr}} grpc.health.v1.Health/Check
+
+# grpcurl: is NUMBER prime? (e.g. `just prime 97`)
+prime number:
+    grpcurl -plaintext -d "$(python3 -c 'import json, sys; print(json.dumps({"number": sys.argv[1]}))' "$1")" {{addr}} dlb.v1.Operations/IsPrime
+
+# grpcurl: is TEXT a palindrome, ignoring case, spaces and punctuation?
+palindrome text:
+    grpcurl -plaintext -d "$(python3 -c 'import json, sys; print(json.dumps({"text": sys.argv[1], "normalize": True}))' "$1")" {{addr}} dlb.v1.Operations/IsPalindrome
+
+# grpcurl: TEXT reversed
+reverse text:
+    grpcurl -plaintext -d "$(python3 -c 'import json, sys; print(json.dumps({"text": sys.argv[1]}))' "$1")" {{addr}} dlb.v1.Operations/Reverse
+
+# grpcurl: the N-th Fibonacci number
+fib n:
+    grpcurl -plaintext -d "{\"n\": \"$1\"}" {{addr}} dlb.v1.Operations/Fibonacci
+
+# grpcurl: words of TEXT and the 3 most frequent
+wc text:
+    grpcurl -plaintext -d "$(python3 -c 'import json, sys; print(json.dumps({"text": sys.argv[1], "top": 3}))' "$1")" {{addr}} dlb.v1.Operations/WordCount
+
+# grpcurl: the gateway's per-instance stats
+stats:
+    grpcurl -plaintext {{addr}} dlb.v1.Gateway/Stats
+
+# grpcurl: control's instances
+instances:
+    grpcurl -plaintext {{control_addr}} dlb.v1.Control/ListInstances

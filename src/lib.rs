@@ -12,6 +12,7 @@
 //! - [`server`]: reflection and the shutdown signal every server shares.
 //! - [`telemetry`]: the tracing subscriber that binaries install.
 //! - [`call`] and [`bench`]: what `dlb call` and `dlb bench` run, usable from tests.
+//! - [`up`]: `dlb up` and `dlb down`, the whole mesh with one command.
 
 pub mod bench;
 pub mod call;
@@ -24,6 +25,7 @@ pub mod server;
 pub mod telemetry;
 #[cfg(feature = "test-fixtures")]
 pub mod testing;
+pub mod up;
 
 /// Generated protobuf and gRPC code for package `dlb.v1`.
 pub mod proto {

@@ -1,4 +1,5 @@
-//! The `dlb` CLI: `dlb call` runs one operation, `dlb bench` measures throughput and latency.
+//! The `dlb` CLI: `dlb up`/`dlb down` run the whole mesh, `dlb call` runs one operation,
+//! `dlb bench` measures throughput and latency.
 
 use std::io::Read;
 use std::process::ExitCode;
@@ -27,6 +28,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start the whole mesh (Redis, control with compute instances, gateway, dashboard) and
+    /// stop it all on Ctrl-C.
+    Up(dlb::up::UpArgs),
+    /// Stop a mesh started with `dlb up --detach`.
+    Down(dlb::up::DownArgs),
     /// Run one operation and print its result, the instance that served it and the latency.
     Call(CallArgs),
     /// Measure throughput and latency against one or more addresses.
@@ -140,6 +146,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Up(args) => Ok(dlb::up::up(args).await),
+            Command::Down(args) => Ok(dlb::up::down(args).await),
             Command::Call(args) => run_call(args).await,
             Command::Bench(args) => run_bench(args).await,
         }

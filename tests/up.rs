@@ -1,0 +1,554 @@
+//! `dlb up` as a user runs it: a real subprocess that starts Redis, control with compute
+//! processes, the gateway and the dashboard; and the README's grpcurl commands, run against it.
+//! Ports are free ones picked by the test, never the fixed defaults.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dlb::testing::{free_port, grpcurl, process_gone, workspace_binary};
+use serde_json::Value;
+
+const PATIENCE: Duration = Duration::from_secs(90);
+
+/// Every port and directory of one `dlb up`.
+struct Ports {
+    gateway: u16,
+    control: u16,
+    metrics: u16,
+    ui: u16,
+    redis: u16,
+    state_dir: PathBuf,
+}
+
+impl Ports {
+    fn new(name: &str) -> Self {
+        let state_dir = std::env::temp_dir().join(format!(
+            "dlb-up-test-{name}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        Self {
+            gateway: free_port(),
+            control: free_port(),
+            metrics: free_port(),
+            ui: free_port(),
+            redis: free_port(),
+            state_dir,
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        [
+            "up",
+            "--gateway-port",
+            &self.gateway.to_string(),
+            "--control-port",
+            &self.control.to_string(),
+            "--metrics-port",
+            &self.metrics.to_string(),
+            "--ui-port",
+            &self.ui.to_string(),
+            "--first-port",
+            "0",
+            // Nothing answers here, so dlb up starts (and later stops) a private redis-server.
+            "--redis",
+            &format!("redis://127.0.0.1:{}", self.redis),
+            "--state-dir",
+            &self.state_dir.display().to_string(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    }
+
+    fn gateway(&self) -> String {
+        format!("127.0.0.1:{}", self.gateway)
+    }
+
+    fn control(&self) -> String {
+        format!("127.0.0.1:{}", self.control)
+    }
+}
+
+/// `dlb up` running as a child, its output collected in a file.
+struct Up {
+    child: Child,
+    log: PathBuf,
+    ports: Ports,
+}
+
+impl Up {
+    fn start(name: &str) -> Self {
+        let ports = Ports::new(name);
+        std::fs::create_dir_all(&ports.state_dir).unwrap();
+        let log = ports.state_dir.join("dlb-up.out");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(workspace_binary("dlb"))
+            .args(ports.args())
+            .env_remove("DLB_REDIS_URL")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self { child, log, ports }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the dashboard's HTTP 200 and the gateway's health SERVING.
+    fn wait_up(&mut self) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("dlb up exited ({status}):\n{}", self.output());
+            }
+            let dashboard =
+                http_get(self.ports.ui, "/").is_some_and(|r| r.starts_with("HTTP/1.1 200"));
+            let gateway = dashboard
+                && run_grpcurl(&[
+                    "-plaintext",
+                    &self.ports.gateway(),
+                    "grpc.health.v1.Health/Check",
+                ])
+                .is_ok_and(|out| out.contains("\"SERVING\""));
+            if dashboard && gateway {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the mesh did not come up:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every process the mesh consists of: what the state file lists and control's instances.
+    fn pids(&self) -> Vec<(String, u32)> {
+        let state: Value = serde_json::from_str(
+            &std::fs::read_to_string(self.ports.state_dir.join(dlb::up::STATE_FILE)).unwrap(),
+        )
+        .unwrap();
+        let mut pids: Vec<(String, u32)> = state["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap().to_owned(),
+                    u32::try_from(p["pid"].as_u64().unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        for instance in instances(&self.ports.control()) {
+            pids.push((
+                format!("compute {}", instance["id"].as_str().unwrap()),
+                u32::try_from(instance["pid"].as_u64().unwrap()).unwrap(),
+            ));
+        }
+        pids
+    }
+
+    /// SIGINT, as Ctrl-C sends; waits for the exit status.
+    fn interrupt(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dlb up did not stop:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // A failed test still stops what it started: dlb up itself stops its children.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.interrupt();
+        }
+        let _ = std::fs::remove_dir_all(&self.ports.state_dir);
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+fn run_grpcurl(args: &[&str]) -> Result<String, String> {
+    let output: Output = Command::new(grpcurl()).args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+fn instances(control: &str) -> Vec<Value> {
+    let out = run_grpcurl(&["-plaintext", control, "dlb.v1.Control/ListInstances"]).unwrap();
+    let list: Value = serde_json::from_str(&out).unwrap();
+    list["instances"].as_array().cloned().unwrap_or_default()
+}
+
+/// Processes whose command line mentions `needle` (to find anything left behind).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| !process_gone(*pid))
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline
+                .contains(needle)
+                .then(|| format!("{pid}: {cmdline}"))
+        })
+        .collect()
+}
+
+#[test]
+fn up_runs_the_whole_mesh_and_ctrl_c_leaves_no_process_behind() {
+    let mut up = Up::start("sigint");
+    up.wait_up();
+    let gateway = up.ports.gateway();
+    for (data, method, want) in [
+        (r#"{"number": "97"}"#, "IsPrime", r#""prime": true"#),
+        (
+            r#"{"text": "Racecar", "normalize": true}"#,
+            "IsPalindrome",
+            r#""palindrome": true"#,
+        ),
+        (
+            r#"{"text": "stressed"}"#,
+            "Reverse",
+            r#""text": "desserts""#,
+        ),
+        (
+            r#"{"n": 90}"#,
+            "Fibonacci",
+            r#""value": "2880067194370816120""#,
+        ),
+        (
+            r#"{"text": "a b a", "top": 1}"#,
+            "WordCount",
+            r#""words": "3""#,
+        ),
+    ] {
+        let out = run_grpcurl(&[
+            "-plaintext",
+            "-d",
+            data,
+            &gateway,
+            &format!("dlb.v1.Operations/{method}"),
+        ])
+        .unwrap_or_else(|e| panic!("{method}: {e}"));
+        assert!(out.contains(want), "{method}: {out}");
+    }
+    let pids = up.pids();
+    let names: Vec<&str> = pids.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "redis",
+            "control",
+            "gateway",
+            "ui",
+            "compute A",
+            "compute B",
+            "compute C"
+        ],
+        "{pids:?}"
+    );
+    let output = up.output();
+    assert!(output.contains("dlb is up"), "{output}");
+    assert!(output.contains(&format!("dashboard  http://127.0.0.1:{}", up.ports.ui)));
+    assert!(output.contains("private redis-server"), "{output}");
+
+    let status = up.interrupt();
+    assert!(status.success(), "{status}:\n{}", up.output());
+    for (name, pid) in &pids {
+        assert!(process_gone(*pid), "{name} (pid {pid}) is still running");
+    }
+    let state_dir = up.ports.state_dir.display().to_string();
+    assert_eq!(processes_mentioning(&state_dir), Vec::<String>::new());
+    assert_eq!(
+        processes_mentioning(&up.ports.control()),
+        Vec::<String>::new()
+    );
+    assert!(!up.ports.state_dir.join(dlb::up::STATE_FILE).exists());
+    let output = up.output();
+    let order: Vec<usize> = [
+        "stopping dashboard",
+        "stopping gateway",
+        "stopping control",
+        "stopping redis",
+    ]
+    .iter()
+    .map(|step| {
+        output
+            .find(step)
+            .unwrap_or_else(|| panic!("no {step:?} in:\n{output}"))
+    })
+    .collect();
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "stop order:\n{output}"
+    );
+}
+
+/// Splits a shell command line as the README writes them: words, 'single' and "double" quotes.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' | '"' => {
+                let w = word.get_or_insert_with(String::new);
+                for inner in chars.by_ref() {
+                    if inner == c {
+                        break;
+                    }
+                    w.push(inner);
+                }
+            }
+            c if c.is_whitespace() => words.extend(word.take()),
+            '#' if word.is_none() => break,
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    words
+}
+
+/// Every `grpcurl` (and `curl`) line inside the README's ```sh blocks.
+fn readme_grpcurl_commands() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let mut in_sh = false;
+    let mut commands = Vec::new();
+    for line in readme.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with("```") {
+            in_sh = trimmed == "```sh";
+            continue;
+        }
+        if in_sh && (trimmed.starts_with("grpcurl ") || trimmed.starts_with("curl ")) {
+            commands.push(trimmed.to_owned());
+        }
+    }
+    commands
+}
+
+#[test]
+fn shell_words_split_like_the_shell() {
+    assert_eq!(
+        shell_words(r#"grpcurl -plaintext -d '{"n": 94}' 127.0.0.1:12000 x   # comment"#),
+        [
+            "grpcurl",
+            "-plaintext",
+            "-d",
+            r#"{"n": 94}"#,
+            "127.0.0.1:12000",
+            "x"
+        ]
+    );
+    assert_eq!(shell_words(r#"a "b c"d"#), ["a", "b cd"]);
+}
+
+#[test]
+fn every_grpcurl_command_in_the_readme_works_against_dlb_up() {
+    let commands = readme_grpcurl_commands();
+    // Every operation, health and control are documented.
+    for needle in [
+        "IsPrime",
+        "IsPalindrome",
+        "Reverse",
+        "Fibonacci",
+        "WordCount",
+        "grpc.health.v1.Health/Check",
+        "dlb.v1.Control/ListInstances",
+        "dlb.v1.Control/StopInstance",
+        "dlb.v1.Gateway/Stats",
+    ] {
+        assert!(
+            commands.iter().any(|c| c.contains(needle)),
+            "README has no grpcurl example of {needle}"
+        );
+    }
+    let mut up = Up::start("readme");
+    up.wait_up();
+    let instance_a = instances(&up.ports.control())
+        .into_iter()
+        .find(|i| i["id"] == "A")
+        .and_then(|i| i["address"].as_str().map(str::to_owned))
+        .unwrap();
+    for command in &commands {
+        if let Some(url) = command.strip_prefix("curl -s http://127.0.0.1:12002") {
+            let response = http_get(up.ports.metrics, url).unwrap();
+            assert!(
+                response.starts_with("HTTP/1.1 200"),
+                "{command}: {response}"
+            );
+            assert!(response.contains("dlb_gateway"), "{command}: {response}");
+            println!("ok: {command}");
+            continue;
+        }
+        assert!(
+            command.starts_with("grpcurl "),
+            "README: untested command {command}"
+        );
+        // The README's addresses are the defaults of `dlb up`; this mesh runs on free ports.
+        let line = command
+            .replace("127.0.0.1:12000", &up.ports.gateway())
+            .replace("127.0.0.1:12001", &up.ports.control())
+            .replace("127.0.0.1:13001", &instance_a);
+        let words = shell_words(&line);
+        let args: Vec<&str> = words[1..].iter().map(String::as_str).collect();
+        let out = run_grpcurl(&args).unwrap_or_else(|e| panic!("{command}\nfailed: {e}"));
+        assert!(!out.trim().is_empty(), "{command}: no output");
+        println!("ok: {command}");
+    }
+    assert!(up.interrupt().success());
+}
+
+#[test]
+fn a_taken_gateway_port_is_named_with_its_flag_and_nothing_starts() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let ports = Ports::new("conflict");
+    let mut args = ports.args();
+    let at = args.iter().position(|a| a == "--gateway-port").unwrap();
+    args[at + 1] = port.to_string();
+    let output = Command::new(workspace_binary("dlb"))
+        .args(&args)
+        .env_remove("DLB_REDIS_URL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("port {port} (gateway) is not available")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--gateway-port"), "{stderr}");
+    assert!(!stderr.contains("starting"), "nothing may start:\n{stderr}");
+    let state_dir = ports.state_dir.display().to_string();
+    assert_eq!(processes_mentioning(&state_dir), Vec::<String>::new());
+    assert_eq!(
+        processes_mentioning(&format!("127.0.0.1:{}", ports.control)),
+        Vec::<String>::new()
+    );
+    assert!(!ports.state_dir.join(dlb::up::STATE_FILE).exists());
+    let _ = std::fs::remove_dir_all(&ports.state_dir);
+    drop(taken);
+}
+
+#[test]
+fn detach_leaves_the_mesh_running_and_down_stops_all_of_it() {
+    let ports = Ports::new("detach");
+    let mut args = ports.args();
+    args.push("--detach".to_owned());
+    let output = Command::new(workspace_binary("dlb"))
+        .args(&args)
+        .env_remove("DLB_REDIS_URL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("running in the background"), "{stderr}");
+    // It returned, and the mesh serves.
+    let out = run_grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"text": "detached"}"#,
+        &ports.gateway(),
+        "dlb.v1.Operations/Reverse",
+    ])
+    .unwrap();
+    assert!(out.contains("dehcated"), "{out}");
+    assert!(http_get(ports.ui, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    let logs = ["redis.log", "control.log", "gateway.log", "ui.log"];
+    for log in logs {
+        assert!(ports.state_dir.join(log).exists(), "{log}");
+    }
+    // A second `dlb up` on the same state refuses to start another mesh.
+    let again = Command::new(workspace_binary("dlb"))
+        .args(ports.args())
+        .env_remove("DLB_REDIS_URL")
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+
+    let computes: Vec<u32> = instances(&ports.control())
+        .iter()
+        .map(|i| u32::try_from(i["pid"].as_u64().unwrap()).unwrap())
+        .collect();
+    assert_eq!(computes.len(), 3);
+    let down = Command::new(workspace_binary("dlb"))
+        .args([
+            "down",
+            "--state-dir",
+            &ports.state_dir.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert!(down.status.success(), "{stderr}");
+    assert!(stderr.contains("everything stopped"), "{stderr}");
+    for pid in computes {
+        assert!(process_gone(pid), "compute pid {pid} is still running");
+    }
+    assert_eq!(
+        processes_mentioning(&ports.state_dir.display().to_string()),
+        Vec::<String>::new()
+    );
+    assert_eq!(processes_mentioning(&ports.control()), Vec::<String>::new());
+    // Nothing left to stop is not an error.
+    let down = Command::new(workspace_binary("dlb"))
+        .args([
+            "down",
+            "--state-dir",
+            &ports.state_dir.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(down.status.success());
+    assert!(String::from_utf8_lossy(&down.stderr).contains("nothing to stop"));
+    let _ = std::fs::remove_dir_all(&ports.state_dir);
+}
