@@ -102,6 +102,9 @@ pub struct Started {
 pub struct State {
     /// The pid of `dlb up` itself (gone after `--detach`).
     pub up_pid: u32,
+    /// Its start time, as for [`Started::start_ticks`].
+    #[serde(default)]
+    pub up_start_ticks: u64,
     /// Started processes, in start order.
     pub processes: Vec<Started>,
     /// The dashboard's URL.
@@ -352,7 +355,16 @@ impl Service {
     }
 }
 
-/// Polls `check` until it says ready, the child exits, or the time is up.
+/// Why a service is not ready.
+enum Probe {
+    /// Not yet: keep waiting.
+    NotYet(String),
+    /// It will not become ready (an instance crashed): stop waiting.
+    Failed(String),
+}
+
+/// Polls `check` until it says ready, the child exits, the check fails for good, or the time
+/// is up.
 async fn wait_ready<F, Fut>(
     service: &mut Service,
     what: &str,
@@ -360,7 +372,7 @@ async fn wait_ready<F, Fut>(
 ) -> Result<String, String>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<String, String>>,
+    Fut: std::future::Future<Output = Result<String, Probe>>,
 {
     let deadline = Instant::now() + START_TIMEOUT;
     let mut last = String::from("no answer yet");
@@ -373,7 +385,10 @@ where
         }
         match check().await {
             Ok(detail) => return Ok(detail),
-            Err(why) => last = why,
+            Err(Probe::NotYet(why)) => last = why,
+            Err(Probe::Failed(why)) => {
+                return Err(format!("{} cannot start: {why}", service.label));
+            }
         }
         if Instant::now() > deadline {
             return Err(format!(
@@ -401,41 +416,49 @@ async fn redis_answers(url: &str) -> Result<(), String> {
     }
 }
 
-async fn grpc_serving(addr: &str) -> Result<String, String> {
-    let channel = crate::endpoint::endpoint(addr)
-        .map_err(|e| e.to_string())?
+async fn connect(addr: &str) -> Result<tonic::transport::Channel, Probe> {
+    crate::endpoint::endpoint(addr)
+        .map_err(|e| Probe::Failed(e.to_string()))?
         .connect()
         .await
-        .map_err(|e| crate::call::error_chain(&e))?;
+        .map_err(|e| Probe::NotYet(crate::call::error_chain(&e)))
+}
+
+async fn grpc_serving(addr: &str) -> Result<String, Probe> {
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: String::new(),
     });
     request.set_timeout(Duration::from_secs(1));
-    let status = HealthClient::new(channel)
+    let status = HealthClient::new(connect(addr).await?)
         .check(request)
         .await
-        .map_err(|s| crate::call::status_message(&s))?
+        .map_err(|s| Probe::NotYet(crate::call::status_message(&s)))?
         .into_inner()
         .status();
     if status == ServingStatus::Serving {
         Ok(String::new())
     } else {
-        Err(format!("health says {}", status.as_str_name()))
+        Err(Probe::NotYet(format!(
+            "health says {}",
+            status.as_str_name()
+        )))
     }
 }
 
-/// Ready when every instance is SERVING; fails at once when one crashed or stopped.
-async fn instances_serving(addr: &str, count: usize) -> Result<String, String> {
-    let channel = crate::endpoint::endpoint(addr)
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| crate::call::error_chain(&e))?;
-    let list = ControlClient::new(channel)
+/// Ready when every instance is SERVING; fails at once when one crashed.
+async fn instances_serving(addr: &str, count: usize) -> Result<String, Probe> {
+    let list = ControlClient::new(connect(addr).await?)
         .list_instances(ListInstancesRequest {})
         .await
-        .map_err(|s| crate::call::status_message(&s))?
+        .map_err(|s| Probe::NotYet(crate::call::status_message(&s)))?
         .into_inner();
+    let describe = |i: &crate::proto::v1::Instance| {
+        let mut s = format!("{} {}", i.id, i.state().as_str_name().to_ascii_lowercase());
+        if !i.last_error.is_empty() {
+            let _ = write!(s, " ({})", i.last_error);
+        }
+        s
+    };
     let serving: Vec<String> = list
         .instances
         .iter()
@@ -445,21 +468,23 @@ async fn instances_serving(addr: &str, count: usize) -> Result<String, String> {
     if serving.len() >= count {
         return Ok(serving.join(", "));
     }
-    Err(list
+    if let Some(crashed) = list
         .instances
         .iter()
-        .map(|i| {
-            let mut s = format!("{} {}", i.id, i.state().as_str_name().to_ascii_lowercase());
-            if !i.last_error.is_empty() {
-                let _ = write!(s, " ({})", i.last_error);
-            }
-            s
-        })
-        .collect::<Vec<_>>()
-        .join(", "))
+        .find(|i| i.state() == InstanceState::Crashed)
+    {
+        return Err(Probe::Failed(describe(crashed)));
+    }
+    Err(Probe::NotYet(
+        list.instances
+            .iter()
+            .map(describe)
+            .collect::<Vec<_>>()
+            .join(", "),
+    ))
 }
 
-async fn http_ok(addr: SocketAddr, path: &str) -> Result<String, String> {
+async fn http_ok(addr: SocketAddr, path: &str) -> Result<String, Probe> {
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         stream
@@ -474,10 +499,61 @@ async fn http_ok(addr: SocketAddr, path: &str) -> Result<String, String> {
     };
     match tokio::time::timeout(Duration::from_secs(1), exchange).await {
         Ok(Ok(head)) if head.starts_with("HTTP/1.1 200") => Ok(String::new()),
-        Ok(Ok(head)) => Err(format!("answered {:?}", head.lines().next().unwrap_or(""))),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer within 1 s".to_owned()),
+        Ok(Ok(head)) => Err(Probe::NotYet(format!(
+            "answered {:?}",
+            head.lines().next().unwrap_or("")
+        ))),
+        Ok(Err(e)) => Err(Probe::NotYet(e.to_string())),
+        Err(_) => Err(Probe::NotYet("no answer within 1 s".to_owned())),
     }
+}
+
+// === signals ===
+
+/// SIGINT (Ctrl-C), SIGTERM and SIGHUP (terminal closed): each one asks `dlb up` to stop.
+struct StopSignals {
+    streams: Vec<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let streams = [
+            SignalKind::interrupt(),
+            SignalKind::terminate(),
+            SignalKind::hangup(),
+        ]
+        .into_iter()
+        .filter_map(|kind| signal(kind).ok())
+        .collect();
+        Self { streams }
+    }
+
+    /// Resolves at the next signal.
+    async fn next(&mut self) {
+        if self.streams.is_empty() {
+            std::future::pending::<()>().await;
+        }
+        let waits: Vec<_> = self
+            .streams
+            .iter_mut()
+            .map(|s| Box::pin(s.recv()))
+            .collect();
+        let _ = futures_select_all(waits).await;
+    }
+}
+
+/// The first of `futures` to finish.
+async fn futures_select_all<F: std::future::Future + Unpin>(mut futures: Vec<F>) -> F::Output {
+    std::future::poll_fn(|cx| {
+        for future in &mut futures {
+            if let std::task::Poll::Ready(out) = std::pin::Pin::new(future).poll(cx) {
+                return std::task::Poll::Ready(out);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 // === state file ===
@@ -499,47 +575,55 @@ fn write_state(path: &Path, state: &State) -> Result<(), String> {
 
 /// Runs `dlb up`.
 pub async fn up(args: UpArgs) -> ExitCode {
+    let mut signals = StopSignals::new();
     let mut started: Vec<Service> = Vec::new();
-    let outcome = start_all(&args, &mut started).await;
     let state_path = state_dir(args.state_dir.as_deref()).join(STATE_FILE);
-    match outcome {
+    // A signal while starting stops what has started so far.
+    let outcome = tokio::select! {
+        outcome = start_all(&args, &mut started) => outcome,
+        () = signals.next() => Err("interrupted while starting".to_owned()),
+    };
+    let summary = match outcome {
+        Ok(summary) => summary,
         Err(message) => {
             say(format!("error: {message}"));
-            stop_all(&mut started).await;
-            if !started.is_empty() {
+            stop_all(&mut started, &mut signals).await;
+            if message.starts_with("interrupted") || !started_any(&state_path) {
                 let _ = std::fs::remove_file(&state_path);
             }
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
-        Ok(summary) => {
-            eprintln!("{summary}");
-            if args.detach {
-                say(format!(
-                    "running in the background; logs in {}; `dlb down` stops everything",
-                    state_path.parent().unwrap_or(Path::new(".")).display()
-                ));
-                return ExitCode::SUCCESS;
-            }
-            eprintln!("Ctrl-C stops everything.");
-            let failed = tokio::select! {
-                () = crate::server::shutdown_signal() => None,
-                name = first_exit(&mut started) => Some(name),
-            };
-            if let Some(name) = &failed {
-                say(format!("{name} exited unexpectedly; stopping the rest"));
-            } else {
-                eprintln!();
-            }
-            stop_all(&mut started).await;
-            let _ = std::fs::remove_file(&state_path);
-            say("everything stopped");
-            if failed.is_some() {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
+    };
+    eprintln!("{summary}");
+    if args.detach {
+        say(format!(
+            "running in the background; logs in {}; `dlb down` stops everything",
+            state_path.parent().unwrap_or(Path::new(".")).display()
+        ));
+        return ExitCode::SUCCESS;
     }
+    eprintln!("Ctrl-C stops everything (a second Ctrl-C kills at once).");
+    let failed = tokio::select! {
+        () = signals.next() => None,
+        name = first_exit(&mut started) => Some(name),
+    };
+    match &failed {
+        Some(name) => say(format!("{name} exited unexpectedly; stopping the rest")),
+        None => eprintln!(),
+    }
+    stop_all(&mut started, &mut signals).await;
+    let _ = std::fs::remove_file(&state_path);
+    say("everything stopped");
+    if failed.is_some() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Whether the state file still names a live process (after a failed start it must not).
+fn started_any(state_path: &Path) -> bool {
+    read_state(state_path).is_some_and(|state| state.processes.iter().any(alive))
 }
 
 fn state_dir(flag: Option<&Path>) -> PathBuf {
@@ -558,16 +642,38 @@ async fn first_exit(services: &mut [Service]) -> String {
     }
 }
 
-/// Stops in reverse start order.
-async fn stop_all(services: &mut Vec<Service>) {
-    while let Some(mut service) = services.pop() {
-        let patience = if service.name == "control" {
-            CONTROL_STOP_TIMEOUT
-        } else {
-            STOP_TIMEOUT
-        };
-        service.stop(patience).await;
+/// Stops in reverse start order; another signal meanwhile kills what is left at once.
+async fn stop_all(services: &mut Vec<Service>, signals: &mut StopSignals) {
+    let in_order = async {
+        for service in services.iter_mut().rev() {
+            let patience = if service.name == "control" {
+                CONTROL_STOP_TIMEOUT
+            } else {
+                STOP_TIMEOUT
+            };
+            service.stop(patience).await;
+        }
+    };
+    let forced = tokio::select! {
+        () = in_order => false,
+        () = signals.next() => true,
+    };
+    if forced {
+        say("second signal: killing everything now");
     }
+    while let Some(mut service) = services.pop() {
+        if service.exited().is_none() {
+            // Control's instances notice their parent is gone and stop themselves.
+            let _ = service.child.kill().await;
+        }
+    }
+}
+
+/// Records a started process in the state file at once, so that `dlb down` can always find
+/// it.
+fn record(state: &mut State, path: &Path, service: &Service) -> Result<(), String> {
+    state.processes.push(service.started.clone());
+    write_state(path, state)
 }
 
 async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, String> {
@@ -587,7 +693,11 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
             return Err(format!(
                 "a mesh started by dlb up is already running (dashboard {}); stop it with \
                  `dlb down`",
-                previous.dashboard
+                if previous.dashboard.is_empty() {
+                    "not up yet"
+                } else {
+                    &previous.dashboard
+                }
             ));
         }
         let _ = std::fs::remove_file(&state_path);
@@ -618,8 +728,7 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
     ];
     if args.first_port != 0 {
         for n in 0..args.instances {
-            let port = usize::from(args.first_port) + n;
-            let port = u16::try_from(port)
+            let port = u16::try_from(usize::from(args.first_port) + n)
                 .map_err(|_| "--first-port leaves no room for every instance".to_owned())?;
             needs.push(PortNeed {
                 port,
@@ -641,38 +750,43 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
 
     let bins = service_binaries(args.bin_dir.as_deref())?;
     let log_dir = args.detach.then_some(state_dir.as_path());
+    let up_pid = std::process::id();
     let mut state = State {
-        up_pid: std::process::id(),
+        up_pid,
+        up_start_ticks: start_ticks(up_pid).unwrap_or(0),
         ..State::default()
     };
     let begun = Instant::now();
 
     // Redis: the configured one, a private one, or none.
     let redis_note;
-    let redis_url = match redis_answers(&args.redis).await {
-        Ok(()) => {
-            redis_note = format!("{} (already running)", args.redis);
-            args.redis.clone()
-        }
-        Err(why) if args.redis.eq_ignore_ascii_case("none") => {
-            let _ = why;
-            redis_note = "off (--redis none)".to_owned();
-            "none".to_owned()
-        }
-        Err(why) => match private_redis(args, &state_dir, log_dir, &why).await? {
-            Some((service, url)) => {
-                redis_note = format!("{url} (private redis-server, stopped with the mesh)");
-                state.processes.push(service.started.clone());
-                started.push(service);
-                url
+    let redis_url = if args.redis.trim().eq_ignore_ascii_case("none") {
+        redis_note = "off (--redis none)".to_owned();
+        "none".to_owned()
+    } else {
+        match redis_answers(&args.redis).await {
+            Ok(()) => {
+                redis_note = format!("{} (already running)", redact(&args.redis));
+                args.redis.clone()
             }
-            None => {
-                redis_note = "off: redis-server is not installed (install it with `sudo apt-get install -y redis-server`)".to_owned();
-                "none".to_owned()
-            }
-        },
+            Err(why) => match private_redis(args, &state_dir, log_dir, &why, started).await? {
+                Some(url) => {
+                    if let Some(service) = started.last() {
+                        record(&mut state, &state_path, service)?;
+                    }
+                    redis_note = format!("{url} (private redis-server, stopped with the mesh)");
+                    url
+                }
+                None => {
+                    redis_note = "off: redis-server is not installed (install it with \
+                                  `sudo apt-get install -y redis-server`)"
+                        .to_owned();
+                    "none".to_owned()
+                }
+            },
+        }
     };
-    state.redis.clone_from(&redis_url);
+    state.redis = redact(&redis_url);
 
     // Control and its instances.
     let control_addr = format!("127.0.0.1:{}", args.control_port);
@@ -694,26 +808,24 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
         "--redis".to_owned(),
         redis_url.clone(),
     ];
-    let mut control = Service::spawn(
+    started.push(Service::spawn(
         "control",
         "control",
         &bins.join("dlb-control"),
         &control_args,
         log_dir,
-    )?;
-    state.processes.push(control.started.clone());
+    )?);
+    let control = started.last_mut().ok_or("control did not start")?;
+    record(&mut state, &state_path, control)?;
     let instances = {
         let addr = control_addr.clone();
         let count = args.instances;
-        wait_ready(&mut control, "serving every instance", || {
+        wait_ready(control, "serving every instance", || {
             instances_serving(&addr, count)
         })
-        .await
+        .await?
     };
-    started.push(control);
-    let instances = instances?;
     state.control.clone_from(&control_addr);
-    write_state(&state_path, &state)?;
 
     // Gateway.
     let gateway_addr = format!("127.0.0.1:{}", args.gateway_port);
@@ -728,26 +840,17 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
         "--redis".to_owned(),
         redis_url.clone(),
     ];
-    let mut gateway = Service::spawn(
+    started.push(Service::spawn(
         "gateway",
         "gateway",
         &bins.join("dlb-gateway"),
         &gateway_args,
         log_dir,
-    )?;
-    state.processes.push(gateway.started.clone());
-    let ready = {
-        let addr = gateway_addr.clone();
-        wait_ready(&mut gateway, "serving", || {
-            let addr = addr.clone();
-            async move { grpc_serving(&addr).await }
-        })
-        .await
-    };
-    started.push(gateway);
-    ready?;
+    )?);
+    let gateway = started.last_mut().ok_or("the gateway did not start")?;
+    record(&mut state, &state_path, gateway)?;
+    wait_ready(gateway, "serving", || grpc_serving(&gateway_addr)).await?;
     state.gateway.clone_from(&gateway_addr);
-    write_state(&state_path, &state)?;
 
     // Dashboard.
     let ui_addr = SocketAddr::from(([127, 0, 0, 1], args.ui_port));
@@ -762,11 +865,16 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
         "--redis".to_owned(),
         redis_url.clone(),
     ];
-    let mut ui = Service::spawn("ui", "dashboard", &bins.join("dlb-ui"), &ui_args, log_dir)?;
-    state.processes.push(ui.started.clone());
-    let ready = wait_ready(&mut ui, "answering", || http_ok(ui_addr, "/healthz")).await;
-    started.push(ui);
-    ready?;
+    started.push(Service::spawn(
+        "ui",
+        "dashboard",
+        &bins.join("dlb-ui"),
+        &ui_args,
+        log_dir,
+    )?);
+    let ui = started.last_mut().ok_or("the dashboard did not start")?;
+    record(&mut state, &state_path, ui)?;
+    wait_ready(ui, "answering", || http_ok(ui_addr, "/healthz")).await?;
     state.dashboard = format!("http://{ui_addr}");
     write_state(&state_path, &state)?;
 
@@ -796,6 +904,17 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
     Ok(summary)
 }
 
+/// A Redis URL without its password, for printing.
+pub fn redact(url: &str) -> String {
+    match redis::parse_redis_url(url) {
+        Some(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
 fn instance_name(index: usize) -> String {
     let letter = |i: usize| char::from(b'A' + u8::try_from(i % 26).unwrap_or(0));
     if index < 26 {
@@ -806,24 +925,24 @@ fn instance_name(index: usize) -> String {
 }
 
 /// Starts a private `redis-server` (no persistence) on the configured URL's port when it is a
-/// loopback URL, else on 6379; `None` when redis-server is not installed.
+/// loopback URL, else on 6379, and pushes it on `started`; `None` when redis-server is not
+/// installed.
 async fn private_redis(
     args: &UpArgs,
     state_dir: &Path,
     log_dir: Option<&Path>,
     why: &str,
-) -> Result<Option<(Service, String)>, String> {
+    started: &mut Vec<Service>,
+) -> Result<Option<String>, String> {
+    let shown = redact(&args.redis);
     let Some(program) = find_on_path("redis-server") else {
         say(format!(
-            "no Redis at {} ({why}) and redis-server is not installed: running WITHOUT the \
-             event log. Install it with `sudo apt-get install -y redis-server`",
-            args.redis
+            "no Redis at {shown} ({why}) and redis-server is not installed: running WITHOUT \
+             the event log. Install it with `sudo apt-get install -y redis-server`"
         ));
         return Ok(None);
     };
-    let url = redis::parse_redis_url(&args.redis);
-    let port = url
-        .as_ref()
+    let port = redis::parse_redis_url(&args.redis)
         .filter(|u| matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")))
         .and_then(|u| u.port())
         .unwrap_or(6379);
@@ -835,8 +954,8 @@ async fn private_redis(
     let dir = state_dir.join("redis");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     say(format!(
-        "no Redis at {} ({why}); starting a private redis-server on 127.0.0.1:{port} (no persistence)",
-        args.redis
+        "no Redis at {shown} ({why}); starting a private redis-server on 127.0.0.1:{port} \
+         (no persistence)"
     ));
     let redis_args: Vec<String> = [
         "--port",
@@ -847,27 +966,31 @@ async fn private_redis(
         "",
         "--appendonly",
         "no",
+        "--loglevel",
+        "warning",
         "--dir",
         &dir.display().to_string(),
     ]
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    let mut service = Service::spawn("redis", "redis", &program, &redis_args, log_dir)?;
+    started.push(Service::spawn(
+        "redis",
+        "redis",
+        &program,
+        &redis_args,
+        log_dir,
+    )?);
+    let service = started.last_mut().ok_or("redis did not start")?;
     let url = format!("redis://127.0.0.1:{port}");
-    let ready = {
-        let url = url.clone();
-        wait_ready(&mut service, "answering PING", || {
-            let url = url.clone();
-            async move { redis_answers(&url).await.map(|()| String::new()) }
-        })
-        .await
-    };
-    if let Err(error) = ready {
-        service.stop(STOP_TIMEOUT).await;
-        return Err(error);
-    }
-    Ok(Some((service, url)))
+    wait_ready(service, "answering PING", || async {
+        redis_answers(&url)
+            .await
+            .map(|()| String::new())
+            .map_err(Probe::NotYet)
+    })
+    .await?;
+    Ok(Some(url))
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
@@ -879,7 +1002,29 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 
 // === down ===
 
-/// Runs `dlb down`: stops what the state file lists, newest first, and removes it.
+/// Stops one process: SIGTERM, then SIGKILL after `patience`. False if it survived.
+async fn terminate(process: &Started, patience: Duration) -> bool {
+    eprintln!("dlb down: stopping {} (pid {})", process.name, process.pid);
+    signal(process.pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + patience;
+    while alive(process) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !alive(process) {
+        return true;
+    }
+    signal(process.pid, nix::sys::signal::Signal::SIGKILL);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    eprintln!(
+        "dlb down: {} did not stop within {} s; killed",
+        process.name,
+        patience.as_secs()
+    );
+    !alive(process)
+}
+
+/// Runs `dlb down`: asks a running `dlb up` to stop everything (it knows the order), then
+/// stops whatever the state file still lists as running, newest first, and removes the file.
 pub async fn down(args: DownArgs) -> ExitCode {
     let path = state_dir(args.state_dir.as_deref()).join(STATE_FILE);
     let Some(state) = read_state(&path) else {
@@ -890,6 +1035,16 @@ pub async fn down(args: DownArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     };
     let mut failed = false;
+    let up = Started {
+        name: "dlb up".to_owned(),
+        pid: state.up_pid,
+        start_ticks: state.up_start_ticks,
+    };
+    if state.up_start_ticks != 0 && alive(&up) {
+        // Control drains first, then the rest: give it all that time.
+        let patience = CONTROL_STOP_TIMEOUT + STOP_TIMEOUT * 3;
+        failed |= !terminate(&up, patience).await;
+    }
     for process in state.processes.iter().rev() {
         if !alive(process) {
             continue;
@@ -899,30 +1054,11 @@ pub async fn down(args: DownArgs) -> ExitCode {
         } else {
             STOP_TIMEOUT
         };
-        eprint!(
-            "dlb down: stopping {} (pid {}) ...",
-            process.name, process.pid
-        );
-        signal(process.pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + patience;
-        while alive(process) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if alive(process) {
-            signal(process.pid, nix::sys::signal::Signal::SIGKILL);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if alive(process) {
-                eprintln!(" still running after SIGKILL");
-                failed = true;
-                continue;
-            }
-            eprintln!(" killed after {} s", patience.as_secs());
-        } else {
-            eprintln!(" stopped");
-        }
+        failed |= !terminate(process, patience).await;
     }
     let _ = std::fs::remove_file(&path);
     if failed {
+        eprintln!("dlb down: some processes are still running");
         ExitCode::FAILURE
     } else {
         eprintln!("dlb down: everything stopped");
@@ -952,6 +1088,16 @@ mod tests {
         .unwrap_err();
         assert!(error.contains(&format!("port {port} (gateway)")), "{error}");
         assert!(error.contains("--gateway-port"), "{error}");
+    }
+
+    #[test]
+    fn passwords_are_not_printed() {
+        assert_eq!(
+            redact("redis://:s3cret@10.0.0.5:6379/0"),
+            "redis://:***@10.0.0.5:6379/0"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact("none"), "none");
     }
 
     #[test]

@@ -84,12 +84,17 @@ struct Up {
 
 impl Up {
     fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    fn start_with(name: &str, extra: &[&str]) -> Self {
         let ports = Ports::new(name);
         std::fs::create_dir_all(&ports.state_dir).unwrap();
         let log = ports.state_dir.join("dlb-up.out");
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(workspace_binary("dlb"))
             .args(ports.args())
+            .args(extra)
             .env_remove("DLB_REDIS_URL")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
@@ -477,9 +482,22 @@ fn a_taken_gateway_port_is_named_with_its_flag_and_nothing_starts() {
     drop(taken);
 }
 
+/// Runs `dlb down` on drop, so a failed detach test leaves nothing running.
+struct DownOnDrop(PathBuf);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new(workspace_binary("dlb"))
+            .args(["down", "--state-dir", &self.0.display().to_string()])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn detach_leaves_the_mesh_running_and_down_stops_all_of_it() {
     let ports = Ports::new("detach");
+    let _guard = DownOnDrop(ports.state_dir.clone());
     let mut args = ports.args();
     args.push("--detach".to_owned());
     let output = Command::new(workspace_binary("dlb"))
@@ -550,5 +568,100 @@ fn detach_leaves_the_mesh_running_and_down_stops_all_of_it() {
         .unwrap();
     assert!(down.status.success());
     assert!(String::from_utf8_lossy(&down.stderr).contains("nothing to stop"));
-    let _ = std::fs::remove_dir_all(&ports.state_dir);
+}
+
+/// Polls `f` until it gives a value or `PATIENCE` runs out.
+fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = f() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn state_pids(state_dir: &Path) -> Vec<u32> {
+    std::fs::read_to_string(state_dir.join(dlb::up::STATE_FILE))
+        .ok()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .map(|state| {
+            state["processes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| u32::try_from(p["pid"].as_u64()?).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn ctrl_c_while_starting_stops_what_has_started() {
+    // The real binaries, except a gateway that never becomes healthy: `dlb up` is still
+    // starting when the signal comes.
+    let bin_dir = std::env::temp_dir().join(format!("dlb-up-test-bins-{}", std::process::id()));
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    for name in ["dlb-compute", "dlb-control", "dlb-ui"] {
+        let _ = std::fs::remove_file(bin_dir.join(name));
+        std::os::unix::fs::symlink(workspace_binary(name), bin_dir.join(name)).unwrap();
+    }
+    let gateway = bin_dir.join("dlb-gateway");
+    std::fs::write(&gateway, "#!/bin/sh\nexec sleep 120\n").unwrap();
+    let mut permissions = std::fs::metadata(&gateway).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&gateway, permissions).unwrap();
+
+    let bin_flag = bin_dir.display().to_string();
+    let mut up = Up::start_with("early-sigint", &["--bin-dir", &bin_flag]);
+    // Redis, control and the stand-in gateway run; dlb up waits for the gateway's health.
+    let mut pids = wait_until("three processes recorded", || {
+        let pids = state_pids(&up.ports.state_dir);
+        (pids.len() == 3).then_some(pids)
+    });
+    assert!(up.output().contains("starting the gateway"));
+    for instance in instances(&up.ports.control()) {
+        pids.push(u32::try_from(instance["pid"].as_u64().unwrap()).unwrap());
+    }
+    assert_eq!(pids.len(), 6, "redis, control, gateway and three computes");
+    let status = up.interrupt();
+    assert!(!status.success(), "an interrupted start is a failure");
+    let output = up.output();
+    assert!(output.contains("interrupted while starting"), "{output}");
+    for pid in pids {
+        assert!(process_gone(pid), "pid {pid} is still running:\n{output}");
+    }
+    assert_eq!(
+        processes_mentioning(&up.ports.state_dir.display().to_string()),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        processes_mentioning(&up.ports.control()),
+        Vec::<String>::new()
+    );
+    let _ = std::fs::remove_dir_all(&bin_dir);
+}
+
+#[test]
+fn a_service_that_dies_stops_the_rest_and_up_fails() {
+    let mut up = Up::start("dies");
+    up.wait_up();
+    let pids = up.pids();
+    let gateway = pids.iter().find(|(name, _)| name == "gateway").unwrap().1;
+    let killed = Command::new("kill")
+        .args(["-KILL", &gateway.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = wait_until("dlb up to exit", || up.child.try_wait().unwrap());
+    assert!(!status.success());
+    let output = up.output();
+    assert!(
+        output.contains("gateway (signal: 9") && output.contains("exited unexpectedly"),
+        "{output}"
+    );
+    for (name, pid) in &pids {
+        assert!(process_gone(*pid), "{name} (pid {pid}) is still running");
+    }
 }
