@@ -766,7 +766,10 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
     } else {
         match redis_answers(&args.redis).await {
             Ok(()) => {
-                redis_note = format!("{} (already running)", redact(&args.redis));
+                redis_note = format!(
+                    "{} (already running)",
+                    crate::events::redact_url(&args.redis)
+                );
                 args.redis.clone()
             }
             Err(why) => match private_redis(args, &state_dir, log_dir, &why, started).await? {
@@ -786,7 +789,7 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
             },
         }
     };
-    state.redis = redact(&redis_url);
+    state.redis = crate::events::redact_url(&redis_url);
 
     // Control and its instances.
     let control_addr = format!("127.0.0.1:{}", args.control_port);
@@ -904,17 +907,6 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
     Ok(summary)
 }
 
-/// A Redis URL without its password, for printing.
-pub fn redact(url: &str) -> String {
-    match redis::parse_redis_url(url) {
-        Some(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_owned(),
-    }
-}
-
 fn instance_name(index: usize) -> String {
     let letter = |i: usize| char::from(b'A' + u8::try_from(i % 26).unwrap_or(0));
     if index < 26 {
@@ -934,7 +926,7 @@ async fn private_redis(
     why: &str,
     started: &mut Vec<Service>,
 ) -> Result<Option<String>, String> {
-    let shown = redact(&args.redis);
+    let shown = crate::events::redact_url(&args.redis);
     let Some(program) = find_on_path("redis-server") else {
         say(format!(
             "no Redis at {shown} ({why}) and redis-server is not installed: running WITHOUT \
@@ -1088,16 +1080,6 @@ mod tests {
         .unwrap_err();
         assert!(error.contains(&format!("port {port} (gateway)")), "{error}");
         assert!(error.contains("--gateway-port"), "{error}");
-    }
-
-    #[test]
-    fn passwords_are_not_printed() {
-        assert_eq!(
-            redact("redis://:s3cret@10.0.0.5:6379/0"),
-            "redis://:***@10.0.0.5:6379/0"
-        );
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-        assert_eq!(redact("none"), "none");
     }
 
     #[test]

@@ -150,6 +150,17 @@ pub fn preview(input: &str) -> String {
     }
 }
 
+/// A Redis URL without its password, for printing and for pages.
+pub fn redact_url(url: &str) -> String {
+    match redis::parse_redis_url(url) {
+        Some(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// How the event log connects and how much it buffers.
 #[derive(Debug, Clone)]
 pub struct EventLogConfig {
@@ -412,6 +423,19 @@ fn owned(fields: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("redis://:s3cret@10.0.0.5:6379/0"),
+            "redis://:***@10.0.0.5:6379/0"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(redact_url("none"), "none");
+    }
 
     fn event(n: u64) -> Pending {
         Pending {

@@ -174,36 +174,63 @@ function actionButtons(instance) {
   return buttons;
 }
 
+const COLUMNS = ['id', 'address', 'state', 'health', 'num requests', 'num rate', 'num p50',
+  'num p99', 'num errors', 'num in-flight', 'num cpu', 'num memory', 'num uptime', 'actions'];
+
+// Replaces a cell's content only when what it shows changed, so that buttons under the mouse
+// and text being selected survive the updates that come every second.
+function setCell(cell, key, build) {
+  if (cell.dataset.key === key) return;
+  cell.dataset.key = key;
+  cell.replaceChildren(...build());
+}
+
+function setText(cell, text) {
+  if (cell.textContent !== String(text)) cell.textContent = text;
+}
+
+function updateRow(row, i) {
+  const cells = row.children;
+  setText(cells[0], i.id);
+  setText(cells[1], i.address);
+  const since = i.trail.length ? snapshot.at_ms - i.trail[i.trail.length - 1].at_ms : 0;
+  const draining = i.state === 'draining'
+    ? `for ${since < 1000 ? '<1 s' : fmtDuration(since)}, ${i.in_flight} in flight` : '';
+  setCell(cells[2], JSON.stringify([i.state, draining, i.trail, i.last_error]), () => [
+    el('span', { class: pillClass(i.state), text: i.state || 'unknown' }),
+    draining ? el('span', { class: 'detail', text: draining }) : null,
+    i.trail.length > 1 ? trailNode(i.trail) : null,
+    i.last_error ? el('div', { class: 'error-text', text: i.last_error }) : null,
+  ].filter(Boolean));
+  setCell(cells[3], JSON.stringify([i.health]), () => [
+    el('span', { class: pillClass(i.health), text: i.health || 'not in rotation' })]);
+  setText(cells[4], i.requests.toLocaleString());
+  setText(cells[5], fmtRate(i.rate));
+  setText(cells[6], fmtUs(i.p50_us));
+  setText(cells[7], fmtUs(i.p99_us));
+  setText(cells[8], i.errors.toLocaleString());
+  setText(cells[9], i.in_flight);
+  setText(cells[10], i.pid ? i.cpu_percent.toFixed(1) + ' %' : '–');
+  setText(cells[11], i.pid ? fmtBytes(i.rss_bytes) : '–');
+  setText(cells[12], i.pid ? fmtDuration(i.uptime_ms) : '–');
+  setCell(cells[13], JSON.stringify([snapshot.control_enabled, i.state, pendingActions.has(i.id)]),
+    () => actionButtons(i));
+}
+
 function renderInstances() {
   const body = $('instances').querySelector('tbody');
+  const existing = new Map([...body.children].map((row) => [row.getAttribute('data-id'), row]));
   const rows = snapshot.instances.map((i) => {
-    const lifecycle = el('td', { class: 'state' },
-      el('span', { class: pillClass(i.state), text: i.state || 'unknown' }));
-    if (i.state === 'draining') {
-      const since = i.trail.length ? snapshot.at_ms - i.trail[i.trail.length - 1].at_ms : 0;
-      lifecycle.append(el('span', { class: 'detail', text: `for ${since < 1000 ? '<1 s' : fmtDuration(since)}, ${i.in_flight} in flight` }));
+    let row = existing.get(i.id);
+    if (!row) {
+      row = el('tr', { 'data-id': i.id }, ...COLUMNS.map((c) => el('td', { class: c })));
     }
-    if (i.trail.length > 1) lifecycle.append(trailNode(i.trail));
-    if (i.last_error) lifecycle.append(el('div', { class: 'error-text', text: i.last_error }));
-    const health = el('td', { class: 'health' },
-      el('span', { class: pillClass(i.health), text: i.health || 'not in rotation' }));
-    return el('tr', { 'data-id': i.id },
-      el('td', { class: 'id', text: i.id }),
-      el('td', { class: 'address', text: i.address }),
-      lifecycle,
-      health,
-      el('td', { class: 'num requests', text: i.requests.toLocaleString() }),
-      el('td', { class: 'num rate', text: fmtRate(i.rate) }),
-      el('td', { class: 'num', text: fmtUs(i.p50_us) }),
-      el('td', { class: 'num', text: fmtUs(i.p99_us) }),
-      el('td', { class: 'num errors', text: i.errors.toLocaleString() }),
-      el('td', { class: 'num in-flight', text: i.in_flight }),
-      el('td', { class: 'num', text: i.pid ? i.cpu_percent.toFixed(1) + ' %' : '–' }),
-      el('td', { class: 'num', text: i.pid ? fmtBytes(i.rss_bytes) : '–' }),
-      el('td', { class: 'num', text: i.pid ? fmtDuration(i.uptime_ms) : '–' }),
-      el('td', { class: 'actions' }, ...actionButtons(i)));
+    updateRow(row, i);
+    return row;
   });
-  body.replaceChildren(...rows);
+  // Keep rows in place when the order is unchanged (the usual case).
+  const same = rows.length === body.children.length && rows.every((row, n) => body.children[n] === row);
+  if (!same) body.replaceChildren(...rows);
   $('instances-empty').hidden = rows.length > 0;
   $('add-instance').hidden = !snapshot.control_enabled;
 }
@@ -233,17 +260,29 @@ async function lifecycle(action, id) {
 
 // --- chart ----------------------------------------------------------------------------------
 
+// A colour per id that stays the same while instances come and go.
+const colorIndex = new Map();
 function colorOf(id) {
-  const ids = Object.keys(history).sort();
-  return COLORS[Math.max(0, ids.indexOf(id)) % COLORS.length];
+  if (!colorIndex.has(id)) {
+    const used = new Set(colorIndex.values());
+    let n = 0;
+    while (used.has(n) && n < COLORS.length) n++;
+    colorIndex.set(id, n % COLORS.length);
+  }
+  return COLORS[colorIndex.get(id)];
 }
 
+let lastRecorded = 0;
 function recordRates() {
-  if (!snapshot || !snapshot.gateway) return;
-  for (const i of snapshot.instances) {
-    if (!i.health) continue;
-    const points = history[i.id] || (history[i.id] = []);
-    points.push({ at_ms: snapshot.at_ms, rate: i.rate });
+  if (!snapshot) return;
+  // One point per second at most (snapshots also come on lifecycle changes).
+  if (snapshot.gateway && snapshot.at_ms - lastRecorded >= 900) {
+    lastRecorded = snapshot.at_ms;
+    for (const i of snapshot.instances) {
+      if (!i.health) continue;
+      const points = history[i.id] || (history[i.id] = []);
+      points.push({ at_ms: snapshot.at_ms, rate: i.rate });
+    }
   }
   const horizon = snapshot.at_ms - HISTORY_MS;
   for (const id of Object.keys(history)) {
@@ -291,6 +330,10 @@ function drawChart() {
   const xOf = (t) => left + (width - left - right) * (1 - (now - t) / HISTORY_MS);
   const yOf = (r) => top + (height - top - bottom) * (1 - r / max);
   const legend = [];
+  ctx.save();
+  ctx.beginPath();
+  ctx.rect(left, top, width - left - right, height - top - bottom);
+  ctx.clip();
   for (const id of Object.keys(history).sort()) {
     const points = history[id];
     ctx.strokeStyle = colorOf(id);
@@ -303,6 +346,7 @@ function drawChart() {
     const last = points[points.length - 1];
     legend.push(el('span', {}, swatch, `${id} ${fmtRate(last ? last.rate : 0)}/s`));
   }
+  ctx.restore();
   $('legend').replaceChildren(...legend);
 }
 
@@ -405,22 +449,37 @@ function renderEventsEmpty() {
 }
 
 let eventsRequest = 0;
+let arrivedWhileLoading = null;
+const eventKey = (e) => `${e.ts_ms}|${e.service}|${e.instance}|${e.message}|${e.request_id || ''}`;
+
 async function loadEvents() {
   const kind = $('event-kind').value;
   const request = ++eventsRequest;
+  arrivedWhileLoading = [];
   try {
     const data = await getJson(`/api/events?kind=${encodeURIComponent(kind)}&limit=${MAX_EVENTS}`);
     if (request !== eventsRequest) return;
-    events = data.events;
-    renderEvents();
+    // Events that arrived live during the read and are not in it go on top.
+    const known = new Set(data.events.map(eventKey));
+    const fresh = arrivedWhileLoading.filter((e) => !known.has(eventKey(e)));
+    events = [...fresh, ...data.events].slice(0, MAX_EVENTS);
   } catch (_) {
-    // The banner (from the snapshot) says why; keep what is shown.
+    if (request !== eventsRequest) return;
+    // Never show events of another kind under this filter; the banner says why.
+    events = [];
+  } finally {
+    if (request === eventsRequest) arrivedWhileLoading = null;
   }
+  renderEvents();
 }
 
 function addEvent(e) {
   const kind = $('event-kind').value;
   if (kind !== 'all' && e.kind !== kind) return;
+  if (arrivedWhileLoading) {
+    arrivedWhileLoading.unshift(e);
+    return;
+  }
   events.unshift(e);
   events.length = Math.min(events.length, MAX_EVENTS);
   $('events').prepend(eventNode(e));
@@ -430,7 +489,14 @@ function addEvent(e) {
 
 // --- live stream ----------------------------------------------------------------------------
 
+let bootId = null;
 function applySnapshot(next) {
+  if (bootId && next.boot_id !== bootId) {
+    // The dashboard restarted: its CSRF token changed, so load the page again.
+    window.location.reload();
+    return;
+  }
+  bootId = next.boot_id;
   snapshot = next;
   const redisOk = next.sources.redis.state === 'ok';
   if (redisOk && redisWasOk === false) loadEvents();
@@ -443,10 +509,12 @@ function applySnapshot(next) {
   drawChart();
 }
 
+let retryDelay = 1000;
 function connect() {
   const source = new EventSource('/api/stream');
   source.addEventListener('open', async () => {
     streamUp = true;
+    retryDelay = 1000;
     $('conn').textContent = 'live';
     $('conn').className = 'pill pill-ok';
     renderBanners();
@@ -461,6 +529,11 @@ function connect() {
     $('conn').textContent = 'reconnecting…';
     $('conn').className = 'pill pill-bad';
     renderBanners();
+    if (source.readyState === EventSource.CLOSED) {
+      // The browser gave up (the server answered with an error): try again ourselves.
+      setTimeout(connect, retryDelay);
+      retryDelay = Math.min(retryDelay * 2, 15000);
+    }
   });
   source.addEventListener('snapshot', (m) => applySnapshot(JSON.parse(m.data)));
   source.addEventListener('log', (m) => addEvent(JSON.parse(m.data)));
@@ -473,12 +546,16 @@ document.addEventListener('DOMContentLoaded', () => {
   $('call-form').addEventListener('submit', runCall);
   $('event-kind').addEventListener('change', loadEvents);
   $('add-instance').addEventListener('click', async () => {
+    const button = $('add-instance');
+    button.disabled = true;
     setActionStatus('Adding an instance…');
     try {
       const data = await post('/api/instances');
       setActionStatus(`Added ${data.instance.id} (${data.instance.state})`);
     } catch (error) {
       setActionStatus(`Add failed: ${error.message}`, true);
+    } finally {
+      button.disabled = false;
     }
   });
   $('instances').addEventListener('click', (event) => {

@@ -28,8 +28,11 @@ use tonic::transport::Channel;
 /// Transitions kept per instance.
 pub const TRAIL_LEN: usize = 8;
 
-/// Throughput samples kept per instance: five minutes at the default refresh.
-pub const HISTORY_LEN: usize = 300;
+/// How far back the throughput history goes.
+pub const HISTORY_MS: u64 = 5 * 60 * 1000;
+
+/// Most throughput samples kept per instance (five minutes at the fastest refresh, 50 ms).
+pub const HISTORY_MAX_POINTS: usize = 6_000;
 
 /// Longest wait between reconnection attempts to control or Redis.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -181,6 +184,8 @@ pub struct Snapshot {
     pub sources: Sources,
     /// Whether instances can be started and stopped from here.
     pub control_enabled: bool,
+    /// Changes when the dashboard restarts (the page then reloads for its new CSRF token).
+    pub boot_id: String,
 }
 
 /// One throughput sample.
@@ -194,6 +199,7 @@ pub struct RatePoint {
 
 #[derive(Debug)]
 struct Model {
+    boot_id: String,
     sources: Sources,
     control_enabled: bool,
     instances: Vec<Instance>,
@@ -256,6 +262,7 @@ impl Model {
             }),
             sources: self.sources.clone(),
             control_enabled: self.control_enabled,
+            boot_id: self.boot_id.clone(),
         }
     }
 
@@ -279,18 +286,20 @@ impl Model {
     fn set_stats(&mut self, stats: Option<StatsResponse>) {
         if let Some(stats) = &stats {
             let at_ms = now_ms();
+            let horizon = at_ms.saturating_sub(HISTORY_MS);
             for s in &stats.instances {
                 let history = self.history.entry(s.instance.clone()).or_default();
                 history.push_back(RatePoint {
                     at_ms,
                     rate: s.rate,
                 });
-                if history.len() > HISTORY_LEN {
+                while history.len() > HISTORY_MAX_POINTS
+                    || history.front().is_some_and(|p| p.at_ms < horizon)
+                {
                     history.pop_front();
                 }
             }
             // Instances gone from the gateway keep their history until it ages out of view.
-            let horizon = at_ms.saturating_sub(HISTORY_LEN as u64 * 1000);
             self.history
                 .retain(|_, h| h.back().is_some_and(|p| p.at_ms >= horizon));
         }
@@ -314,9 +323,16 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// An empty picture: every configured source `connecting`.
-    pub fn new(gateway: &str, control: Option<&str>, redis: Option<&str>) -> Arc<Self> {
+    /// An empty picture: every configured source `connecting`. `boot_id` names this run of
+    /// the dashboard.
+    pub fn new(
+        boot_id: &str,
+        gateway: &str,
+        control: Option<&str>,
+        redis: Option<&str>,
+    ) -> Arc<Self> {
         let model = Model {
+            boot_id: boot_id.to_owned(),
             sources: Sources {
                 gateway: Source::new(gateway, "connecting"),
                 control: match control {
@@ -380,11 +396,6 @@ impl Collector {
             .iter()
             .map(|(id, h)| (id.clone(), h.iter().copied().collect()))
             .collect()
-    }
-
-    /// Whether control knows `id` (from the latest list).
-    pub fn knows(&self, id: &str) -> bool {
-        self.model().instances.iter().any(|i| i.id == id)
     }
 
     /// Marks Redis down from a failed read in a route.
@@ -532,7 +543,7 @@ mod tests {
 
     #[test]
     fn trails_record_each_change_once() {
-        let collector = Collector::new("gw", Some("control"), None);
+        let collector = Collector::new("boot", "gw", Some("control"), None);
         for state in [
             InstanceState::Serving,
             InstanceState::Serving,
@@ -553,7 +564,7 @@ mod tests {
 
     #[test]
     fn control_and_gateway_views_merge_by_id() {
-        let collector = Collector::new("gw", Some("control"), None);
+        let collector = Collector::new("boot", "gw", Some("control"), None);
         collector.update(|m| {
             m.set_instances(vec![instance("A", InstanceState::Serving)]);
             m.set_stats(Some(StatsResponse {
@@ -580,8 +591,8 @@ mod tests {
 
     #[test]
     fn history_is_bounded() {
-        let collector = Collector::new("gw", None, None);
-        for _ in 0..HISTORY_LEN + 10 {
+        let collector = Collector::new("boot", "gw", None, None);
+        for _ in 0..HISTORY_MAX_POINTS + 10 {
             collector.update(|m| {
                 m.set_stats(Some(StatsResponse {
                     instances: vec![dlb::proto::v1::InstanceStats {
@@ -592,6 +603,6 @@ mod tests {
                 }));
             });
         }
-        assert_eq!(collector.history()["A"].len(), HISTORY_LEN);
+        assert_eq!(collector.history()["A"].len(), HISTORY_MAX_POINTS);
     }
 }

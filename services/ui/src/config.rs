@@ -98,6 +98,13 @@ impl Config {
     /// A one-line message naming the bad setting.
     pub fn validate(&self) -> Result<(), String> {
         if let Some(token) = &self.admin_token {
+            if !token.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(
+                    "DLB_UI_ADMIN_TOKEN must be printable ASCII without spaces (it travels in \
+                     an HTTP header)"
+                        .to_owned(),
+                );
+            }
             if token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
                 return Err(format!(
                     "DLB_UI_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_CHARS} characters \

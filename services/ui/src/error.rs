@@ -29,6 +29,12 @@ pub enum AppError {
     /// A part of the mesh the request needs (control, Redis) cannot be reached.
     #[error("{0}")]
     Unavailable(String),
+    /// Control answered with a failure of its own (e.g. an instance did not start).
+    #[error("{0}")]
+    Upstream(String),
+    /// Control did not answer in time.
+    #[error("{0}")]
+    Timeout(String),
     /// The body could not be read (too large, not JSON, wrong fields).
     #[error("{message}")]
     Rejected {
@@ -52,25 +58,33 @@ impl AppError {
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            AppError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             AppError::Rejected { status, .. } => *status,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    /// Maps a control service answer: its messages are written for users (they name the id
-    /// and the known ones), transport failures say control is unreachable.
+    /// Maps a control service answer. A status with a source came from our own client (the
+    /// connection failed): control is unreachable. Without one it is control's own answer,
+    /// whose messages are written for users (they name the id and the known ones).
     pub fn from_control(status: &tonic::Status, control: &str) -> Self {
         let message = dlb::call::status_message(status);
+        if std::error::Error::source(status).is_some() {
+            return AppError::Unavailable(format!(
+                "control at {control} is unreachable: {message}"
+            ));
+        }
         match status.code() {
             Code::NotFound => AppError::NotFound(message),
             Code::InvalidArgument => AppError::BadRequest(message),
             Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => {
                 AppError::Conflict(message)
             }
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                AppError::Unavailable(format!("control at {control} is unreachable: {message}"))
-            }
-            _ => AppError::Internal(format!("control answered {:?}: {message}", status.code())),
+            Code::DeadlineExceeded | Code::Cancelled => AppError::Timeout(format!(
+                "control at {control} did not finish in time: {message}"
+            )),
+            _ => AppError::Upstream(format!("control: {message}")),
         }
     }
 }

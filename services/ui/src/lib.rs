@@ -103,10 +103,13 @@ impl AppState {
             .map(EventReader::new)
             .transpose()
             .map_err(|e| StartError::Config(format!("--redis: {e}")))?;
+        let redis_shown = log_config.redis_url.as_deref().map(dlb::events::redact_url);
+        let boot_id = security::random_token().map_err(StartError::Random)?;
         let collector = Collector::new(
+            &boot_id[..16],
             &config.gateway,
             control.as_ref().map(|(addr, _)| addr.as_str()),
-            log_config.redis_url.as_deref(),
+            redis_shown.as_deref(),
         );
         let (events, writer) = EventLog::start(log_config, "ui", "ui", cancel.clone());
         tracker.spawn(async move {
@@ -192,6 +195,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/instances/{id}/kill", post(routes::kill))
         .route("/api/instances/{id}/remove", post(routes::remove))
         .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(config::MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&policy),
@@ -223,22 +227,34 @@ pub async fn run(
     let stop = cancel.clone();
     let serve = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
         shutdown.await;
+        // Logged before the cancel: the cancel also ends the event log's writer.
+        events.lifecycle("stopping", &[]);
         stop.cancel();
     });
     let mut serve = tokio::spawn(async move { serve.await });
-    tokio::select! {
-        () = cancel.cancelled() => {}
-        // The server never ends on its own; if it fails, stop the loops too.
-        _ = &mut serve => cancel.cancel(),
-    }
-    events.lifecycle("stopping", &[]);
-    let served = match tokio::time::timeout(GRACE_PERIOD, serve).await {
-        Ok(Ok(result)) => result.map_err(StartError::Serve),
-        Ok(Err(join)) => Err(StartError::Serve(std::io::Error::other(join))),
-        Err(_) => {
-            tracing::warn!("requests still open after the grace period; stopping anyway");
-            Ok(())
+    let finished = tokio::select! {
+        () = cancel.cancelled() => None,
+        // The server does not end on its own; if it fails, stop the loops too.
+        result = &mut serve => {
+            cancel.cancel();
+            Some(result)
         }
+    };
+    let finished = match finished {
+        Some(result) => Some(result),
+        None => match tokio::time::timeout(GRACE_PERIOD, &mut serve).await {
+            Ok(result) => Some(result),
+            Err(_) => {
+                tracing::warn!("requests still open after the grace period; closing them");
+                serve.abort();
+                None
+            }
+        },
+    };
+    let served = match finished {
+        Some(Ok(result)) => result.map_err(StartError::Serve),
+        Some(Err(join)) => Err(StartError::Serve(std::io::Error::other(join))),
+        None => Ok(()),
     };
     tracker.close();
     let _ = tokio::time::timeout(GRACE_PERIOD, tracker.wait()).await;

@@ -89,6 +89,20 @@ pub async fn not_found(uri: Uri) -> AppError {
     AppError::NotFound(format!("no such page: {}", uri.path()))
 }
 
+/// A method the route does not take (axum adds the `Allow` header).
+pub async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> Response {
+    let message = if method == axum::http::Method::GET {
+        format!("{} changes state: use POST", uri.path())
+    } else {
+        format!("{method} is not allowed on {}", uri.path())
+    };
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(json!({ "error": message })),
+    )
+        .into_response()
+}
+
 /// The latest snapshot.
 pub async fn snapshot(State(state): State<AppState>) -> Response {
     Json(&*state.inner.collector.snapshot()).into_response()

@@ -153,7 +153,12 @@ fn write_refusal(policy: &Policy, headers: &HeaderMap) -> Option<AppError> {
         ));
     }
     if let Some(expected) = &policy.admin_token {
-        let given = header_str(headers, "authorization").and_then(|v| v.strip_prefix("Bearer "));
+        let given = header_str(headers, "authorization").and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        });
         if !given.is_some_and(|token| same_secret(token, expected)) {
             return Some(AppError::Unauthorized(
                 "admin token required: enter it in the dashboard's header (Authorization: \

@@ -107,22 +107,21 @@ async fn the_dashboard_runs_the_mesh_in_a_real_browser() {
              const res = performance.getEntriesByType('resource');
              return { bytes: nav.transferSize + res.reduce((n, r) => n + r.transferSize, 0),
                       files: 1 + res.length,
-                      names: res.map((r) => new URL(r.name).pathname) };",
+                      foreign: res.map((r) => r.name)
+                          .filter((name) => new URL(name).origin !== location.origin) };",
             json!([]),
             PATIENCE,
         )
         .await;
     println!("page weight: {weight}");
-    let names: Vec<&str> = weight["names"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_str().unwrap())
-        .collect();
-    assert!(
-        names.iter().all(|n| n.starts_with("/")),
-        "only this server: {names:?}"
+    assert_eq!(
+        weight["foreign"],
+        json!([]),
+        "every asset from the dashboard itself"
     );
+    // A budget, not a speed claim: the page stays small enough to keep open all day.
+    let bytes = weight["bytes"].as_u64().unwrap();
+    assert!(bytes > 0 && bytes < 100_000, "page weight {bytes} bytes");
 
     // A, B and C serving, as control and the gateway see them.
     for id in ["A", "B", "C"] {

@@ -116,7 +116,10 @@ async fn the_page_carries_its_csrf_token_and_strict_security_headers() {
         "admin not required on loopback"
     );
     // No inline script and nothing from another host.
-    assert!(!page.contains("<script>"));
+    assert_eq!(
+        page.matches("<script").count(),
+        page.matches("<script src=\"/assets/").count()
+    );
     assert!(!page.contains("//cdn") && !page.contains("https://"));
 }
 
@@ -188,6 +191,7 @@ async fn state_changing_routes_refuse_get_with_405() {
         let response = ui.send(get(path)).await;
         assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED, "{path}");
         assert_eq!(response.headers()[header::ALLOW], "POST", "{path}");
+        assert_error(response, StatusCode::METHOD_NOT_ALLOWED, "use POST").await;
     }
 }
 
@@ -592,6 +596,33 @@ async fn lifecycle_routes_drive_control_and_unknown_ids_get_404() {
     assert_eq!(trail.last().map(String::as_str), Some("stopped"));
     assert!(trail.iter().any(|s| s == "draining"), "{trail:?}");
 
+    drop(ui);
+    control.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn control_unreachable_and_control_failing_are_told_apart() {
+    // Nothing listens on port 1: the connection fails.
+    let ui = Ui::start(Config::for_tests("127.0.0.1:1", Some("127.0.0.1:1")));
+    let response = ui.send(ui.post("/api/instances/A/stop", None)).await;
+    assert_error(response, StatusCode::SERVICE_UNAVAILABLE, "unreachable").await;
+
+    // Control answers, but cannot start an instance: its own message comes through.
+    let mut config = dlb_control::Config::for_tests("/nonexistent/dlb-compute".into(), 0);
+    config.start_timeout_secs = 2;
+    let control = dlb_control::testing::start(config).await.unwrap();
+    let ui = Ui::start(Config::for_tests(
+        "127.0.0.1:1",
+        Some(&control.addr.to_string()),
+    ));
+    let response = ui.send(ui.post("/api/instances", None)).await;
+    let status = response.status();
+    assert_ne!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        status.is_server_error() || status == StatusCode::CONFLICT,
+        "{status}"
+    );
+    assert_error(response, status, "/nonexistent/dlb-compute").await;
     drop(ui);
     control.shutdown().await.unwrap();
 }
