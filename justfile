@@ -56,8 +56,12 @@ ui *args: build
 call *args: build
     target/release/dlb call --addr {{addr}} "$@"
 
-# Load test with dlb bench (e.g. `just bench -c 64 -d 10`, `just bench --rate 5000`)
+# The benchmark suite: direct vs dlb-gateway vs NGINX vs HAProxy; report in target/bench/
 bench *args: build
+    target/release/dlb bench-suite "$@"
+
+# Load test one address with dlb bench (e.g. `just load -c 64 -d 10`, `just load --rate 5000`)
+load *args: build
     target/release/dlb bench --addr {{addr}} "$@"
 
 # Operation benchmarks (criterion) against GMP and `wc -w`, with ratios

@@ -8,6 +8,17 @@ use tonic::transport::{Channel, Endpoint};
 /// digits (tonic's own default of 4 MiB is too small for the largest allowed F(n) on some configs).
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
+/// HTTP/2 flow-control window of each stream, in bytes, for dlb clients and servers: a 1 MiB
+/// message crosses in one round trip.
+pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+
+/// HTTP/2 flow-control window of each connection, in bytes. Besides throughput it sizes h2's
+/// guard against floods of small DATA frames (half the window, about 17,000 small gRPC
+/// messages here): with the 64 KiB default, about 130 unread responses on one connection (an
+/// overloaded gateway) made h2 close the whole connection with ENHANCE_YOUR_CALM, and the
+/// gateway then ejected every instance.
+pub const CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+
 /// How long a client waits for a TCP + HTTP/2 connection before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -55,7 +66,8 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, AddrError> {
     Ok(endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
-        .http2_adaptive_window(true))
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES))
 }
 
 /// A lazily connecting channel to `addr`: no I/O until the first call.

@@ -13,6 +13,7 @@
 //! - [`telemetry`]: the tracing subscriber that binaries install.
 //! - [`call`] and [`bench`]: what `dlb call` and `dlb bench` run, usable from tests.
 //! - [`up`]: `dlb up` and `dlb down`, the whole mesh with one command.
+//! - [`suite`]: `dlb bench-suite`, the gateway against direct calls, NGINX and HAProxy.
 
 pub mod bench;
 pub mod call;
@@ -22,6 +23,7 @@ pub mod events;
 pub mod health;
 pub mod metadata;
 pub mod server;
+pub mod suite;
 pub mod telemetry;
 #[cfg(feature = "test-fixtures")]
 pub mod testing;

@@ -37,6 +37,8 @@ enum Command {
     Call(CallArgs),
     /// Measure throughput and latency against one or more addresses.
     Bench(BenchArgs),
+    /// The benchmark suite: direct, dlb-gateway, NGINX and HAProxy in one run, with a report.
+    BenchSuite(dlb::suite::SuiteArgs),
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +152,7 @@ fn main() -> ExitCode {
             Command::Down(args) => Ok(dlb::up::down(args).await),
             Command::Call(args) => run_call(args).await,
             Command::Bench(args) => run_bench(args).await,
+            Command::BenchSuite(args) => Ok(dlb::suite::suite(args).await),
         }
     });
     match result {

@@ -184,7 +184,7 @@ fn check_ports(needs: &[PortNeed]) -> Result<(), String> {
 
 /// Finds the service binaries, building them with cargo when some are missing and this `dlb`
 /// was built from a checkout that is still there.
-fn service_binaries(bin_dir: Option<&Path>) -> Result<PathBuf, String> {
+pub(crate) fn service_binaries(bin_dir: Option<&Path>) -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let dir = match bin_dir {
         Some(dir) => dir.to_path_buf(),
@@ -985,7 +985,7 @@ async fn private_redis(
     Ok(Some(url))
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))

@@ -39,9 +39,10 @@ use crate::load::LoadService;
 use crate::pool::CpuPool;
 use crate::service::{CallStats, Limits, OperationsService};
 
-/// How long the server may take to close connections once drained. Health `Watch` streams
-/// never end by themselves, so HTTP/2's graceful close is cut short after this.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the server may take to close connections once drained: the last responses'
+/// bodies are still being sent (a 2 MB Fibonacci value takes many flow-control round trips on
+/// a loaded machine), so this is a bound, not a wait; it ends as soon as connections close.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves on `listener` until `shutdown` resolves, then drains and returns.
 ///
@@ -86,6 +87,8 @@ pub async fn run(
         .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()
+        .initial_stream_window_size(dlb::endpoint::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(dlb::endpoint::CONNECTION_WINDOW_BYTES)
         .layer(MapResponseLayer::new(
             move |mut response: http::Response<tonic::body::Body>| {
                 response

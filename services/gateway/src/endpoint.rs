@@ -336,6 +336,11 @@ impl Service<http::Request<Body>> for EndpointService {
                 }
                 Err(error) => {
                     shared.stats.record_error();
+                    tracing::debug!(
+                        instance = %shared.stats.id,
+                        error = %dlb::call::error_chain(&error),
+                        "call failed below gRPC; ejecting"
+                    );
                     // Passive health: a connection failure takes the endpoint out at once.
                     shared.eject.notify_one();
                     Err(error.into())

@@ -154,6 +154,8 @@ pub async fn run(
         .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
     let stop = CancellationToken::new();
     let server = Server::builder()
+        .initial_stream_window_size(dlb::endpoint::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(dlb::endpoint::CONNECTION_WINDOW_BYTES)
         .layer(tower::util::MapResponseLayer::new(
             |mut response: tonic::codegen::http::Response<tonic::body::Body>| {
                 dlb::server::oversize_is_resource_exhausted(response.headers_mut());
