@@ -938,11 +938,12 @@ fn svg(report: &Report, scenarios: &[Scenario]) -> String {
     let panel2_h = 220.0;
     let _ = writeln!(
         out,
-        "<text x=\"20\" y=\"{}\">Latency p50 / p99 / p99.9 (ms), concurrency 1 and open loop</text>",
+        "<text x=\"20\" y=\"{}\">Latency p50 / p99 / p99.9 (ms, log scale), concurrency 1 and open loop</text>",
         top2 - 8.0
     );
     let groups = ["c1", "open"];
-    let mut max_us: f64 = 1.0;
+    // A log scale from 0.1 ms: a c=1 p50 and an overloaded p99.9 differ by 10,000x.
+    let mut max_us: f64 = 1_000.0;
     for key in groups {
         if let Some(by_path) = report.medians.get(key) {
             for s in by_path.values() {
@@ -950,16 +951,19 @@ fn svg(report: &Report, scenarios: &[Scenario]) -> String {
             }
         }
     }
+    let min_us: f64 = 100.0;
+    let decades = (max_us / min_us).log10().ceil().max(1.0);
+    let scale = |us: f64| (us.max(min_us) / min_us).log10() / decades;
     let group2_w = (width - left - 20.0) / groups.len() as f64;
-    for k in 0..=4 {
-        let v = max_us * f64::from(k) / 4.0;
-        let y = top2 + panel2_h * (1.0 - v / max_us);
+    for k in 0..=decades as i32 {
+        let v_us = min_us * 10f64.powi(k);
+        let y = top2 + panel2_h * (1.0 - scale(v_us));
         let _ = writeln!(
             out,
-            "<line x1=\"{left}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"#e2e8f0\"/><text x=\"20\" y=\"{}\">{:.2}</text>",
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"#e2e8f0\"/><text x=\"20\" y=\"{}\">{}</text>",
             width - 20.0,
             y + 4.0,
-            v / 1000.0
+            v_us / 1000.0
         );
     }
     for (g, key) in groups.iter().enumerate() {
@@ -973,7 +977,7 @@ fn svg(report: &Report, scenarios: &[Scenario]) -> String {
                 .iter()
                 .enumerate()
             {
-                let h = panel2_h * (value / max_us).min(1.0);
+                let h = panel2_h * scale(*value).min(1.0);
                 let x =
                     left + g as f64 * group2_w + slot * (n as f64 + 0.5) + m as f64 * slot / 3.2;
                 let _ = writeln!(
