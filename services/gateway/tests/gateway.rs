@@ -27,6 +27,14 @@ use support::{ComputeProcess, PATIENCE, channel, state_of, stats, wait_serving};
 use tonic::Code;
 use tonic::transport::Channel;
 
+/// Tests that load the machine take turns: one test's load must not starve another's health
+/// probes and retries on two cores.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn heavy_turn() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().await
+}
+
 async fn in_process(ids: &[&str]) -> Vec<RunningCompute> {
     let mut computes = Vec::new();
     for id in ids {
@@ -155,6 +163,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 }
 
 async fn failover_under_load(signal: &str) {
+    let _turn = heavy_turn().await;
     let mut computes: Vec<ComputeProcess> = ["A", "B", "C"]
         .iter()
         .map(|id| ComputeProcess::start(id, "127.0.0.1:0"))
@@ -382,6 +391,7 @@ async fn a_short_deadline_is_exceeded_and_the_instance_stops_the_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_during_load_fails_no_call_and_logging_resumes() {
+    let _turn = heavy_turn().await;
     let mut redis = RedisServer::start();
     let ids = ["A", "B", "C"];
     let computes = in_process(&ids).await;
@@ -492,4 +502,49 @@ async fn overload_and_bad_input_are_answered_clearly() {
     for c in computes {
         c.shutdown().await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overload_is_shed_and_never_ejects_a_healthy_instance() {
+    let _turn = heavy_turn().await;
+    // Offered far beyond what the gateway can forward here, so that responses pile up unread
+    // on its connections to the instances (h2's small-frame guard once closed them, and every
+    // instance was ejected: everything answered UNAVAILABLE).
+    let computes: Vec<ComputeProcess> = ["A", "B", "C"]
+        .iter()
+        .map(|id| ComputeProcess::start(id, "127.0.0.1:0"))
+        .collect();
+    let gateway = RunningGateway::start(
+        Config::for_tests(vec![]),
+        computes.iter().map(ComputeProcess::backend).collect(),
+        false,
+    )
+    .await
+    .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &["A", "B", "C"], PATIENCE).await;
+
+    let mut config = load(&gateway, 1, 40_000);
+    config.rate = Some(40_000.0);
+    let report = bench::run(config, Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    assert_eq!(report.requests, 40_000);
+    assert!(
+        report
+            .errors
+            .keys()
+            .all(|code| code == "RESOURCE_EXHAUSTED" || code == "DEADLINE_EXCEEDED"),
+        "an overload is shed, never failed as UNAVAILABLE: {:?}",
+        report.errors
+    );
+    for id in ["A", "B", "C"] {
+        assert_eq!(state_of(&gw, id).await, "serving", "{id}");
+    }
+    let counters = stats(&gw).await;
+    assert!(
+        counters.instances.iter().all(|i| i.errors == 0),
+        "{counters:?}"
+    );
+    gateway.shutdown().await.unwrap();
 }
