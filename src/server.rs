@@ -62,6 +62,25 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Binds a service binary's `--listen` address; on failure prints one line naming the address,
+/// the reason and how to choose another (`--listen` or `env`), and gives the exit code.
+///
+/// # Errors
+///
+/// [`std::process::ExitCode::FAILURE`] after printing why.
+pub async fn bind_listen(
+    program: &str,
+    addr: std::net::SocketAddr,
+    env: &str,
+) -> Result<tokio::net::TcpListener, std::process::ExitCode> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|error| {
+        eprintln!(
+            "{program}: cannot listen on {addr}: {error} (choose another with --listen or {env})"
+        );
+        std::process::ExitCode::FAILURE
+    })
+}
+
 /// `stream`, ending early once `cancel` fires: for server streams (health `Watch`,
 /// `WatchInstances`) that would otherwise hold a draining server's connections open forever.
 pub fn until_cancelled<S: Stream + Unpin>(

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use dlb::testing::{free_port, grpcurl, process_gone, workspace_binary};
+use dlb::testing::{free_port, grpcurl, process_gone, processes_mentioning, workspace_binary};
 use serde_json::Value;
 
 const PATIENCE: Duration = Duration::from_secs(90);
@@ -225,22 +225,6 @@ fn instances(control: &str) -> Vec<Value> {
     let out = run_grpcurl(&["-plaintext", control, "dlb.v1.Control/ListInstances"]).unwrap();
     let list: Value = serde_json::from_str(&out).unwrap();
     list["instances"].as_array().cloned().unwrap_or_default()
-}
-
-/// Processes whose command line mentions `needle` (to find anything left behind).
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| !process_gone(*pid))
-        .filter_map(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            cmdline
-                .contains(needle)
-                .then(|| format!("{pid}: {cmdline}"))
-        })
-        .collect()
 }
 
 #[test]
@@ -482,11 +466,20 @@ fn a_taken_gateway_port_is_named_with_its_flag_and_nothing_starts() {
     drop(taken);
 }
 
+/// Runs `dlb down --state-dir dir`.
+fn dlb_down(dir: &Path) -> Output {
+    Command::new(workspace_binary("dlb"))
+        .args(["down", "--state-dir", &dir.display().to_string()])
+        .output()
+        .unwrap()
+}
+
 /// Runs `dlb down` on drop, so a failed detach test leaves nothing running.
 struct DownOnDrop(PathBuf);
 
 impl Drop for DownOnDrop {
     fn drop(&mut self) {
+        // Not `dlb_down`: a panic here, while a failed test unwinds, would abort.
         let _ = Command::new(workspace_binary("dlb"))
             .args(["down", "--state-dir", &self.0.display().to_string()])
             .output();
@@ -538,14 +531,7 @@ fn detach_leaves_the_mesh_running_and_down_stops_all_of_it() {
         .map(|i| u32::try_from(i["pid"].as_u64().unwrap()).unwrap())
         .collect();
     assert_eq!(computes.len(), 3);
-    let down = Command::new(workspace_binary("dlb"))
-        .args([
-            "down",
-            "--state-dir",
-            &ports.state_dir.display().to_string(),
-        ])
-        .output()
-        .unwrap();
+    let down = dlb_down(&ports.state_dir);
     let stderr = String::from_utf8_lossy(&down.stderr);
     assert!(down.status.success(), "{stderr}");
     assert!(stderr.contains("everything stopped"), "{stderr}");
@@ -558,14 +544,7 @@ fn detach_leaves_the_mesh_running_and_down_stops_all_of_it() {
     );
     assert_eq!(processes_mentioning(&ports.control()), Vec::<String>::new());
     // Nothing left to stop is not an error.
-    let down = Command::new(workspace_binary("dlb"))
-        .args([
-            "down",
-            "--state-dir",
-            &ports.state_dir.display().to_string(),
-        ])
-        .output()
-        .unwrap();
+    let down = dlb_down(&ports.state_dir);
     assert!(down.status.success());
     assert!(String::from_utf8_lossy(&down.stderr).contains("nothing to stop"));
 }

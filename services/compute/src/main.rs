@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dlb_compute::Config;
-use tokio::net::TcpListener;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -14,16 +13,11 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     dlb::telemetry::init();
-    let listener = match TcpListener::bind(config.listen).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            eprintln!(
-                "dlb-compute: cannot listen on {}: {error} (choose another with --listen or DLB_COMPUTE_LISTEN)",
-                config.listen
-            );
-            return ExitCode::FAILURE;
-        }
-    };
+    let listener =
+        match dlb::server::bind_listen("dlb-compute", config.listen, "DLB_COMPUTE_LISTEN").await {
+            Ok(listener) => listener,
+            Err(code) => return code,
+        };
     let addr = listener.local_addr().unwrap_or(config.listen);
     // One machine-readable line on stdout, so a parent that asked for port 0 learns the port.
     println!("dlb-compute {} listening on {addr}", config.id);

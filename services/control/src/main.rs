@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dlb_control::Config;
-use tokio::net::TcpListener;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -22,16 +21,11 @@ async fn main() -> ExitCode {
             bin.display()
         );
     }
-    let listener = match TcpListener::bind(config.listen).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            eprintln!(
-                "dlb-control: cannot listen on {}: {error} (choose another with --listen or DLB_CONTROL_LISTEN)",
-                config.listen
-            );
-            return ExitCode::FAILURE;
-        }
-    };
+    let listener =
+        match dlb::server::bind_listen("dlb-control", config.listen, "DLB_CONTROL_LISTEN").await {
+            Ok(listener) => listener,
+            Err(code) => return code,
+        };
     let addr = listener.local_addr().unwrap_or(config.listen);
     println!("dlb-control listening on {addr}");
     match dlb_control::run(listener, config, dlb::server::shutdown_signal()).await {

@@ -14,16 +14,11 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     dlb::telemetry::init();
-    let listener = match TcpListener::bind(config.listen).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            eprintln!(
-                "dlb-gateway: cannot listen on {}: {error} (choose another with --listen or DLB_GATEWAY_LISTEN)",
-                config.listen
-            );
-            return ExitCode::FAILURE;
-        }
-    };
+    let listener =
+        match dlb::server::bind_listen("dlb-gateway", config.listen, "DLB_GATEWAY_LISTEN").await {
+            Ok(listener) => listener,
+            Err(code) => return code,
+        };
     let metrics = match config.metrics_addr() {
         Ok(Some(addr)) => match TcpListener::bind(addr).await {
             Ok(listener) => Some(listener),

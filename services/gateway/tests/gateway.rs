@@ -35,6 +35,24 @@ async fn heavy_turn() -> tokio::sync::MutexGuard<'static, ()> {
     HEAVY.lock().await
 }
 
+/// Real compute processes A, B and C behind an in-process gateway, all serving.
+async fn three_processes_behind_a_gateway() -> (Vec<ComputeProcess>, RunningGateway, Channel) {
+    let computes: Vec<ComputeProcess> = ["A", "B", "C"]
+        .iter()
+        .map(|id| ComputeProcess::start(id, "127.0.0.1:0"))
+        .collect();
+    let gateway = RunningGateway::start(
+        Config::for_tests(vec![]),
+        computes.iter().map(ComputeProcess::backend).collect(),
+        false,
+    )
+    .await
+    .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &["A", "B", "C"], PATIENCE).await;
+    (computes, gateway, gw)
+}
+
 async fn in_process(ids: &[&str]) -> Vec<RunningCompute> {
     let mut computes = Vec::new();
     for id in ids {
@@ -164,19 +182,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 
 async fn failover_under_load(signal: &str) {
     let _turn = heavy_turn().await;
-    let mut computes: Vec<ComputeProcess> = ["A", "B", "C"]
-        .iter()
-        .map(|id| ComputeProcess::start(id, "127.0.0.1:0"))
-        .collect();
-    let gateway = RunningGateway::start(
-        Config::for_tests(vec![]),
-        computes.iter().map(ComputeProcess::backend).collect(),
-        false,
-    )
-    .await
-    .unwrap();
-    let gw = channel(&gateway.uri()).await;
-    wait_serving(&gw, &["A", "B", "C"], PATIENCE).await;
+    let (mut computes, gateway, gw) = three_processes_behind_a_gateway().await;
 
     let progress = Arc::new(Progress::default());
     let run = tokio::spawn(bench::run(load(&gateway, 32, 5_000), Arc::clone(&progress)));
@@ -510,19 +516,7 @@ async fn an_overload_is_shed_and_never_ejects_a_healthy_instance() {
     // Offered far beyond what the gateway can forward here, so that responses pile up unread
     // on its connections to the instances (h2's small-frame guard once closed them, and every
     // instance was ejected: everything answered UNAVAILABLE).
-    let computes: Vec<ComputeProcess> = ["A", "B", "C"]
-        .iter()
-        .map(|id| ComputeProcess::start(id, "127.0.0.1:0"))
-        .collect();
-    let gateway = RunningGateway::start(
-        Config::for_tests(vec![]),
-        computes.iter().map(ComputeProcess::backend).collect(),
-        false,
-    )
-    .await
-    .unwrap();
-    let gw = channel(&gateway.uri()).await;
-    wait_serving(&gw, &["A", "B", "C"], PATIENCE).await;
+    let (_computes, gateway, gw) = three_processes_behind_a_gateway().await;
 
     let mut config = load(&gateway, 1, 40_000);
     config.rate = Some(40_000.0);

@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dlb_ui::Config;
-use tokio::net::TcpListener;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -14,15 +13,9 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     dlb::telemetry::init();
-    let listener = match TcpListener::bind(config.listen).await {
+    let listener = match dlb::server::bind_listen("dlb-ui", config.listen, "DLB_UI_LISTEN").await {
         Ok(listener) => listener,
-        Err(error) => {
-            eprintln!(
-                "dlb-ui: cannot listen on {}: {error} (choose another with --listen or DLB_UI_LISTEN)",
-                config.listen
-            );
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let addr = listener.local_addr().unwrap_or(config.listen);
     println!("dlb-ui listening on http://{addr}");

@@ -374,8 +374,10 @@ impl Drop for Browser {
         let _ = self.driver.wait();
         // Chromium outlives a killed chromedriver; its processes are the ones started with
         // this test's own profile directory.
-        for pid in processes_mentioning(&self.profile.to_string_lossy()) {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        for process in dlb::testing::processes_mentioning(&self.profile.to_string_lossy()) {
+            if let Some((pid, _)) = process.split_once(':') {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
         }
         let _ = std::fs::remove_dir_all(&self.profile);
     }
@@ -387,18 +389,4 @@ pub fn target_dir() -> PathBuf {
         .ok()
         .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("target"))
-}
-
-/// Pids whose command line contains `needle`.
-fn processes_mentioning(needle: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
-        })
-        .collect()
 }
