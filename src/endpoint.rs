@@ -70,6 +70,25 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, AddrError> {
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES))
 }
 
+/// Checks that `addr` is HOST:PORT with a non-empty host and a port from 1 to 65535.
+///
+/// # Errors
+///
+/// A message with an example.
+pub fn validate_host_port(addr: &str) -> Result<(), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{addr:?} has no port (e.g. 10.0.0.5:13001)"))?;
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("{addr:?} has no host (e.g. 10.0.0.5:13001)"));
+    }
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .map(|_| ())
+        .ok_or_else(|| format!("{port:?} is not a port number (1-65535)"))
+}
+
 /// A lazily connecting channel to `addr`: no I/O until the first call.
 ///
 /// # Errors

@@ -22,6 +22,7 @@ pub mod endpoint;
 pub mod events;
 pub mod health;
 pub mod metadata;
+pub mod registry;
 pub mod server;
 pub mod suite;
 pub mod telemetry;

@@ -174,6 +174,9 @@ pub enum RunError {
     /// Reflection could not be built from the descriptor sets.
     #[error("building the reflection service")]
     Reflection(#[from] ReflectionError),
+    /// The instance registry refused this instance (its id is taken).
+    #[error("{0}")]
+    Registry(String),
     /// The server failed while serving.
     #[error("serving gRPC")]
     Serve(#[from] tonic::transport::Error),

@@ -17,6 +17,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct RedisServer {
     port: u16,
+    /// Addresses it binds (127.0.0.1, and maybe one more).
+    bind: Vec<String>,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -37,8 +39,18 @@ impl RedisServer {
     /// When `redis-server` is not installed or does not become ready.
     pub fn start() -> Self {
         // Another process could take the port between our probe and Redis' bind: retry.
+        Self::start_bound(None)
+    }
+
+    /// Like [`RedisServer::start`], listening on `also` as well as 127.0.0.1 (for clients in
+    /// other network namespaces).
+    ///
+    /// # Panics
+    ///
+    /// When `redis-server` is not installed or does not become ready.
+    pub fn start_bound(also: Option<std::net::IpAddr>) -> Self {
         for _ in 0..5 {
-            if let Some(server) = Self::try_start(free_port()) {
+            if let Some(server) = Self::try_start(free_port(), also) {
                 return server;
             }
         }
@@ -51,10 +63,11 @@ impl RedisServer {
     ///
     /// When `redis-server` is not installed or does not become ready.
     pub fn start_on(port: u16) -> Self {
-        Self::try_start(port).unwrap_or_else(|| panic!("redis-server did not start on {port}"))
+        Self::try_start(port, None)
+            .unwrap_or_else(|| panic!("redis-server did not start on {port}"))
     }
 
-    fn try_start(port: u16) -> Option<Self> {
+    fn try_start(port: u16, also: Option<std::net::IpAddr>) -> Option<Self> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "dlb-redis-{}-{}",
@@ -64,6 +77,9 @@ impl RedisServer {
         std::fs::create_dir_all(&dir).ok()?;
         let mut server = Self {
             port,
+            bind: std::iter::once("127.0.0.1".to_owned())
+                .chain(also.map(|ip| ip.to_string()))
+                .collect(),
             dir,
             child: None,
         };
@@ -73,7 +89,9 @@ impl RedisServer {
     fn spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--bind")
+            .args(&self.bind)
+            .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
             .args(["--daemonize", "no", "--loglevel", "warning"])

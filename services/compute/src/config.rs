@@ -63,10 +63,43 @@ pub struct Config {
     #[arg(long, env = "DLB_COMPUTE_EXIT_WITH_PARENT")]
     pub exit_with_parent: bool,
 
+    /// Announce this instance in the Redis registry (the `--redis` URL) while it serves, so
+    /// gateways started with `--discover redis` find it; withdrawn on shutdown.
+    #[arg(long, env = "DLB_COMPUTE_REGISTER")]
+    pub register: bool,
+
+    /// HOST or HOST:PORT that gateways use to reach this instance, as registered (default:
+    /// the address it listens on; required when that is 0.0.0.0 or [::]). Without a port, the
+    /// port it listens on.
+    #[arg(long, env = "DLB_COMPUTE_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// Lifetime of the registration in milliseconds; renewed every third of it, so an instance
+    /// that dies without withdrawing drops out of the registry within this time.
+    #[arg(long, env = "DLB_COMPUTE_REGISTER_TTL_MS", default_value_t = DEFAULT_REGISTER_TTL_MS)]
+    pub register_ttl_ms: u64,
+
     /// Where events go (the Redis event log).
     #[command(flatten)]
     pub events: EventLogArgs,
 }
+
+/// `host` as HOST:PORT, adding `port` when it has none (`[::1]` and `::1` are hosts).
+fn with_port(host: &str, port: u16) -> String {
+    let has_port = if host.starts_with('[') {
+        host.contains("]:")
+    } else {
+        host.matches(':').count() == 1
+    };
+    match (has_port, host.parse::<std::net::Ipv6Addr>()) {
+        (true, _) => host.to_owned(),
+        (false, Ok(v6)) => format!("[{v6}]:{port}"),
+        (false, Err(_)) => format!("{host}:{port}"),
+    }
+}
+
+/// Default registration lifetime, milliseconds.
+pub const DEFAULT_REGISTER_TTL_MS: u64 = 5_000;
 
 impl Config {
     /// The configuration a test wants: port 0 on loopback, no event log, defaults elsewhere.
@@ -81,6 +114,9 @@ impl Config {
             queue: pool::DEFAULT_QUEUE,
             grace_period_secs: DEFAULT_GRACE_PERIOD_SECS,
             exit_with_parent: false,
+            register: false,
+            advertise: None,
+            register_ttl_ms: DEFAULT_REGISTER_TTL_MS,
             events: EventLogArgs::disabled(),
         }
     }
@@ -114,6 +150,43 @@ impl Config {
             return Err("--max-message-bytes must be at least 1024".to_owned());
         }
         self.events.config()?;
+        if self.register {
+            if self.events.config()?.redis_url.is_none() {
+                return Err(
+                    "--register needs Redis: give --redis URL (or DLB_REDIS_URL), not \"none\""
+                        .to_owned(),
+                );
+            }
+            if self.register_ttl_ms < 300 {
+                return Err("--register-ttl-ms must be at least 300".to_owned());
+            }
+        }
+        if let Some(advertise) = &self.advertise {
+            dlb::endpoint::validate_host_port(&with_port(advertise, 1))
+                .map_err(|e| format!("--advertise: {e}"))?;
+        }
         Ok(())
+    }
+
+    /// The address to register: `--advertise`, or the one `local` listens on.
+    ///
+    /// # Errors
+    ///
+    /// A message when only a wildcard address is known.
+    pub fn advertised(&self, local: SocketAddr) -> Result<String, String> {
+        if let Some(advertise) = &self.advertise {
+            return Ok(with_port(advertise, local.port()));
+        }
+        if local.ip().is_unspecified() {
+            return Err(format!(
+                "--register with --listen {local} needs --advertise HOST:PORT: the address other hosts reach this instance at"
+            ));
+        }
+        Ok(local.to_string())
+    }
+
+    /// The registration lifetime.
+    pub fn register_ttl(&self) -> Duration {
+        Duration::from_millis(self.register_ttl_ms)
     }
 }

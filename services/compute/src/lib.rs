@@ -24,6 +24,7 @@ use std::time::Duration;
 use dlb::events::EventLog;
 use dlb::health::HealthState;
 use dlb::proto::v1::{load_server::LoadServer, operations_server::OperationsServer};
+use dlb::registry::{Entry, Registry, RegistryError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http::{self, HeaderValue};
@@ -82,9 +83,8 @@ pub async fn run(
         dlb::server::reflection(&["dlb.v1.Operations", "dlb.v1.Load"])?;
 
     let stop = CancellationToken::new();
-    let addr = listener
-        .local_addr()
-        .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
+    let local = listener.local_addr().unwrap_or(config.listen);
+    let addr = local.to_string();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()
         .initial_stream_window_size(dlb::endpoint::STREAM_WINDOW_BYTES)
@@ -111,6 +111,18 @@ pub async fn run(
     tokio::pin!(server);
     events.lifecycle("started", &[("addr", &addr)]);
 
+    let registration = match register(&config, local, &events).await {
+        Ok(registration) => registration,
+        Err(message) => {
+            stop.cancel();
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await;
+            events.error("registration refused", &[("error", &message)]);
+            writer_stop.cancel();
+            let _ = writer.await;
+            return Err(RunError::Registry(message));
+        }
+    };
+
     tokio::select! {
         result = &mut server => {
             events.error("server failed", &[]);
@@ -121,6 +133,11 @@ pub async fn run(
         () = shutdown => {}
     }
 
+    // Out of the registry first, so gateways stop choosing it; then drain.
+    if let Some((heartbeat_stop, heartbeat)) = registration {
+        heartbeat_stop.cancel();
+        let _ = heartbeat.await;
+    }
     tracing::info!(instance = %config.id, in_flight = calls.in_flight(), "draining");
     events.lifecycle("draining", &[("in_flight", &calls.in_flight().to_string())]);
     calls.start_draining();
@@ -150,4 +167,37 @@ pub async fn run(
     writer_stop.cancel();
     let _ = writer.await;
     Ok(())
+}
+
+/// With `--register`: claims this instance's id in the registry and starts its heartbeat
+/// (cancel the token to withdraw). Redis being away is not fatal (the heartbeat registers when
+/// it is back); the id being taken by another instance is.
+async fn register(
+    config: &Config,
+    local: std::net::SocketAddr,
+    events: &EventLog,
+) -> Result<Option<(CancellationToken, tokio::task::JoinHandle<()>)>, String> {
+    if !config.register {
+        return Ok(None);
+    }
+    let url = config
+        .events
+        .config()?
+        .redis_url
+        .ok_or_else(|| "--register needs --redis".to_owned())?;
+    let registry = Registry::open(&url)?;
+    let entry = Entry::for_this_process(&config.id, &config.advertised(local)?);
+    match registry.claim(&entry, config.register_ttl()).await {
+        Ok(_) => {
+            tracing::info!(instance = %entry.id, address = %entry.address, "registered");
+            events.lifecycle("registered", &[("address", &entry.address)]);
+        }
+        Err(error @ RegistryError::Duplicate { .. }) => return Err(error.to_string()),
+        Err(error) => {
+            tracing::warn!(%error, "cannot register yet; retrying in the background");
+        }
+    }
+    let stop = CancellationToken::new();
+    let heartbeat = tokio::spawn(registry.heartbeat(entry, config.register_ttl(), stop.clone()));
+    Ok(Some((stop, heartbeat)))
 }

@@ -63,6 +63,25 @@ pub struct Config {
     #[arg(long, env = "DLB_CONTROL_GRACE_PERIOD_SECS", default_value_t = 10)]
     pub grace_period_secs: u64,
 
+    /// IP address the instances listen on. Anything but loopback exposes them to the network.
+    #[arg(long, env = "DLB_CONTROL_INSTANCE_HOST", default_value = "127.0.0.1")]
+    pub instance_host: std::net::IpAddr,
+
+    /// Prefix of instance ids (e.g. "h1-" gives h1-A, h1-B, ...): ids must be unique across
+    /// every host that registers in the same registry.
+    #[arg(long, env = "DLB_CONTROL_ID_PREFIX", default_value = "")]
+    pub id_prefix: String,
+
+    /// Instances announce themselves in the Redis registry (`--redis`), for gateways started
+    /// with `--discover redis`.
+    #[arg(long, env = "DLB_CONTROL_REGISTER")]
+    pub register: bool,
+
+    /// Host name or address gateways reach the instances at, as registered (default: the
+    /// instance host; required with --register when that is 0.0.0.0 or ::).
+    #[arg(long, env = "DLB_CONTROL_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+
     /// Where events go (the Redis event log); instances log to the same Redis.
     #[command(flatten)]
     pub events: EventLogArgs,
@@ -80,6 +99,10 @@ impl Config {
             start_timeout_secs: 10,
             drain_timeout_secs: 10,
             grace_period_secs: 10,
+            instance_host: std::net::IpAddr::from([127, 0, 0, 1]),
+            id_prefix: String::new(),
+            register: false,
+            advertise_host: None,
             events: EventLogArgs::disabled(),
         }
     }
@@ -122,7 +145,42 @@ impl Config {
             return Err("--first-port leaves no room for every instance's port".to_owned());
         }
         self.events.config()?;
+        if !self.id_prefix.is_empty() {
+            dlb::metadata::validate_instance_id(&format!("{}A", self.id_prefix))
+                .map_err(|e| format!("--id-prefix: {e}"))?;
+        }
+        if self.register {
+            if self.events.config()?.redis_url.is_none() {
+                return Err("--register needs Redis: give --redis URL, not \"none\"".to_owned());
+            }
+            if self.instance_host.is_unspecified() && self.advertise_host.is_none() {
+                return Err(format!(
+                    "--register with --instance-host {} needs --advertise-host: the name other hosts reach the instances at",
+                    self.instance_host
+                ));
+            }
+        }
+        if let Some(host) = &self.advertise_host {
+            if host.is_empty() || host.contains([':', '/', ' ']) && !host.starts_with('[') {
+                return Err(format!(
+                    "--advertise-host {host:?} is not a host name or address"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Arguments every spawned instance gets beyond its id, address and Redis.
+    pub fn instance_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.register {
+            args.push("--register".to_owned());
+            if let Some(host) = &self.advertise_host {
+                args.push("--advertise".to_owned());
+                args.push(host.clone());
+            }
+        }
+        args
     }
 }
 

@@ -72,7 +72,13 @@ pub enum SpawnError {
 /// # Errors
 ///
 /// [`SpawnError`] when it cannot run or exits before listening.
-pub async fn spawn(bin: &Path, id: &str, listen: &str, redis: &str) -> Result<Spawned, SpawnError> {
+pub async fn spawn(
+    bin: &Path,
+    id: &str,
+    listen: &str,
+    redis: &str,
+    extra: &[String],
+) -> Result<Spawned, SpawnError> {
     let mut child = Command::new(bin)
         .args([
             "--id",
@@ -83,6 +89,7 @@ pub async fn spawn(bin: &Path, id: &str, listen: &str, redis: &str) -> Result<Sp
             redis,
             "--exit-with-parent",
         ])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -121,6 +121,9 @@ struct Inner {
     bin: PathBuf,
     first_port: u16,
     redis: String,
+    id_prefix: String,
+    instance_args: Vec<String>,
+    instance_host: std::net::IpAddr,
     restart: Restart,
     start_timeout: Duration,
     drain_timeout: Duration,
@@ -148,6 +151,9 @@ impl Supervisor {
                 bin: config.compute_bin(),
                 first_port: config.first_port,
                 redis: config.events.redis.clone(),
+                id_prefix: config.id_prefix.clone(),
+                instance_args: config.instance_args(),
+                instance_host: config.instance_host,
                 restart: config.restart,
                 start_timeout: config.start_timeout(),
                 drain_timeout: config.drain_timeout(),
@@ -199,7 +205,7 @@ impl Supervisor {
             let mut next = self.inner.next_index.lock().await;
             let mut slots = self.inner.slots.lock().await;
             let (index, id) = loop {
-                let id = instance_id(*next);
+                let id = format!("{}{}", self.inner.id_prefix, instance_id(*next));
                 *next += 1;
                 if !slots.contains_key(&id) {
                     break (*next - 1, id);
@@ -216,7 +222,7 @@ impl Supervisor {
                 id.clone(),
                 Slot {
                     id: id.clone(),
-                    listen: format!("127.0.0.1:{port}"),
+                    listen: std::net::SocketAddr::new(self.inner.instance_host, port).to_string(),
                     state: InstanceState::Stopped,
                     pid: 0,
                     generation: 0,
@@ -280,7 +286,13 @@ impl Supervisor {
         };
         let spawned = tokio::time::timeout(
             self.inner.start_timeout,
-            process::spawn(&self.inner.bin, id, &listen, &self.inner.redis),
+            process::spawn(
+                &self.inner.bin,
+                id,
+                &listen,
+                &self.inner.redis,
+                &self.inner.instance_args,
+            ),
         )
         .await
         .unwrap_or_else(|_| {

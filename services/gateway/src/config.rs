@@ -28,6 +28,13 @@ pub const DEFAULT_PROBE_TIMEOUT_MS: u64 = 1_000;
 /// Default deadline of a call that carries none, seconds.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
 
+/// Default time an instance with calls in flight may answer nothing before it is probed,
+/// milliseconds.
+pub const DEFAULT_STALL_TIMEOUT_MS: u64 = 250;
+
+/// Default interval between DNS resolutions (`--discover dns:...`), milliseconds.
+pub const DEFAULT_DNS_INTERVAL_MS: u64 = 5_000;
+
 /// Default HTTP/2 connections per backend.
 pub const DEFAULT_CONNECTIONS: usize = 2;
 
@@ -67,19 +74,52 @@ impl FromStr for Backend {
             .split_once('=')
             .ok_or_else(|| format!("{s:?} is not ID=HOST:PORT (e.g. A=127.0.0.1:13001)"))?;
         dlb::metadata::validate_instance_id(id)?;
-        let (host, port) = addr
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{addr:?} has no port (e.g. A=127.0.0.1:13001)"))?;
-        if host.is_empty() {
-            return Err(format!("{addr:?} has no host"));
-        }
-        port.parse::<u16>()
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| format!("{port:?} is not a port number (1-65535)"))?;
+        dlb::endpoint::validate_host_port(addr)?;
         Ok(Self {
             id: id.to_owned(),
             addr: addr.to_owned(),
+        })
+    }
+}
+
+/// A discovery source beyond `--backend` and `--control`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Discover {
+    /// The Redis instance registry (at the `--redis` URL).
+    Redis,
+    /// Every A/AAAA record of a name, each an instance on `port`.
+    Dns {
+        /// The name (e.g. a Kubernetes headless service).
+        name: String,
+        /// The instances' port.
+        port: u16,
+    },
+}
+
+impl FromStr for Discover {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "redis" {
+            return Ok(Self::Redis);
+        }
+        let Some(rest) = s.strip_prefix("dns:") else {
+            return Err(format!(
+                "{s:?} is not a discovery source: use \"redis\" or \"dns:NAME:PORT\" (e.g. dns:dlb-compute.default.svc.cluster.local:13001)"
+            ));
+        };
+        let (name, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} has no port: use dns:NAME:PORT"))?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{port:?} is not a port number (1-65535)"))?;
+        crate::dns::validate_name(name)?;
+        Ok(Self::Dns {
+            name: name.trim_end_matches('.').to_owned(),
+            port,
         })
     }
 }
@@ -113,6 +153,19 @@ pub struct Config {
     #[arg(long, env = "DLB_GATEWAY_CONTROL")]
     pub control: Option<String>,
 
+    /// Follow a discovery source as well: "redis" (the instance registry at --redis) or
+    /// "dns:NAME:PORT" (every A/AAAA record of NAME, re-resolved every --dns-interval-ms).
+    #[arg(long, env = "DLB_GATEWAY_DISCOVER")]
+    pub discover: Option<Discover>,
+
+    /// DNS server for `--discover dns:...` (IP:PORT); default: the system resolver.
+    #[arg(long, env = "DLB_GATEWAY_DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
+
+    /// Interval between DNS resolutions, in milliseconds.
+    #[arg(long, env = "DLB_GATEWAY_DNS_INTERVAL_MS", default_value_t = DEFAULT_DNS_INTERVAL_MS)]
+    pub dns_interval_ms: u64,
+
     /// How to pick an instance.
     #[arg(
         long,
@@ -143,6 +196,12 @@ pub struct Config {
     #[arg(long, env = "DLB_GATEWAY_TIMEOUT_SECS", default_value_t = DEFAULT_TIMEOUT_SECS)]
     pub timeout_secs: u64,
 
+    /// An instance with calls in flight that has answered nothing for this long (ms) is probed
+    /// on each connection (within --probe-timeout-ms). If it does not answer, its calls are
+    /// retried on other instances and it is ejected; if it does, long calls keep running.
+    #[arg(long, env = "DLB_GATEWAY_STALL_TIMEOUT_MS", default_value_t = DEFAULT_STALL_TIMEOUT_MS)]
+    pub stall_timeout_ms: u64,
+
     /// HTTP/2 connections opened to each instance.
     #[arg(long, env = "DLB_GATEWAY_CONNECTIONS", default_value_t = DEFAULT_CONNECTIONS)]
     pub connections: usize,
@@ -165,29 +224,57 @@ impl Config {
             id: "gw".to_owned(),
             backends,
             control: None,
+            discover: None,
+            dns_server: None,
+            dns_interval_ms: DEFAULT_DNS_INTERVAL_MS,
             policy: Policy::RoundRobin,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             health_interval_ms: 200,
             probe_timeout_ms: DEFAULT_PROBE_TIMEOUT_MS,
             timeout_secs: DEFAULT_TIMEOUT_SECS,
+            stall_timeout_ms: DEFAULT_STALL_TIMEOUT_MS,
             connections: DEFAULT_CONNECTIONS,
             max_message_bytes: 4 * 1024 * 1024,
             events: EventLogArgs::disabled(),
         }
     }
 
-    /// The membership sources this configuration names: the static list, control, or both.
+    /// The membership sources this configuration names: the static list, control, a
+    /// discovery source, or several at once.
     pub fn membership(&self) -> Box<dyn crate::membership::Membership> {
-        use crate::membership::{ControlMembership, Merged, StaticMembership};
-        let static_list = Box::new(StaticMembership(self.backends.clone()));
-        match &self.control {
-            None => static_list,
-            Some(addr) => Box::new(Merged(vec![
-                static_list,
-                Box::new(ControlMembership { addr: addr.clone() }),
-            ])),
+        use crate::membership::{
+            ControlMembership, DnsMembership, Membership, Merged, RegistryMembership,
+            StaticMembership,
+        };
+        let mut sources: Vec<Box<dyn Membership>> =
+            vec![Box::new(StaticMembership(self.backends.clone()))];
+        if let Some(addr) = &self.control {
+            sources.push(Box::new(ControlMembership { addr: addr.clone() }));
         }
+        match &self.discover {
+            None => {}
+            Some(Discover::Redis) => {
+                if let Ok(Some(url)) = self.events.config().map(|c| c.redis_url) {
+                    sources.push(Box::new(RegistryMembership { url }));
+                }
+            }
+            Some(Discover::Dns { name, port }) => sources.push(Box::new(DnsMembership {
+                name: name.clone(),
+                port: *port,
+                server: self.dns_server,
+                interval: Duration::from_millis(self.dns_interval_ms),
+            })),
+        }
+        if sources.len() == 1 {
+            return sources.remove(0);
+        }
+        Box::new(Merged(sources))
+    }
+
+    /// The stall timeout.
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.stall_timeout_ms)
     }
 
     /// Health probe interval.
@@ -234,13 +321,24 @@ impl Config {
             ("--probe-timeout-ms", self.probe_timeout_ms),
             ("--timeout-secs", self.timeout_secs),
             ("--connections", self.connections as u64),
+            ("--stall-timeout-ms", self.stall_timeout_ms),
+            ("--dns-interval-ms", self.dns_interval_ms),
         ] {
             if value == 0 {
                 return Err(format!("{flag} must be at least 1"));
             }
         }
         self.metrics_addr()?;
-        self.events.config()?;
+        let events = self.events.config()?;
+        if self.discover == Some(Discover::Redis) && events.redis_url.is_none() {
+            return Err(
+                "--discover redis follows the registry at --redis: give --redis URL, not \"none\""
+                    .to_owned(),
+            );
+        }
+        if self.dns_server.is_some() && !matches!(self.discover, Some(Discover::Dns { .. })) {
+            return Err("--dns-server is only used with --discover dns:NAME:PORT".to_owned());
+        }
         Ok(())
     }
 }

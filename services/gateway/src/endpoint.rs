@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::transport::Channel;
@@ -70,6 +71,8 @@ pub struct EndpointStats {
     requests: AtomicU64,
     errors: AtomicU64,
     in_flight: AtomicU64,
+    /// When it last made progress: answered a call or a probe, or became busy (Unix ms).
+    progress_ms: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
     rate_samples: Mutex<VecDeque<(Instant, u64)>>,
 }
@@ -110,6 +113,7 @@ impl EndpointStats {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            progress_ms: AtomicU64::new(dlb::events::time::now_ms()),
             // Constant, valid bounds: 1 us to 10 min at 2 significant digits.
             latency_us: Mutex::new(
                 Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid histogram bounds"),
@@ -136,6 +140,23 @@ impl EndpointStats {
     /// Counts a failed call (a status from the instance, or a connection failure).
     pub fn record_error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Notes that the instance answered (a call or a probe) just now.
+    pub fn mark_progress(&self) {
+        self.progress_ms
+            .store(dlb::events::time::now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long it has had calls in flight without answering any, if it has calls in flight.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let since = self.progress_ms.load(Ordering::Relaxed);
+        Some(Duration::from_millis(
+            dlb::events::time::now_ms().saturating_sub(since),
+        ))
     }
 
     fn record(&self, latency: Duration) {
@@ -242,7 +263,7 @@ impl EndpointTable {
     pub fn summary(&self) -> String {
         let all = self.all();
         if all.is_empty() {
-            return "no instances known (give --backend, or --control and check that control runs)"
+            return "no instances known (give --backend, --control or --discover, and check that the source answers)"
                 .to_owned();
         }
         all.iter()
@@ -267,17 +288,33 @@ struct Shared {
     channels: Vec<Channel>,
     next: AtomicUsize,
     eject: Arc<Notify>,
+    cut: CancellationToken,
+}
+
+/// The failure of a call cut short because its instance stopped answering (see
+/// [`crate::health`]): it was never answered, so it is retried elsewhere.
+#[derive(Debug, thiserror::Error)]
+#[error("instance {id} stopped answering (no reply to a health probe); call moved")]
+pub struct Unresponsive {
+    /// The instance.
+    pub id: Arc<str>,
 }
 
 impl EndpointService {
     /// Calls go over `channels` in turn; a connection failure wakes `eject`.
-    pub fn new(stats: Arc<EndpointStats>, channels: Vec<Channel>, eject: Arc<Notify>) -> Self {
+    pub fn new(
+        stats: Arc<EndpointStats>,
+        channels: Vec<Channel>,
+        eject: Arc<Notify>,
+        cut: CancellationToken,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 stats,
                 channels,
                 next: AtomicUsize::new(0),
                 eject,
+                cut,
             }),
             picked: None,
         }
@@ -325,7 +362,13 @@ impl Service<http::Request<Body>> for EndpointService {
         let guard = InFlight::new(Arc::clone(&shared.stats));
         let future = channel.call(request);
         Box::pin(async move {
-            let result = future.await;
+            let result = tokio::select! {
+                result = future => result,
+                () = shared.cut.cancelled() => {
+                    return Err(Unresponsive { id: Arc::clone(&shared.stats.id) }.into());
+                }
+            };
+            shared.stats.mark_progress();
             guard.finish();
             match result {
                 Ok(mut response) => {
@@ -359,7 +402,10 @@ struct InFlight {
 
 impl InFlight {
     fn new(stats: Arc<EndpointStats>) -> Self {
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        if stats.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
+            // Idle until now: a stall is counted from here.
+            stats.mark_progress();
+        }
         Self {
             stats,
             start: Instant::now(),

@@ -40,34 +40,57 @@ const MAX_RECONNECT_PAUSE: Duration = Duration::from_millis(250);
 pub struct Monitor {
     /// The endpoint's state and counters.
     pub stats: Arc<EndpointStats>,
-    /// Its connections (the first also carries the probes).
-    pub channels: Vec<Channel>,
+    /// Where it is (HOST:PORT).
+    pub addr: String,
+    /// Probe timing and connections.
+    pub settings: MonitorSettings,
     /// Where to insert and remove it.
     pub balancer: BalancerChanges,
     /// The event log (health changes, on change only).
     pub events: EventLog,
-    /// `Check` polling interval.
-    pub interval: Duration,
-    /// Bound on every probe.
-    pub probe_timeout: Duration,
     /// Stops the monitor (the endpoint left the membership, or the gateway stops).
     pub cancel: CancellationToken,
+}
+
+/// How monitors are set up.
+#[derive(Debug, Clone)]
+pub struct MonitorSettings {
+    /// Check polling interval, keepalive interval.
+    pub interval: Duration,
+    /// Bound on each probe and connection attempt.
+    pub probe_timeout: Duration,
+    /// HTTP/2 connections per endpoint.
+    pub connections: usize,
+    /// How long an endpoint with calls in flight may answer nothing before it is probed.
+    pub stall_timeout: Duration,
+}
+
+/// Lazily connecting channels to `addr`: no I/O until first used. `None` when the address
+/// does not parse.
+pub fn connect(addr: &str, settings: &MonitorSettings) -> Option<Vec<Channel>> {
+    (0..settings.connections.max(1))
+        .map(|_| {
+            dlb::endpoint::endpoint(addr).ok().map(|endpoint| {
+                endpoint
+                    .connect_timeout(settings.probe_timeout)
+                    .http2_keep_alive_interval(settings.interval)
+                    .keep_alive_timeout(settings.probe_timeout)
+                    .keep_alive_while_idle(true)
+                    .connect_lazy()
+            })
+        })
+        .collect()
 }
 
 impl Monitor {
     /// Runs until cancelled, then takes the endpoint out of the ring.
     pub async fn run(self) {
         let eject = Arc::new(Notify::new());
-        let mut watcher = Watcher {
-            in_ring: false,
-            service: EndpointService::new(
-                Arc::clone(&self.stats),
-                self.channels.clone(),
-                Arc::clone(&eject),
-            ),
-            monitor: &self,
+        let Some(mut watcher) = Watcher::new(&self, Arc::clone(&eject)) else {
+            tracing::error!(instance = %self.stats.id, addr = %self.addr, "invalid address");
+            return;
         };
-        let pause = self.interval.min(MAX_RECONNECT_PAUSE);
+        let pause = self.settings.interval.min(MAX_RECONNECT_PAUSE);
         while !self.cancel.is_cancelled() {
             watcher.watch(&eject).await;
             tokio::select! {
@@ -95,7 +118,11 @@ impl Monitor {
 
 struct Watcher<'a> {
     monitor: &'a Monitor,
+    channels: Vec<Channel>,
     service: EndpointService,
+    /// Cuts the calls in flight on `service` (the instance stopped answering).
+    cut: CancellationToken,
+    eject: Arc<Notify>,
     in_ring: bool,
 }
 
@@ -106,7 +133,33 @@ fn state_of(status: ServingStatus) -> State {
     }
 }
 
-impl Watcher<'_> {
+/// Why a watch ended early.
+enum Stall {
+    /// Still answering: keep going.
+    Alive,
+    /// Not answering: it was ejected and its calls cut.
+    Dead,
+}
+
+impl<'a> Watcher<'a> {
+    fn new(monitor: &'a Monitor, eject: Arc<Notify>) -> Option<Self> {
+        let channels = connect(&monitor.addr, &monitor.settings)?;
+        let cut = CancellationToken::new();
+        Some(Self {
+            service: EndpointService::new(
+                Arc::clone(&monitor.stats),
+                channels.clone(),
+                Arc::clone(&eject),
+                cut.clone(),
+            ),
+            channels,
+            cut,
+            eject,
+            monitor,
+            in_ring: false,
+        })
+    }
+
     fn set(&mut self, state: State) {
         let m = self.monitor;
         let old = m.stats.set_state(state);
@@ -133,15 +186,91 @@ impl Watcher<'_> {
         }
     }
 
+    /// Takes the endpoint out, fails its calls in flight (they are retried elsewhere), and
+    /// starts over with new connections: the old ones may be stuck behind a dead link.
+    fn cut_off(&mut self) {
+        self.set(State::Ejected);
+        self.cut.cancel();
+        let Some(channels) = connect(&self.monitor.addr, &self.monitor.settings) else {
+            return;
+        };
+        self.cut = CancellationToken::new();
+        self.service = EndpointService::new(
+            Arc::clone(&self.monitor.stats),
+            channels.clone(),
+            Arc::clone(&self.eject),
+            self.cut.clone(),
+        );
+        self.channels = channels;
+    }
+
+    /// When calls have been waiting on the endpoint longer than the stall timeout with no
+    /// answer: probes every connection; cuts the endpoint off if one does not answer.
+    async fn check_stall(&mut self) -> Stall {
+        let m = self.monitor;
+        if m
+            .stats
+            .stalled_for()
+            .is_none_or(|stalled| stalled < m.settings.stall_timeout)
+        {
+            return Stall::Alive;
+        }
+        // One probe per connection, at once: any one of them may be the stuck one.
+        let mut probes = tokio::task::JoinSet::new();
+        for channel in &self.channels {
+            let mut client = HealthClient::new(channel.clone());
+            let timeout = m.settings.probe_timeout;
+            probes.spawn(async move {
+                let request = HealthCheckRequest {
+                    service: String::new(),
+                };
+                matches!(
+                    tokio::time::timeout(timeout, client.check(request)).await,
+                    Ok(Ok(_))
+                )
+            });
+        }
+        let all_answered = async {
+            while let Some(answered) = probes.join_next().await {
+                if !matches!(answered, Ok(true)) {
+                    return false;
+                }
+            }
+            true
+        };
+        let answered = tokio::select! {
+            answered = all_answered => answered,
+            () = m.cancel.cancelled() => return Stall::Alive,
+        };
+        if answered {
+            m.stats.mark_progress();
+            return Stall::Alive;
+        }
+        tracing::warn!(
+            instance = %m.stats.id,
+            in_flight = m.stats.snapshot().in_flight,
+            "instance stopped answering (calls stalled, health probe unanswered); moving its calls"
+        );
+        m.events.health(
+            "instance stopped answering",
+            &[
+                ("instance", &m.stats.id),
+                ("action", "calls retried elsewhere"),
+            ],
+        );
+        self.cut_off();
+        Stall::Dead
+    }
+
     /// Follows `Watch` until it ends, fails, or a call reports a connection failure.
     async fn watch(&mut self, eject: &Notify) {
         let m = self.monitor;
-        let mut client = HealthClient::new(m.channels[0].clone());
+        let mut client = HealthClient::new(self.channels[0].clone());
         let request = HealthCheckRequest {
             service: String::new(),
         };
         let opened = tokio::select! {
-            opened = tokio::time::timeout(m.probe_timeout, client.watch(request)) => opened,
+            opened = tokio::time::timeout(m.settings.probe_timeout, client.watch(request)) => opened,
             () = m.cancel.cancelled() => return,
         };
         let mut stream = match opened {
@@ -151,12 +280,18 @@ impl Watcher<'_> {
             }
             _ => return self.unreachable(),
         };
+        let mut stall_tick = stall_ticker(m.settings.stall_timeout);
         loop {
             tokio::select! {
                 message = stream.message() => match message {
                     Ok(Some(reply)) => self.set(state_of(reply.status())),
                     Ok(None) | Err(_) => return self.unreachable(),
                 },
+                _ = stall_tick.tick() => {
+                    if let Stall::Dead = self.check_stall().await {
+                        return;
+                    }
+                }
                 () = eject.notified() => return self.set(State::Ejected),
                 () = m.cancel.cancelled() => return,
             }
@@ -166,18 +301,25 @@ impl Watcher<'_> {
     /// For instances without `Watch`: `Check` every interval.
     async fn poll_check(&mut self, eject: &Notify) {
         let m = self.monitor;
-        let mut client = HealthClient::new(m.channels[0].clone());
-        let mut tick = tokio::time::interval(m.interval);
+        let mut client = HealthClient::new(self.channels[0].clone());
+        let mut tick = tokio::time::interval(m.settings.interval);
+        let mut stall_tick = stall_ticker(m.settings.stall_timeout);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = stall_tick.tick() => {
+                    if let Stall::Dead = self.check_stall().await {
+                        return;
+                    }
+                    continue;
+                }
                 () = eject.notified() => return self.set(State::Ejected),
                 () = m.cancel.cancelled() => return,
             }
             let request = HealthCheckRequest {
                 service: String::new(),
             };
-            match tokio::time::timeout(m.probe_timeout, client.check(request)).await {
+            match tokio::time::timeout(m.settings.probe_timeout, client.check(request)).await {
                 Ok(Ok(reply)) => self.set(state_of(reply.into_inner().status())),
                 _ => return self.unreachable(),
             }
@@ -185,11 +327,19 @@ impl Watcher<'_> {
     }
 
     fn unreachable(&mut self) {
-        // An endpoint never heard from stays "connecting" until it answers once.
-        let next = match self.monitor.stats.state() {
-            State::Connecting => State::Connecting,
-            _ => State::Ejected,
-        };
-        self.set(next);
+        match self.monitor.stats.state() {
+            // An endpoint never heard from stays "connecting" until it answers once.
+            State::Connecting => self.set(State::Connecting),
+            // It was answering: its connections may be stuck behind a dead link.
+            _ => self.cut_off(),
+        }
     }
+}
+
+/// Ticks four times per stall timeout, skipping missed ticks.
+fn stall_ticker(stall_timeout: Duration) -> tokio::time::Interval {
+    let period = (stall_timeout / 4).max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tick
 }

@@ -10,6 +10,7 @@
 
 pub mod balance;
 pub mod config;
+pub mod dns;
 pub mod endpoint;
 pub mod error;
 pub mod health;
@@ -107,6 +108,7 @@ pub async fn run(
             interval: config.health_interval(),
             probe_timeout: config.probe_timeout(),
             connections: config.connections,
+            stall_timeout: config.stall_timeout(),
         },
         cancel.clone(),
         tracker.clone(),

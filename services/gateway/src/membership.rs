@@ -12,11 +12,11 @@ use dlb::events::EventLog;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Channel;
 
 use crate::config::Backend;
 use crate::endpoint::{EndpointStats, EndpointTable};
-use crate::health::{BalancerChanges, Monitor};
+pub use crate::health::MonitorSettings;
+use crate::health::{BalancerChanges, Monitor, connect};
 
 /// The balancer's discovery stream: endpoints inserted and removed by the health monitors.
 pub type Discovered = tokio_stream::wrappers::UnboundedReceiverStream<
@@ -53,17 +53,6 @@ impl Membership for StaticMembership {
     }
 }
 
-/// How monitors are set up.
-#[derive(Debug, Clone)]
-pub struct MonitorSettings {
-    /// Check polling interval, keepalive interval.
-    pub interval: Duration,
-    /// Bound on each probe and connection attempt.
-    pub probe_timeout: Duration,
-    /// HTTP/2 connections per endpoint.
-    pub connections: usize,
-}
-
 /// Follows `membership`, starting and stopping one monitor per member.
 pub async fn supervise(
     membership: Box<dyn Membership>,
@@ -95,10 +84,10 @@ pub async fn supervise(
                 if let Some((_, old)) = monitors.remove(&backend.id) {
                     old.cancel();
                 }
-                let Some(channels) = connect(&backend, &settings) else {
+                if connect(&backend.addr, &settings).is_none() {
                     tracing::error!(instance = %backend.id, addr = %backend.addr, "invalid backend address");
                     continue;
-                };
+                }
                 let stats = Arc::new(EndpointStats::new(&backend.id, &backend.addr));
                 table.insert(Arc::clone(&stats));
                 let token = cancel.child_token();
@@ -106,11 +95,10 @@ pub async fn supervise(
                 tracker.spawn(
                     Monitor {
                         stats,
-                        channels,
+                        addr: backend.addr.clone(),
+                        settings: settings.clone(),
                         balancer: balancer.clone(),
                         events: events.clone(),
-                        interval: settings.interval,
-                        probe_timeout: settings.probe_timeout,
                         cancel: token,
                     }
                     .run(),
@@ -127,22 +115,6 @@ pub async fn supervise(
     for (_, token) in monitors.into_values() {
         token.cancel();
     }
-}
-
-/// Lazily connecting channels to `backend`: no I/O until first used.
-fn connect(backend: &Backend, settings: &MonitorSettings) -> Option<Vec<Channel>> {
-    (0..settings.connections.max(1))
-        .map(|_| {
-            dlb::endpoint::endpoint(&backend.addr).ok().map(|endpoint| {
-                endpoint
-                    .connect_timeout(settings.probe_timeout)
-                    .http2_keep_alive_interval(settings.interval)
-                    .keep_alive_timeout(settings.probe_timeout)
-                    .keep_alive_while_idle(true)
-                    .connect_lazy()
-            })
-        })
-        .collect()
 }
 
 /// Membership from the control service's `WatchInstances`: instances that are starting or
@@ -211,19 +183,7 @@ async fn follow_control(addr: String, tx: tokio::sync::mpsc::UnboundedSender<Mem
                     })
                     .map(|i| (i.id, i.address))
                     .collect();
-                for id in members.keys() {
-                    if !wanted.contains_key(id) {
-                        let _ = tx.send(MemberChange::Remove(id.clone()));
-                    }
-                }
-                for (id, addr) in &wanted {
-                    if members.get(id) != Some(addr) {
-                        let _ = tx.send(MemberChange::Upsert(Backend {
-                            id: id.clone(),
-                            addr: addr.clone(),
-                        }));
-                    }
-                }
+                send_difference(&members, &wanted, &tx);
                 members = wanted;
             }
             tracing::warn!(%addr, "lost control; keeping the last membership");
@@ -236,7 +196,127 @@ async fn follow_control(addr: String, tx: tokio::sync::mpsc::UnboundedSender<Mem
     }
 }
 
-/// Both sources at once: a static list and control.
+/// Sends what changed from `members` to `wanted` (id to address).
+fn send_difference(
+    members: &HashMap<String, String>,
+    wanted: &HashMap<String, String>,
+    tx: &tokio::sync::mpsc::UnboundedSender<MemberChange>,
+) {
+    for id in members.keys() {
+        if !wanted.contains_key(id) {
+            let _ = tx.send(MemberChange::Remove(id.clone()));
+        }
+    }
+    for (id, addr) in wanted {
+        if members.get(id) != Some(addr) {
+            let _ = tx.send(MemberChange::Upsert(Backend {
+                id: id.clone(),
+                addr: addr.clone(),
+            }));
+        }
+    }
+}
+
+/// Membership from the Redis instance registry (`--discover redis`): every registered
+/// instance, from a snapshot on, following changes as they are announced. While Redis is
+/// away the last membership stays; after a reconnection the registry is read again.
+#[derive(Debug, Clone)]
+pub struct RegistryMembership {
+    /// The Redis URL.
+    pub url: String,
+}
+
+impl Membership for RegistryMembership {
+    fn changes(self: Box<Self>) -> Pin<Box<dyn Stream<Item = MemberChange> + Send>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        match dlb::registry::Registry::open(&self.url) {
+            Ok(registry) => {
+                tokio::spawn(async move {
+                    let mut snapshots = registry.follow();
+                    let mut members = HashMap::new();
+                    loop {
+                        let snapshot = tokio::select! {
+                            snapshot = snapshots.recv() => snapshot,
+                            () = tx.closed() => return,
+                        };
+                        let Some(snapshot) = snapshot else { return };
+                        let wanted: HashMap<String, String> = snapshot
+                            .into_values()
+                            .filter(|entry| {
+                                dlb::endpoint::validate_host_port(&entry.address).is_ok()
+                            })
+                            .map(|entry| (entry.id, entry.address))
+                            .collect();
+                        tracing::debug!(instances = wanted.len(), "registry changed");
+                        send_difference(&members, &wanted, &tx);
+                        members = wanted;
+                    }
+                });
+            }
+            Err(error) => tracing::error!(%error, "--discover redis: invalid --redis URL"),
+        }
+        Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+    }
+}
+
+/// Membership from DNS (`--discover dns:NAME:PORT`): one instance per A/AAAA record of the
+/// name, re-resolved every `interval`. A resolver failure keeps the last membership; a name
+/// that has no records (any more) has no members.
+#[derive(Debug, Clone)]
+pub struct DnsMembership {
+    /// The name.
+    pub name: String,
+    /// The instances' port.
+    pub port: u16,
+    /// The DNS server to ask (default: the system resolver).
+    pub server: Option<std::net::SocketAddr>,
+    /// Time between resolutions.
+    pub interval: Duration,
+}
+
+impl Membership for DnsMembership {
+    fn changes(self: Box<Self>) -> Pin<Box<dyn Stream<Item = MemberChange> + Send>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut members = HashMap::new();
+            let mut failing = false;
+            let mut tick = tokio::time::interval(self.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = tx.closed() => return,
+                }
+                match crate::dns::resolve(&self.name, self.server).await {
+                    Ok(addresses) => {
+                        if failing {
+                            tracing::info!(name = %self.name, "DNS answers again");
+                            failing = false;
+                        }
+                        let wanted: HashMap<String, String> = addresses
+                            .into_iter()
+                            .map(|ip| {
+                                let addr = std::net::SocketAddr::new(ip, self.port);
+                                (crate::dns::instance_id(ip, self.port), addr.to_string())
+                            })
+                            .collect();
+                        send_difference(&members, &wanted, &tx);
+                        members = wanted;
+                    }
+                    Err(error) => {
+                        if !failing {
+                            tracing::warn!(%error, "DNS discovery failed; keeping the last membership");
+                            failing = true;
+                        }
+                    }
+                }
+            }
+        });
+        Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+    }
+}
+
+/// Several sources at once (a static list, control, a discovery source).
 #[derive(Debug)]
 pub struct Merged(pub Vec<Box<dyn Membership>>);
 

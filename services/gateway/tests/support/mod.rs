@@ -25,13 +25,34 @@ pub struct ComputeProcess {
     pub id: String,
     pub addr: String,
     child: Option<Child>,
+    /// Runs the binary (e.g. `ip netns exec NS`), if anything.
+    launcher: Vec<String>,
+    /// Flags beyond --id and --listen.
+    flags: Vec<String>,
 }
 
 impl ComputeProcess {
     /// Starts `dlb-compute --id ID --listen LISTEN` and waits for its "listening" line.
     pub fn start(id: &str, listen: &str) -> Self {
-        let mut child = Command::new(compute_binary())
-            .args(["--id", id, "--listen", listen, "--redis", "none"])
+        Self::start_with(&[], id, listen, &["--redis", "none"])
+    }
+
+    /// Starts `LAUNCHER... dlb-compute --id ID --listen LISTEN FLAGS...` and waits for its
+    /// "listening" line. The launcher must exec the binary (its pid is the instance's).
+    pub fn start_with(launcher: &[&str], id: &str, listen: &str, flags: &[&str]) -> Self {
+        let launcher: Vec<String> = launcher.iter().map(|s| (*s).to_owned()).collect();
+        let flags: Vec<String> = flags.iter().map(|s| (*s).to_owned()).collect();
+        let mut command = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(compute_binary());
+                command
+            }
+            None => Command::new(compute_binary()),
+        };
+        let mut child = command
+            .args(["--id", id, "--listen", listen])
+            .args(&flags)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -46,7 +67,14 @@ impl ComputeProcess {
             id: id.to_owned(),
             addr,
             child: Some(child),
+            launcher,
+            flags,
         }
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `ID=ADDR` for the gateway.
@@ -71,7 +99,9 @@ impl ComputeProcess {
     /// Starts the same instance again on the same address.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "still running");
-        let again = Self::start(&self.id, &self.addr);
+        let launcher: Vec<&str> = self.launcher.iter().map(String::as_str).collect();
+        let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        let again = Self::start_with(&launcher, &self.id, &self.addr, &flags);
         *self = again;
     }
 }
