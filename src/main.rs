@@ -39,6 +39,22 @@ enum Command {
     Bench(BenchArgs),
     /// The benchmark suite: direct, dlb-gateway, NGINX and HAProxy in one run, with a report.
     BenchSuite(dlb::suite::SuiteArgs),
+    /// Ask a service's grpc.health.v1 Check; exit 0 only when it answers SERVING (for
+    /// container health checks and scripts).
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Args)]
+struct HealthArgs {
+    /// Address of any dlb service (host:port or http://host:port).
+    #[arg(long, env = "DLB_ADDR", default_value = DEFAULT_ADDR)]
+    addr: String,
+    /// The service to ask about ("" is the whole server, e.g. dlb.v1.Operations for one).
+    #[arg(long, default_value = "")]
+    service: String,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 2.0)]
+    timeout: f64,
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +169,7 @@ fn main() -> ExitCode {
             Command::Call(args) => run_call(args).await,
             Command::Bench(args) => run_bench(args).await,
             Command::BenchSuite(args) => Ok(dlb::suite::suite(args).await),
+            Command::Health(args) => run_health(args).await,
         }
     });
     match result {
@@ -161,6 +178,40 @@ fn main() -> ExitCode {
             eprintln!("dlb: {message}");
             ExitCode::from(2)
         }
+    }
+}
+
+async fn run_health(args: HealthArgs) -> Result<ExitCode, String> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let timeout = seconds("timeout", args.timeout)?;
+    let channel = dlb::endpoint::lazy_channel(&args.addr).map_err(|e| e.to_string())?;
+    let request = HealthCheckRequest {
+        service: args.service.clone(),
+    };
+    let answer = tokio::time::timeout(timeout, HealthClient::new(channel).check(request)).await;
+    let (line, ok) = match answer {
+        Err(_) => (
+            format!("{}: no answer within {timeout:?}", args.addr),
+            false,
+        ),
+        Ok(Err(status)) => (
+            format!("{}: {}", args.addr, dlb::call::status_message(&status)),
+            false,
+        ),
+        Ok(Ok(reply)) => {
+            let status = reply.into_inner().status();
+            (
+                format!("{}: {}", args.addr, status.as_str_name()),
+                status == tonic_health::pb::health_check_response::ServingStatus::Serving,
+            )
+        }
+    };
+    if ok {
+        println!("{line}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{line}");
+        Ok(ExitCode::FAILURE)
     }
 }
 

@@ -91,6 +91,11 @@ impl RedisServer {
             .args(["--port", &self.port.to_string()])
             .arg("--bind")
             .args(&self.bind)
+            // Clients from other namespaces are not loopback: let them in (test network only).
+            .args([
+                "--protected-mode",
+                if self.bind.len() > 1 { "no" } else { "yes" },
+            ])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
@@ -224,6 +229,16 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         assert!(status.success(), "building {name} failed");
     }
     bin
+}
+
+/// A system program that may live in an `sbin` directory missing from `PATH` (`ip`,
+/// `dnsmasq`): its path there if it is, else the bare name (looked up on `PATH`).
+pub fn system_tool(name: &str) -> PathBuf {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(name))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// Whether process `pid` is gone (or only a zombie waiting to be reaped).

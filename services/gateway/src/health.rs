@@ -208,8 +208,7 @@ impl<'a> Watcher<'a> {
     /// answer: probes every connection; cuts the endpoint off if one does not answer.
     async fn check_stall(&mut self) -> Stall {
         let m = self.monitor;
-        if m
-            .stats
+        if m.stats
             .stalled_for()
             .is_none_or(|stalled| stalled < m.settings.stall_timeout)
         {

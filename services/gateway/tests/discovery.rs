@@ -258,7 +258,7 @@ impl Dnsmasq {
                 .local_addr()
                 .unwrap()
                 .port();
-            let child = Command::new("dnsmasq")
+            let child = Command::new(dlb::testing::system_tool("dnsmasq"))
                 .args([
                     "--keep-in-foreground",
                     "--no-resolv",
@@ -371,4 +371,50 @@ async fn dns_discovery_picks_up_added_and_removed_records() {
     );
     gateway.shutdown().await.unwrap();
     drop((first, second, third));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_service_registers_the_instances_it_supervises() {
+    let redis = RedisServer::start();
+    let (gateway, gw) = registry_gateway(&redis).await;
+    // A real dlb-control process (it spawns the dlb-compute next to it).
+    support::compute_binary();
+    let mut control = Command::new(dlb::testing::workspace_binary("dlb-control"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--first-port",
+            "0",
+            "--instances",
+            "2",
+        ])
+        .args(["--register", "--id-prefix", "h7-", "--redis", &redis.url()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_serving(&gw, &["h7-A", "h7-B"], PATIENCE).await;
+    assert_eq!(
+        served_by(&gw, 4).await,
+        BTreeMap::from([("h7-A".into(), 2), ("h7-B".into(), 2)])
+    );
+
+    // Control drains its instances on SIGTERM; each withdraws from the registry first.
+    let status = Command::new("kill")
+        .args(["-TERM", &control.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(control.wait().unwrap().success());
+    assert!(
+        Registry::open(&redis.url())
+            .unwrap()
+            .snapshot()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    wait_listed(&gw, &[], Duration::from_secs(2)).await;
+    gateway.shutdown().await.unwrap();
 }
