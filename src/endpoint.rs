@@ -35,10 +35,21 @@ pub enum AddrError {
         source: tonic::transport::Error,
     },
     /// A scheme other than http (TLS comes with its own flags).
-    #[error("invalid address {addr:?}: only http:// is supported")]
+    #[error(
+        "invalid address {addr:?}: use host:port or http://host:port (https:// is used when --tls-ca is given)"
+    )]
     Scheme {
         /// What the user gave.
         addr: String,
+    },
+    /// The TLS settings were refused.
+    #[error("TLS for {addr:?}: {source}")]
+    Tls {
+        /// What the user gave.
+        addr: String,
+        /// Why.
+        #[source]
+        source: tonic::transport::Error,
     },
 }
 
@@ -63,11 +74,54 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, AddrError> {
         addr: addr.to_owned(),
         source,
     })?;
-    Ok(endpoint
+    Ok(tune(endpoint))
+}
+
+/// Like [`endpoint`], over TLS when `tls` is given: the address becomes `https://` (an
+/// `http://` one is upgraded) and the server's certificate is checked against the CA and the
+/// host in the address.
+///
+/// # Errors
+///
+/// [`AddrError`] when `addr` is not a valid address.
+pub fn endpoint_tls(
+    addr: &str,
+    tls: Option<&crate::tls::ClientTls>,
+) -> Result<Endpoint, AddrError> {
+    let Some(tls) = tls else {
+        return endpoint(addr);
+    };
+    let trimmed = addr.trim();
+    let rest = trimmed
+        .strip_prefix("https://")
+        .or_else(|| trimmed.strip_prefix("http://"))
+        .unwrap_or(trimmed);
+    if rest.contains("://") {
+        return Err(AddrError::Scheme {
+            addr: addr.to_owned(),
+        });
+    }
+    let endpoint =
+        Endpoint::from_shared(format!("https://{rest}")).map_err(|source| AddrError::Invalid {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    let endpoint = endpoint
+        .tls_config(tls.config(None))
+        .map_err(|source| AddrError::Tls {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    Ok(tune(endpoint))
+}
+
+/// The settings every dlb client uses.
+fn tune(endpoint: Endpoint) -> Endpoint {
+    endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES))
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
 }
 
 /// Checks that `addr` is HOST:PORT with a non-empty host and a port from 1 to 65535.

@@ -28,6 +28,7 @@ pub mod suite;
 pub mod telemetry;
 #[cfg(feature = "test-fixtures")]
 pub mod testing;
+pub mod tls;
 pub mod up;
 
 /// Generated protobuf and gRPC code for package `dlb.v1`.

@@ -334,9 +334,10 @@ impl Registry {
         let every = (ttl / 3).max(Duration::from_millis(50));
         let mut connection: Option<MultiplexedConnection> = None;
         let mut last: Option<String> = Some("registered".to_owned());
+        let mut pause = every;
         loop {
             tokio::select! {
-                () = tokio::time::sleep(every) => {}
+                () = tokio::time::sleep(pause) => {}
                 () = cancel.cancelled() => break,
             }
             if connection.is_none() {
@@ -346,6 +347,8 @@ impl Registry {
                 Some(c) => self.claim_on(c, &entry, ttl).await,
                 None => Err(self.error("unreachable")),
             };
+            // After a failure, try again soon (on a new connection): the TTL is running.
+            pause = if outcome.is_ok() { every } else { every / 4 };
             let situation = match &outcome {
                 Ok(_) => "registered".to_owned(),
                 Err(error) => {
@@ -391,9 +394,15 @@ impl Registry {
         let mut backoff = Duration::from_millis(50);
         let mut warned = false;
         while !tx.is_closed() {
-            match self.follow_once(&tx, &mut last).await {
+            let mut connected = false;
+            match self.follow_once(&tx, &mut last, &mut connected).await {
                 Ok(()) => return,
                 Err(error) => {
+                    if connected {
+                        // It worked for a while: a new outage, logged anew.
+                        warned = false;
+                        backoff = Duration::from_millis(50);
+                    }
                     if !warned {
                         tracing::warn!(%error, "registry unreachable; keeping the last membership and retrying");
                         warned = true;
@@ -413,6 +422,7 @@ impl Registry {
         &self,
         tx: &mpsc::UnboundedSender<BTreeMap<String, Entry>>,
         last: &mut Option<BTreeMap<String, Entry>>,
+        connected: &mut bool,
     ) -> Result<(), RegistryError> {
         let mut pubsub = match tokio::time::timeout(TIMEOUT, self.client.get_async_pubsub()).await {
             Ok(Ok(pubsub)) => pubsub,
@@ -426,6 +436,7 @@ impl Registry {
         let mut messages = pubsub.into_on_message();
         let mut connection = self.connection().await?;
         tracing::info!(url = %self.url, "following the registry");
+        *connected = true;
         let mut tick = tokio::time::interval(RESYNC);
         loop {
             let entries = self.snapshot_on(&mut connection).await?;

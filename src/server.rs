@@ -245,3 +245,44 @@ impl InProcess {
         }
     }
 }
+
+/// Starts a plaintext server on `addr` with nothing but `grpc.health.v1` (the same state as the
+/// main server), for probes that cannot speak TLS (Kubernetes' gRPC probes): the operations
+/// stay behind TLS. It stops when `stop` is cancelled.
+///
+/// # Errors
+///
+/// [`RunError::Config`] when `addr` cannot be bound.
+pub async fn spawn_health_listener(
+    addr: std::net::SocketAddr,
+    health: &crate::health::HealthState,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, RunError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| RunError::Config(format!("--health-listen {addr}: cannot listen: {e}")))?;
+    let service = health.service();
+    Ok(tokio::spawn(async move {
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await;
+    }))
+}
+
+/// A loud warning for a server bound beyond loopback without TLS: anyone who can reach the
+/// address can call it directly, bypassing the gateway.
+pub fn warn_if_exposed(program: &str, addr: std::net::SocketAddr, tls: bool) {
+    if tls || addr.ip().is_loopback() {
+        return;
+    }
+    eprintln!(
+        "\n{program}: WARNING: listening on {addr} WITHOUT TLS. Anyone who can reach this address can\n\
+         call it directly, bypassing the gateway, and read every request and response in transit.\n\
+         Turn on mutual TLS (--tls-cert, --tls-key, --tls-ca; `dlb certs init DIR` makes them) or\n\
+         listen on 127.0.0.1.\n"
+    );
+    tracing::warn!(%addr, "listening beyond loopback without TLS");
+}

@@ -79,6 +79,15 @@ pub struct Config {
     #[arg(long, env = "DLB_COMPUTE_REGISTER_TTL_MS", default_value_t = DEFAULT_REGISTER_TTL_MS)]
     pub register_ttl_ms: u64,
 
+    /// A second, plaintext address serving only grpc.health.v1 (for probes that cannot speak
+    /// TLS); the operations stay behind TLS.
+    #[arg(long, env = "DLB_COMPUTE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
+    /// TLS (mutual with --tls-ca).
+    #[command(flatten)]
+    pub tls: dlb::tls::TlsArgs,
+
     /// Where events go (the Redis event log).
     #[command(flatten)]
     pub events: EventLogArgs,
@@ -117,6 +126,8 @@ impl Config {
             register: false,
             advertise: None,
             register_ttl_ms: DEFAULT_REGISTER_TTL_MS,
+            health_listen: None,
+            tls: dlb::tls::TlsArgs::default(),
             events: EventLogArgs::disabled(),
         }
     }
@@ -150,6 +161,7 @@ impl Config {
             return Err("--max-message-bytes must be at least 1024".to_owned());
         }
         self.events.config()?;
+        self.tls.load()?;
         if self.register {
             if self.events.config()?.redis_url.is_none() {
                 return Err(
@@ -157,9 +169,11 @@ impl Config {
                         .to_owned(),
                 );
             }
-            if self.register_ttl_ms < 300 {
-                return Err("--register-ttl-ms must be at least 300".to_owned());
+            if self.register_ttl_ms < 1_000 {
+                return Err("--register-ttl-ms must be at least 1000".to_owned());
             }
+            // Said before binding anything.
+            self.advertised(self.listen)?;
         }
         if let Some(advertise) = &self.advertise {
             dlb::endpoint::validate_host_port(&with_port(advertise, 1))

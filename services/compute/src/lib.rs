@@ -86,7 +86,15 @@ pub async fn run(
     let local = listener.local_addr().unwrap_or(config.listen);
     let addr = local.to_string();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = dlb::tls::for_server(&config.tls).map_err(RunError::Config)? {
+        builder = builder.tls_config(tls)?;
+    }
+    let health_listener = match config.health_listen {
+        Some(addr) => Some(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?),
+        None => None,
+    };
+    let server = builder
         .initial_stream_window_size(dlb::endpoint::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(dlb::endpoint::CONNECTION_WINDOW_BYTES)
         .layer(MapResponseLayer::new(
@@ -111,26 +119,49 @@ pub async fn run(
     tokio::pin!(server);
     events.lifecycle("started", &[("addr", &addr)]);
 
-    let registration = match register(&config, local, &events).await {
-        Ok(registration) => registration,
-        Err(message) => {
-            stop.cancel();
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await;
-            events.error("registration refused", &[("error", &message)]);
-            writer_stop.cancel();
-            let _ = writer.await;
-            return Err(RunError::Registry(message));
-        }
-    };
-
-    tokio::select! {
+    // Registering may take a while (Redis slow or away): serve and heed signals meanwhile.
+    tokio::pin!(shutdown);
+    let mut stopping = false;
+    let registration = tokio::select! {
+        registered = register(&config, local, &events) => match registered {
+            Ok(registration) => registration,
+            Err(message) => {
+                stop.cancel();
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await;
+                events.error("registration refused", &[("error", &message)]);
+                writer_stop.cancel();
+                let _ = writer.await;
+                return Err(RunError::Registry(message));
+            }
+        },
         result = &mut server => {
+            stop.cancel();
             events.error("server failed", &[]);
             writer_stop.cancel();
             let _ = writer.await;
             return result.map_err(RunError::from);
         }
-        () = shutdown => {}
+        () = &mut shutdown => {
+            stopping = true;
+            None
+        }
+    };
+
+    if !stopping {
+        tokio::select! {
+            result = &mut server => {
+                stop.cancel();
+                if let Some((heartbeat_stop, heartbeat)) = registration {
+                    heartbeat_stop.cancel();
+                    let _ = heartbeat.await;
+                }
+                events.error("server failed", &[]);
+                writer_stop.cancel();
+                let _ = writer.await;
+                return result.map_err(RunError::from);
+            }
+            () = &mut shutdown => {}
+        }
     }
 
     // Out of the registry first, so gateways stop choosing it; then drain.
@@ -160,6 +191,9 @@ pub async fn run(
     match tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await {
         Ok(result) => result?,
         Err(_) => tracing::debug!(instance = %config.id, "closing connections with open streams"),
+    }
+    if let Some(task) = health_listener {
+        let _ = task.await;
     }
     tracing::info!(instance = %config.id, "stopped");
     events.lifecycle("stopped", &[]);

@@ -82,6 +82,16 @@ pub struct Config {
     #[arg(long, env = "DLB_CONTROL_ADVERTISE_HOST")]
     pub advertise_host: Option<String>,
 
+    /// A second, plaintext address serving only grpc.health.v1 (for probes that cannot speak
+    /// TLS); the Control API stays behind TLS.
+    #[arg(long, env = "DLB_CONTROL_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
+    /// TLS: served (mutual with --tls-ca), used towards the instances, and given to every
+    /// instance it starts (they serve with the same certificate).
+    #[command(flatten)]
+    pub tls: dlb::tls::TlsArgs,
+
     /// Where events go (the Redis event log); instances log to the same Redis.
     #[command(flatten)]
     pub events: EventLogArgs,
@@ -103,6 +113,8 @@ impl Config {
             id_prefix: String::new(),
             register: false,
             advertise_host: None,
+            health_listen: None,
+            tls: dlb::tls::TlsArgs::default(),
             events: EventLogArgs::disabled(),
         }
     }
@@ -145,6 +157,7 @@ impl Config {
             return Err("--first-port leaves no room for every instance's port".to_owned());
         }
         self.events.config()?;
+        self.tls.load()?;
         if !self.id_prefix.is_empty() {
             dlb::metadata::validate_instance_id(&format!("{}A", self.id_prefix))
                 .map_err(|e| format!("--id-prefix: {e}"))?;
@@ -160,19 +173,20 @@ impl Config {
                 ));
             }
         }
-        if let Some(host) = &self.advertise_host {
-            if host.is_empty() || host.contains([':', '/', ' ']) && !host.starts_with('[') {
-                return Err(format!(
-                    "--advertise-host {host:?} is not a host name or address"
-                ));
-            }
+        if let Some(host) = &self.advertise_host
+            && host.parse::<std::net::IpAddr>().is_err()
+            && host_name(host).is_err()
+        {
+            return Err(format!(
+                "--advertise-host {host:?} is not a host name or an IP address"
+            ));
         }
         Ok(())
     }
 
     /// Arguments every spawned instance gets beyond its id, address and Redis.
     pub fn instance_args(&self) -> Vec<String> {
-        let mut args = Vec::new();
+        let mut args = self.tls.to_args();
         if self.register {
             args.push("--register".to_owned());
             if let Some(host) = &self.advertise_host {
@@ -182,6 +196,16 @@ impl Config {
         }
         args
     }
+}
+
+/// Checks a host name: letters, digits, '-', '.', at most 253 characters.
+fn host_name(host: &str) -> Result<(), ()> {
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    if ok { Ok(()) } else { Err(()) }
 }
 
 /// The id of the instance at `index`: A..Z, then AA..ZZ.

@@ -55,7 +55,14 @@ pub async fn run(
     let (reflection_v1, reflection_v1alpha) = dlb::server::reflection(&["dlb.v1.Control"])?;
     let stop = CancellationToken::new();
     let closing = CancellationToken::new();
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = dlb::tls::for_server(&config.tls).map_err(RunError::Config)? {
+        builder = builder.tls_config(tls)?;
+    }
+    if let Some(addr) = config.health_listen {
+        tracker.spawn(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?);
+    }
+    let server = builder
         .add_service(health.service())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

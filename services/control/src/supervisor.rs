@@ -82,10 +82,18 @@ struct Slot {
 }
 
 impl Slot {
-    fn snapshot(&self) -> Instance {
+    /// As reported; `advertise_host` replaces the host it listens on.
+    fn snapshot_as(&self, advertise_host: Option<&str>) -> Instance {
+        let address = match (advertise_host, self.listen.rsplit_once(':')) {
+            (Some(host), Some((_, port))) if host.parse::<std::net::Ipv6Addr>().is_ok() => {
+                format!("[{host}]:{port}")
+            }
+            (Some(host), Some((_, port))) => format!("{host}:{port}"),
+            _ => self.listen.clone(),
+        };
         Instance {
             id: self.id.clone(),
-            address: self.listen.clone(),
+            address,
             state: self.state.into(),
             pid: self.pid,
             uptime_ms: self.serving_since.map_or(0, |t| {
@@ -124,6 +132,11 @@ struct Inner {
     id_prefix: String,
     instance_args: Vec<String>,
     instance_host: std::net::IpAddr,
+    advertise_host: Option<String>,
+    /// Instances register themselves: a stop skips waiting on the gateways (they follow the
+    /// registry, which the instance leaves when it gets SIGTERM).
+    register: bool,
+    tls: Option<dlb::tls::ClientTls>,
     restart: Restart,
     start_timeout: Duration,
     drain_timeout: Duration,
@@ -138,6 +151,10 @@ struct Inner {
 }
 
 impl Supervisor {
+    fn snapshot_of(&self, slot: &Slot) -> Instance {
+        slot.snapshot_as(self.inner.advertise_host.as_deref())
+    }
+
     /// A supervisor with no instances yet.
     pub fn new(
         config: &Config,
@@ -154,6 +171,14 @@ impl Supervisor {
                 id_prefix: config.id_prefix.clone(),
                 instance_args: config.instance_args(),
                 instance_host: config.instance_host,
+                advertise_host: config.advertise_host.clone(),
+                register: config.register,
+                tls: config
+                    .tls
+                    .load()
+                    .ok()
+                    .flatten()
+                    .and_then(|tls| tls.client()),
                 restart: config.restart,
                 start_timeout: config.start_timeout(),
                 drain_timeout: config.drain_timeout(),
@@ -172,7 +197,7 @@ impl Supervisor {
     pub async fn list(&self) -> InstanceList {
         let slots = self.inner.slots.lock().await;
         InstanceList {
-            instances: slots.values().map(Slot::snapshot).collect(),
+            instances: slots.values().map(|slot| self.snapshot_of(slot)).collect(),
         }
     }
 
@@ -183,7 +208,7 @@ impl Supervisor {
 
     async fn publish(&self, slots: &BTreeMap<String, Slot>) {
         self.inner.snapshots.send_replace(InstanceList {
-            instances: slots.values().map(Slot::snapshot).collect(),
+            instances: slots.values().map(|slot| self.snapshot_of(slot)).collect(),
         });
     }
 
@@ -266,7 +291,9 @@ impl Supervisor {
                 return Err(self.not_found(id).await);
             };
             match slot.state {
-                InstanceState::Serving | InstanceState::Starting => return Ok(slot.snapshot()),
+                InstanceState::Serving | InstanceState::Starting => {
+                    return Ok(self.snapshot_of(slot));
+                }
                 InstanceState::Draining => {
                     return Err(ControlError::Busy {
                         id: id.to_owned(),
@@ -381,7 +408,7 @@ impl Supervisor {
         }
         slot.state = InstanceState::Serving;
         slot.serving_since = Some(Instant::now());
-        let snapshot = slot.snapshot();
+        let snapshot = self.snapshot_of(slot);
         self.publish(&slots).await;
         drop(slots);
         tracing::info!(instance = id, addr = %addr, "instance started");
@@ -394,7 +421,7 @@ impl Supervisor {
     /// Polls health until SERVING; false once this start is no longer current (the process
     /// exited, or it was stopped or removed).
     async fn wait_serving(&self, id: &str, generation: u64, addr: &str) -> bool {
-        let Ok(endpoint) = dlb::endpoint::endpoint(addr) else {
+        let Ok(endpoint) = dlb::endpoint::endpoint_tls(addr, self.inner.tls.as_ref()) else {
             return false;
         };
         let channel = endpoint.connect_lazy();
@@ -552,7 +579,7 @@ impl Supervisor {
                     slot.state = InstanceState::Stopped;
                     slot.serving_since = None;
                 }
-                let snapshot = slot.snapshot();
+                let snapshot = self.snapshot_of(slot);
                 self.publish(&slots).await;
                 return Ok(snapshot);
             }
@@ -570,8 +597,15 @@ impl Supervisor {
             process::signal(pid, true);
         } else {
             // The gateway takes it out of rotation from the snapshot just published; calls
-            // already there finish first.
-            let _ = tokio::time::timeout(self.inner.drain_timeout, wait_idle(&addr)).await;
+            // already there finish first. A registered instance leaves the registry itself on
+            // SIGTERM, before it drains: no waiting here.
+            if !self.inner.register {
+                let _ = tokio::time::timeout(
+                    self.inner.drain_timeout,
+                    wait_idle(&addr, self.inner.tls.as_ref()),
+                )
+                .await;
+            }
             if self.still_running(id, generation, pid).await {
                 process::signal(pid, false);
             }
@@ -617,7 +651,7 @@ impl Supervisor {
         }
         let slots = self.inner.slots.lock().await;
         match slots.get(id) {
-            Some(slot) => Ok(slot.snapshot()),
+            Some(slot) => Ok(self.snapshot_of(slot)),
             None => Err(ControlError::NotFound {
                 id: id.to_owned(),
                 known: slots.keys().cloned().collect::<Vec<_>>().join(", "),
@@ -702,8 +736,8 @@ impl Supervisor {
 }
 
 /// Waits until the instance at `addr` reports no calls in flight (or cannot be asked).
-async fn wait_idle(addr: &str) {
-    let Ok(endpoint) = dlb::endpoint::endpoint(addr) else {
+async fn wait_idle(addr: &str, tls: Option<&dlb::tls::ClientTls>) {
+    let Ok(endpoint) = dlb::endpoint::endpoint_tls(addr, tls) else {
         return;
     };
     let mut load = LoadClient::new(endpoint.connect_lazy());

@@ -210,6 +210,16 @@ pub struct Config {
     #[arg(long, env = "DLB_GATEWAY_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// A second, plaintext address serving only grpc.health.v1 (for probes that cannot speak
+    /// TLS); the operations stay behind TLS.
+    #[arg(long, env = "DLB_GATEWAY_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
+    /// TLS: served to callers (mutual with --tls-ca), and used towards instances and control
+    /// (verified against --tls-ca, presenting --tls-cert).
+    #[command(flatten)]
+    pub tls: dlb::tls::TlsArgs,
+
     /// Where events go (the Redis event log).
     #[command(flatten)]
     pub events: EventLogArgs,
@@ -236,6 +246,8 @@ impl Config {
             stall_timeout_ms: DEFAULT_STALL_TIMEOUT_MS,
             connections: DEFAULT_CONNECTIONS,
             max_message_bytes: 4 * 1024 * 1024,
+            health_listen: None,
+            tls: dlb::tls::TlsArgs::default(),
             events: EventLogArgs::disabled(),
         }
     }
@@ -250,7 +262,10 @@ impl Config {
         let mut sources: Vec<Box<dyn Membership>> =
             vec![Box::new(StaticMembership(self.backends.clone()))];
         if let Some(addr) = &self.control {
-            sources.push(Box::new(ControlMembership { addr: addr.clone() }));
+            sources.push(Box::new(ControlMembership {
+                addr: addr.clone(),
+                tls: self.client_tls(),
+            }));
         }
         match &self.discover {
             None => {}
@@ -270,6 +285,11 @@ impl Config {
             return sources.remove(0);
         }
         Box::new(Merged(sources))
+    }
+
+    /// The TLS client side (towards instances and control), if TLS is on.
+    pub fn client_tls(&self) -> Option<dlb::tls::ClientTls> {
+        self.tls.load().ok().flatten().and_then(|tls| tls.client())
     }
 
     /// The stall timeout.
@@ -329,6 +349,7 @@ impl Config {
             }
         }
         self.metrics_addr()?;
+        self.tls.load()?;
         let events = self.events.config()?;
         if self.discover == Some(Discover::Redis) && events.redis_url.is_none() {
             return Err(

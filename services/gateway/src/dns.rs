@@ -67,9 +67,17 @@ pub async fn resolve(name: &str, server: Option<SocketAddr>) -> Result<Vec<IpAdd
                 query(server, name, TYPE_AAAA, 2)
             );
             match (v4, v6) {
+                (Ok(v4), Ok(v6)) => v4.into_iter().chain(v6).collect(),
+                // A server that knows only one family may refuse the other: use what answered,
+                // but never read "no records" into a failure (one lost datagram must not empty
+                // the membership).
+                (Ok(found), Err(error)) | (Err(error), Ok(found)) => {
+                    if found.is_empty() {
+                        return Err(error);
+                    }
+                    found.into_iter().collect()
+                }
                 (Err(error), Err(_)) => return Err(error),
-                // A server that knows only one family may refuse the other: use what answered.
-                (v4, v6) => v4.into_iter().chain(v6).flatten().collect(),
             }
         }
     };

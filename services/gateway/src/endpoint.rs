@@ -55,6 +55,13 @@ impl State {
 #[derive(Debug, Clone)]
 pub struct ServedBy(pub Arc<str>);
 
+/// Microseconds since the first call, on the monotonic clock (never steps with the wall clock).
+fn monotonic_us() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves its data valid; a panic elsewhere does not poison it.
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -71,8 +78,9 @@ pub struct EndpointStats {
     requests: AtomicU64,
     errors: AtomicU64,
     in_flight: AtomicU64,
-    /// When it last made progress: answered a call or a probe, or became busy (Unix ms).
-    progress_ms: AtomicU64,
+    /// When it last made progress: answered a call or a probe, or became busy (microseconds
+    /// on the monotonic clock, see [`monotonic_us`]).
+    progress_us: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
     rate_samples: Mutex<VecDeque<(Instant, u64)>>,
 }
@@ -113,7 +121,7 @@ impl EndpointStats {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
-            progress_ms: AtomicU64::new(dlb::events::time::now_ms()),
+            progress_us: AtomicU64::new(monotonic_us()),
             // Constant, valid bounds: 1 us to 10 min at 2 significant digits.
             latency_us: Mutex::new(
                 Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid histogram bounds"),
@@ -144,8 +152,7 @@ impl EndpointStats {
 
     /// Notes that the instance answered (a call or a probe) just now.
     pub fn mark_progress(&self) {
-        self.progress_ms
-            .store(dlb::events::time::now_ms(), Ordering::Relaxed);
+        self.progress_us.store(monotonic_us(), Ordering::Relaxed);
     }
 
     /// How long it has had calls in flight without answering any, if it has calls in flight.
@@ -153,10 +160,8 @@ impl EndpointStats {
         if self.in_flight.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        let since = self.progress_ms.load(Ordering::Relaxed);
-        Some(Duration::from_millis(
-            dlb::events::time::now_ms().saturating_sub(since),
-        ))
+        let since = self.progress_us.load(Ordering::Relaxed);
+        Some(Duration::from_micros(monotonic_us().saturating_sub(since)))
     }
 
     fn record(&self, latency: Duration) {

@@ -63,6 +63,8 @@ pub struct MonitorSettings {
     pub connections: usize,
     /// How long an endpoint with calls in flight may answer nothing before it is probed.
     pub stall_timeout: Duration,
+    /// TLS towards instances, if on.
+    pub tls: Option<dlb::tls::ClientTls>,
 }
 
 /// Lazily connecting channels to `addr`: no I/O until first used. `None` when the address
@@ -70,14 +72,16 @@ pub struct MonitorSettings {
 pub fn connect(addr: &str, settings: &MonitorSettings) -> Option<Vec<Channel>> {
     (0..settings.connections.max(1))
         .map(|_| {
-            dlb::endpoint::endpoint(addr).ok().map(|endpoint| {
-                endpoint
-                    .connect_timeout(settings.probe_timeout)
-                    .http2_keep_alive_interval(settings.interval)
-                    .keep_alive_timeout(settings.probe_timeout)
-                    .keep_alive_while_idle(true)
-                    .connect_lazy()
-            })
+            dlb::endpoint::endpoint_tls(addr, settings.tls.as_ref())
+                .ok()
+                .map(|endpoint| {
+                    endpoint
+                        .connect_timeout(settings.probe_timeout)
+                        .http2_keep_alive_interval(settings.interval)
+                        .keep_alive_timeout(settings.probe_timeout)
+                        .keep_alive_while_idle(true)
+                        .connect_lazy()
+                })
         })
         .collect()
 }
@@ -85,14 +89,13 @@ pub fn connect(addr: &str, settings: &MonitorSettings) -> Option<Vec<Channel>> {
 impl Monitor {
     /// Runs until cancelled, then takes the endpoint out of the ring.
     pub async fn run(self) {
-        let eject = Arc::new(Notify::new());
-        let Some(mut watcher) = Watcher::new(&self, Arc::clone(&eject)) else {
+        let Some(mut watcher) = Watcher::new(&self) else {
             tracing::error!(instance = %self.stats.id, addr = %self.addr, "invalid address");
             return;
         };
         let pause = self.settings.interval.min(MAX_RECONNECT_PAUSE);
         while !self.cancel.is_cancelled() {
-            watcher.watch(&eject).await;
+            watcher.watch().await;
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 () = self.cancel.cancelled() => {}
@@ -142,8 +145,9 @@ enum Stall {
 }
 
 impl<'a> Watcher<'a> {
-    fn new(monitor: &'a Monitor, eject: Arc<Notify>) -> Option<Self> {
+    fn new(monitor: &'a Monitor) -> Option<Self> {
         let channels = connect(&monitor.addr, &monitor.settings)?;
+        let eject = Arc::new(Notify::new());
         let cut = CancellationToken::new();
         Some(Self {
             service: EndpointService::new(
@@ -195,6 +199,8 @@ impl<'a> Watcher<'a> {
             return;
         };
         self.cut = CancellationToken::new();
+        // A new generation: failures reported by the old connections must not eject it.
+        self.eject = Arc::new(Notify::new());
         self.service = EndpointService::new(
             Arc::clone(&self.monitor.stats),
             channels.clone(),
@@ -262,8 +268,9 @@ impl<'a> Watcher<'a> {
     }
 
     /// Follows `Watch` until it ends, fails, or a call reports a connection failure.
-    async fn watch(&mut self, eject: &Notify) {
+    async fn watch(&mut self) {
         let m = self.monitor;
+        let eject = Arc::clone(&self.eject);
         let mut client = HealthClient::new(self.channels[0].clone());
         let request = HealthCheckRequest {
             service: String::new(),
@@ -275,7 +282,7 @@ impl<'a> Watcher<'a> {
         let mut stream = match opened {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) if status.code() == Code::Unimplemented => {
-                return self.poll_check(eject).await;
+                return self.poll_check().await;
             }
             _ => return self.unreachable(),
         };
@@ -298,8 +305,9 @@ impl<'a> Watcher<'a> {
     }
 
     /// For instances without `Watch`: `Check` every interval.
-    async fn poll_check(&mut self, eject: &Notify) {
+    async fn poll_check(&mut self) {
         let m = self.monitor;
+        let eject = Arc::clone(&self.eject);
         let mut client = HealthClient::new(self.channels[0].clone());
         let mut tick = tokio::time::interval(m.settings.interval);
         let mut stall_tick = stall_ticker(m.settings.stall_timeout);

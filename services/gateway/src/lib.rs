@@ -109,6 +109,7 @@ pub async fn run(
             probe_timeout: config.probe_timeout(),
             connections: config.connections,
             stall_timeout: config.stall_timeout(),
+            tls: config.client_tls(),
         },
         cancel.clone(),
         tracker.clone(),
@@ -155,7 +156,14 @@ pub async fn run(
         .local_addr()
         .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
     let stop = CancellationToken::new();
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = dlb::tls::for_server(&config.tls).map_err(RunError::Config)? {
+        builder = builder.tls_config(tls)?;
+    }
+    if let Some(addr) = config.health_listen {
+        tracker.spawn(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?);
+    }
+    let server = builder
         .initial_stream_window_size(dlb::endpoint::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(dlb::endpoint::CONNECTION_WINDOW_BYTES)
         .layer(tower::util::MapResponseLayer::new(

@@ -124,6 +124,8 @@ pub async fn supervise(
 pub struct ControlMembership {
     /// The control service, e.g. `http://127.0.0.1:12001`.
     pub addr: String,
+    /// TLS towards it, if on.
+    pub tls: Option<dlb::tls::ClientTls>,
 }
 
 /// Longest wait between reconnections to control.
@@ -132,18 +134,22 @@ const CONTROL_MAX_BACKOFF: Duration = Duration::from_secs(2);
 impl Membership for ControlMembership {
     fn changes(self: Box<Self>) -> Pin<Box<dyn Stream<Item = MemberChange> + Send>> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(follow_control(self.addr, tx));
+        tokio::spawn(follow_control(self.addr, self.tls, tx));
         Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
     }
 }
 
-async fn follow_control(addr: String, tx: tokio::sync::mpsc::UnboundedSender<MemberChange>) {
+async fn follow_control(
+    addr: String,
+    tls: Option<dlb::tls::ClientTls>,
+    tx: tokio::sync::mpsc::UnboundedSender<MemberChange>,
+) {
     use dlb::proto::v1::{InstanceState, WatchInstancesRequest, control_client::ControlClient};
     let mut members: HashMap<String, String> = HashMap::new();
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
     while !tx.is_closed() {
-        let stream = match dlb::endpoint::endpoint(&addr) {
+        let stream = match dlb::endpoint::endpoint_tls(&addr, tls.as_ref()) {
             Ok(endpoint) => match endpoint.connect().await {
                 Ok(channel) => ControlClient::new(channel)
                     .watch_instances(WatchInstancesRequest {})

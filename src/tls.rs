@@ -1,0 +1,275 @@
+//! TLS and mutual TLS for every gRPC hop (rustls, through tonic).
+//!
+//! Every service takes the same three flags ([`TlsArgs`]): `--tls-cert` and `--tls-key` (the
+//! certificate this process presents, as a server and as a client), and `--tls-ca` (the CA it
+//! trusts). A server with a certificate serves TLS only; with a CA as well it requires every
+//! client to present a certificate signed by that CA (mTLS). A client with a CA verifies the
+//! server's certificate against it, including the name it dialled (an address or a host name),
+//! and presents its own certificate when it has one. [`init`] (`dlb certs init DIR`) makes a
+//! private CA and one certificate per service, usable both ways.
+
+use std::path::{Path, PathBuf};
+
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+/// TLS flags shared by every binary.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// PEM certificate (chain) this process presents, as a server and to the servers it calls.
+    /// With --tls-key, its gRPC server speaks TLS only.
+    #[arg(long, env = "DLB_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DLB_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate: servers require client certificates signed by it (mutual TLS), and
+    /// clients verify servers against it.
+    #[arg(long, env = "DLB_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// Loaded TLS material. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    identity: Option<Identity>,
+    ca: Option<Certificate>,
+    args: TlsArgs,
+}
+
+/// The client side: how to verify servers and who to be.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    config: ClientTlsConfig,
+}
+
+impl ClientTls {
+    /// The tonic configuration; `domain` overrides the name checked against the server's
+    /// certificate (default: the host in the address).
+    pub fn config(&self, domain: Option<&str>) -> ClientTlsConfig {
+        match domain {
+            Some(domain) => self.config.clone().domain_name(domain),
+            None => self.config.clone(),
+        }
+    }
+}
+
+fn read_pem(flag: &str, path: &Path, kind: &str) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("{flag} {}: cannot read it: {e}", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    if !text.contains("-----BEGIN ") || !text.contains(kind) {
+        return Err(format!(
+            "{flag} {}: not a PEM {} (expected a \"-----BEGIN ...{kind}-----\" block)",
+            path.display(),
+            kind.to_lowercase()
+        ));
+    }
+    Ok(bytes)
+}
+
+impl TlsArgs {
+    /// Nothing set: plaintext.
+    pub fn is_off(&self) -> bool {
+        self.tls_cert.is_none() && self.tls_key.is_none() && self.tls_ca.is_none()
+    }
+
+    /// Reads the files, or `None` when no TLS flag is set.
+    ///
+    /// # Errors
+    ///
+    /// A one-line message naming the flag and the file.
+    pub fn load(&self) -> Result<Option<Tls>, String> {
+        if self.is_off() {
+            return Ok(None);
+        }
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(Identity::from_pem(
+                read_pem("--tls-cert", cert, "CERTIFICATE")?,
+                read_pem("--tls-key", key, "PRIVATE KEY")?,
+            )),
+            (None, None) => None,
+            _ => return Err("--tls-cert and --tls-key go together".to_owned()),
+        };
+        let ca = match &self.tls_ca {
+            Some(ca) => Some(Certificate::from_pem(read_pem(
+                "--tls-ca",
+                ca,
+                "CERTIFICATE",
+            )?)),
+            None => None,
+        };
+        Ok(Some(Tls {
+            identity,
+            ca,
+            args: self.clone(),
+        }))
+    }
+
+    /// The same flags for a child process (absolute paths).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (flag, path) in [
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+            ("--tls-ca", &self.tls_ca),
+        ] {
+            if let Some(path) = path {
+                let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+                out.push(flag.to_owned());
+                out.push(path.display().to_string());
+            }
+        }
+        out
+    }
+}
+
+impl Tls {
+    /// The server configuration: TLS with this process's certificate, and client certificates
+    /// required when a CA is configured. `None` without a certificate (a CA alone only makes
+    /// this process a TLS client).
+    pub fn server(&self) -> Option<ServerTlsConfig> {
+        let config = ServerTlsConfig::new().identity(self.identity.clone()?);
+        Some(match &self.ca {
+            Some(ca) => config.client_ca_root(ca.clone()),
+            None => config,
+        })
+    }
+
+    /// The client side, or `None` when there is no CA to verify servers with.
+    pub fn client(&self) -> Option<ClientTls> {
+        let ca = self.ca.clone()?;
+        let config = ClientTlsConfig::new().ca_certificate(ca);
+        let config = match &self.identity {
+            Some(identity) => config.identity(identity.clone()),
+            None => config,
+        };
+        Some(ClientTls { config })
+    }
+
+    /// Whether servers require client certificates.
+    pub fn mutual(&self) -> bool {
+        self.ca.is_some() && self.identity.is_some()
+    }
+
+    /// The flags this was loaded from.
+    pub fn args(&self) -> &TlsArgs {
+        &self.args
+    }
+}
+
+/// Loads `args` for a server binary: its server TLS configuration, `None` for plaintext.
+///
+/// # Errors
+///
+/// A one-line message.
+pub fn for_server(args: &TlsArgs) -> Result<Option<ServerTlsConfig>, String> {
+    Ok(args.load()?.and_then(|tls| tls.server()))
+}
+
+/// Who gets a certificate from [`init`]: the file stem.
+pub const SERVICES: [&str; 5] = ["gateway", "compute", "control", "ui", "client"];
+
+/// Makes a private CA and one certificate per entry of [`SERVICES`] in `dir` (created if
+/// missing): `ca.pem`, `ca.key`, and `NAME.pem` + `NAME.key`. Every certificate is valid for
+/// `localhost`, `127.0.0.1`, `::1`, `NAME`, `dlb-NAME` and each of `hosts`, for both server and
+/// client use, for two years. Keys are written with mode 0600. Refuses to overwrite anything.
+///
+/// # Errors
+///
+/// A message naming the file or the problem; nothing is written when a file exists already.
+pub fn init(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, String> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let mut files = vec![dir.join("ca.pem"), dir.join("ca.key")];
+    for name in SERVICES {
+        files.push(dir.join(format!("{name}.pem")));
+        files.push(dir.join(format!("{name}.key")));
+    }
+    if let Some(existing) = files.iter().find(|f| f.exists()) {
+        return Err(format!(
+            "{} exists already; nothing was written (use another directory, or remove the old files)",
+            existing.display()
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let year: i32 = crate::events::time::rfc3339_ms(crate::events::time::now_ms())[..4]
+        .parse()
+        .unwrap_or(2026);
+    let validity = |params: &mut CertificateParams| {
+        params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+        params.not_after = rcgen::date_time_ymd(year + 2, 1, 1);
+    };
+    let failed = |e: rcgen::Error| format!("generating certificates: {e}");
+
+    let ca_key = KeyPair::generate().map_err(failed)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(failed)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "dlb private CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut ca_params);
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(failed)?;
+    let mut outputs = vec![
+        (dir.join("ca.pem"), ca_cert.pem()),
+        (dir.join("ca.key"), ca_key.serialize_pem()),
+    ];
+    let issuer = Issuer::new(ca_params, ca_key);
+    for name in SERVICES {
+        let mut names = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+            name.to_owned(),
+            format!("dlb-{name}"),
+        ];
+        names.extend(hosts.iter().cloned());
+        let key = KeyPair::generate().map_err(failed)?;
+        let mut params = CertificateParams::new(names).map_err(failed)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("dlb {name}"));
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        validity(&mut params);
+        let cert = params.signed_by(&key, &issuer).map_err(failed)?;
+        outputs.push((dir.join(format!("{name}.pem")), cert.pem()));
+        outputs.push((dir.join(format!("{name}.key")), key.serialize_pem()));
+    }
+    for (path, contents) in &outputs {
+        write_new(path, contents.as_bytes())?;
+    }
+    Ok(outputs.into_iter().map(|(path, _)| path).collect())
+}
+
+/// Writes a new file (never an existing one); keys are readable by the owner only.
+fn write_new(path: &Path, contents: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let private = path.extension().is_some_and(|e| e == "key");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    file.write_all(contents)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The flags that make a service use the certificates [`init`] wrote in `dir` for `name`.
+pub fn args_for(dir: &Path, name: &str) -> TlsArgs {
+    TlsArgs {
+        tls_cert: Some(dir.join(format!("{name}.pem"))),
+        tls_key: Some(dir.join(format!("{name}.key"))),
+        tls_ca: Some(dir.join("ca.pem")),
+    }
+}
