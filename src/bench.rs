@@ -56,6 +56,8 @@ pub struct BenchConfig {
     pub requests: Option<u64>,
     /// Per-request deadline.
     pub timeout: Duration,
+    /// TLS towards the addresses, if on.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// Why a benchmark could not run.
@@ -119,6 +121,8 @@ pub struct BenchReport {
     pub ok: u64,
     /// Failures by gRPC code name.
     pub errors: BTreeMap<String, u64>,
+    /// The first failure's message for each code (what went wrong, not just how often).
+    pub error_samples: BTreeMap<String, String>,
     /// Measured time, seconds.
     pub elapsed_secs: f64,
     /// Completed requests per second.
@@ -145,6 +149,7 @@ struct Tally {
     histogram: Histogram<u64>,
     ok: u64,
     errors: BTreeMap<&'static str, u64>,
+    samples: BTreeMap<&'static str, String>,
     per_instance: BTreeMap<String, u64>,
 }
 
@@ -157,6 +162,7 @@ impl Tally {
                 .expect("constant histogram bounds are valid"),
             ok: 0,
             errors: BTreeMap::new(),
+            samples: BTreeMap::new(),
             per_instance: BTreeMap::new(),
         }
     }
@@ -168,7 +174,12 @@ impl Tally {
         self.histogram.saturating_record(ns);
         match outcome.code {
             None => self.ok += 1,
-            Some(code) => *self.errors.entry(code).or_insert(0) += 1,
+            Some(code) => {
+                *self.errors.entry(code).or_insert(0) += 1;
+                if let Some(message) = &outcome.message {
+                    self.samples.entry(code).or_insert_with(|| message.clone());
+                }
+            }
         }
         let instance = outcome.served_by.as_deref().unwrap_or("-");
         if let Some(count) = self.per_instance.get_mut(instance) {
@@ -185,6 +196,9 @@ impl Tally {
         for (code, n) in other.errors {
             *self.errors.entry(code).or_insert(0) += n;
         }
+        for (code, message) in other.samples {
+            self.samples.entry(code).or_insert(message);
+        }
         for (instance, n) in other.per_instance {
             *self.per_instance.entry(instance).or_insert(0) += n;
         }
@@ -195,12 +209,15 @@ impl Tally {
 struct Outcome {
     code: Option<&'static str>,
     served_by: Option<String>,
+    /// The error's message, for failures.
+    message: Option<String>,
 }
 
 async fn send_one(client: &mut OperationsClient<Channel>, op: &Op, timeout: Duration) -> Outcome {
     match op.send(client, Some(timeout)).await {
         Ok((_, metadata)) => Outcome {
             code: None,
+            message: None,
             served_by: metadata
                 .get(crate::metadata::SERVED_BY)
                 .and_then(|v| v.to_str().ok())
@@ -208,6 +225,7 @@ async fn send_one(client: &mut OperationsClient<Channel>, op: &Op, timeout: Dura
         },
         Err(status) => Outcome {
             code: Some(code_name(status.code())),
+            message: Some(crate::call::status_message(&status)),
             served_by: status
                 .metadata()
                 .get(crate::metadata::SERVED_BY)
@@ -221,7 +239,7 @@ async fn connect(config: &BenchConfig) -> Result<Vec<OperationsClient<Channel>>,
     let mut clients = Vec::new();
     for addr in &config.addrs {
         for _ in 0..config.connections {
-            let channel = crate::endpoint::endpoint(addr)?
+            let channel = crate::endpoint::endpoint_tls(addr, config.tls.as_ref())?
                 .connect()
                 .await
                 .map_err(|source| BenchError::Connect {
@@ -296,6 +314,11 @@ pub async fn run(config: BenchConfig, progress: Arc<Progress>) -> Result<BenchRe
             .errors
             .iter()
             .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect(),
+        error_samples: tally
+            .samples
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
             .collect(),
         elapsed_secs,
         throughput: if elapsed_secs > 0.0 {
@@ -537,6 +560,9 @@ impl BenchReport {
                 .map(|(code, n)| format!("{code} {n}"))
                 .collect();
             out.push_str(&format!("errors      {}\n", errors.join("  ")));
+            for (code, message) in &self.error_samples {
+                out.push_str(&format!("  first {code}: {message}\n"));
+            }
         }
         out
     }

@@ -42,6 +42,8 @@ enum Command {
     /// Ask a service's grpc.health.v1 Check; exit 0 only when it answers SERVING (for
     /// container health checks and scripts).
     Health(HealthArgs),
+    /// Certificates for mutual TLS (`dlb certs init DIR`).
+    Certs(CertsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -55,6 +57,28 @@ struct HealthArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 2.0)]
     timeout: f64,
+    /// TLS towards --addr.
+    #[command(flatten)]
+    tls: dlb::tls::TlsArgs,
+}
+
+#[derive(Debug, Args)]
+struct CertsArgs {
+    #[command(subcommand)]
+    command: CertsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Make a private CA and a certificate for each service (gateway, compute, control, ui,
+    /// client) in DIR, valid for localhost, 127.0.0.1 and ::1 (and each --host), for mutual TLS.
+    Init {
+        /// Where to write them (created if missing; existing files are never overwritten).
+        dir: std::path::PathBuf,
+        /// Another name or address the certificates are valid for (repeat for several).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +92,9 @@ struct CallArgs {
     /// Deadline for the call, in seconds.
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
+    /// TLS towards --addr.
+    #[command(flatten)]
+    tls: dlb::tls::TlsArgs,
     #[command(subcommand)]
     op: OpCommand,
 }
@@ -148,6 +175,9 @@ struct BenchArgs {
     /// No progress line on standard error.
     #[arg(long, short)]
     quiet: bool,
+    /// TLS towards the addresses.
+    #[command(flatten)]
+    tls: dlb::tls::TlsArgs,
 }
 
 fn main() -> ExitCode {
@@ -170,6 +200,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => run_bench(args).await,
             Command::BenchSuite(args) => Ok(dlb::suite::suite(args).await),
             Command::Health(args) => run_health(args).await,
+            Command::Certs(args) => run_certs(args),
         }
     });
     match result {
@@ -181,23 +212,58 @@ fn main() -> ExitCode {
     }
 }
 
+fn run_certs(args: CertsArgs) -> Result<ExitCode, String> {
+    match args.command {
+        CertsCommand::Init { dir, hosts } => {
+            let files = dlb::tls::init(&dir, &hosts)?;
+            println!("wrote {} files to {}:", files.len(), dir.display());
+            for file in &files {
+                println!("  {}", file.display());
+            }
+            let d = dir.display();
+            println!(
+                "\nmutual TLS, for example:\n  dlb-compute --tls-cert {d}/compute.pem --tls-key {d}/compute.key --tls-ca {d}/ca.pem\n  dlb-gateway --tls-cert {d}/gateway.pem --tls-key {d}/gateway.key --tls-ca {d}/ca.pem --backend A=127.0.0.1:13001\n  dlb call --tls-cert {d}/client.pem --tls-key {d}/client.key --tls-ca {d}/ca.pem reverse hello\nKeep ca.key private: whoever has it can mint certificates every service trusts."
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn client_tls(args: &dlb::tls::TlsArgs) -> Result<Option<dlb::tls::ClientTls>, String> {
+    let tls = args.load()?;
+    match &tls {
+        Some(tls) if tls.client().is_none() => Err(
+            "--tls-cert/--tls-key without --tls-ca: give the CA to verify the server with"
+                .to_owned(),
+        ),
+        _ => Ok(tls.and_then(|tls| tls.client())),
+    }
+}
+
 async fn run_health(args: HealthArgs) -> Result<ExitCode, String> {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let timeout = seconds("timeout", args.timeout)?;
-    let channel = dlb::endpoint::lazy_channel(&args.addr).map_err(|e| e.to_string())?;
+    let tls = client_tls(&args.tls)?;
+    let channel = dlb::endpoint::endpoint_tls(&args.addr, tls.as_ref())
+        .map_err(|e| e.to_string())?
+        .connect_lazy();
     let request = HealthCheckRequest {
         service: args.service.clone(),
     };
     let answer = tokio::time::timeout(timeout, HealthClient::new(channel).check(request)).await;
+    let tls = tls.as_ref();
     let (line, ok) = match answer {
         Err(_) => (
             format!("{}: no answer within {timeout:?}", args.addr),
             false,
         ),
-        Ok(Err(status)) => (
-            format!("{}: {}", args.addr, dlb::call::status_message(&status)),
-            false,
-        ),
+        Ok(Err(status)) => {
+            let message = dlb::call::status_message(&status);
+            let hint = dlb::tls::hint(&message, tls)
+                .map(|h| format!("\nhint: {h}"))
+                .unwrap_or_default();
+            (format!("{}: {message}{hint}", args.addr), false)
+        }
         Ok(Ok(reply)) => {
             let status = reply.into_inner().status();
             (
@@ -248,7 +314,10 @@ async fn run_call(args: CallArgs) -> Result<ExitCode, String> {
         },
     };
     let timeout = seconds("timeout", args.timeout)?;
-    let channel = dlb::endpoint::lazy_channel(&args.addr).map_err(|e| e.to_string())?;
+    let tls = client_tls(&args.tls)?;
+    let channel = dlb::endpoint::endpoint_tls(&args.addr, tls.as_ref())
+        .map_err(|e| e.to_string())?
+        .connect_lazy();
     let mut client =
         OperationsClient::new(channel).max_decoding_message_size(dlb::endpoint::MAX_RESPONSE_BYTES);
     let outcome = call::call(&mut client, &op, Some(timeout)).await;
@@ -257,8 +326,11 @@ async fn run_call(args: CallArgs) -> Result<ExitCode, String> {
             "{}",
             serde_json::to_string(&outcome).map_err(|e| e.to_string())?
         );
-    } else if outcome.error.is_some() {
+    } else if let Some(error) = &outcome.error {
         eprintln!("{}", outcome.human(&op));
+        if let Some(hint) = dlb::tls::hint(&error.message, tls.as_ref()) {
+            eprintln!("hint: {hint}");
+        }
     } else {
         println!("{}", outcome.human(&op));
     }
@@ -285,6 +357,7 @@ async fn run_bench(args: BenchArgs) -> Result<ExitCode, String> {
         duration: seconds("duration", args.duration)?,
         requests: args.requests,
         timeout: seconds("timeout", args.timeout)?,
+        tls: client_tls(&args.tls)?,
     };
     let progress = Arc::new(Progress::default());
     let ticker = (!args.quiet).then(|| {

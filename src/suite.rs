@@ -587,6 +587,7 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
                     duration,
                     requests: None,
                     timeout: Duration::from_secs(10),
+                    tls: None,
                 };
                 let report: BenchReport =
                     bench::run(config, Arc::new(Progress::default()))

@@ -40,6 +40,7 @@ pub struct Tls {
 #[derive(Debug, Clone)]
 pub struct ClientTls {
     config: ClientTlsConfig,
+    identity: bool,
 }
 
 impl ClientTls {
@@ -143,7 +144,10 @@ impl Tls {
             Some(identity) => config.identity(identity.clone()),
             None => config,
         };
-        Some(ClientTls { config })
+        Some(ClientTls {
+            config,
+            identity: self.identity.is_some(),
+        })
     }
 
     /// Whether servers require client certificates.
@@ -154,6 +158,58 @@ impl Tls {
     /// The flags this was loaded from.
     pub fn args(&self) -> &TlsArgs {
         &self.args
+    }
+}
+
+/// What a failed call's error most likely means for TLS, given how the client connected
+/// (`tls`: none, or with or without a client certificate). Servers requiring client
+/// certificates close the connection right after the handshake, which the client sees only as
+/// "connection closed"; a plaintext client talking to a TLS server sees an HTTP/2 framing
+/// error. `None` when nothing points at TLS.
+pub fn hint(message: &str, tls: Option<&ClientTls>) -> Option<&'static str> {
+    let closed = message.contains("connection closed")
+        || message.contains("connection reset")
+        || message.contains("broken pipe");
+    match tls {
+        None if message.contains("frame with invalid size") || closed => Some(
+            "the server may require TLS: give --tls-ca (and --tls-cert/--tls-key for mutual TLS)",
+        ),
+        Some(_)
+            if message.contains("NotValidForName") || message.contains("not valid for name") =>
+        {
+            Some(
+                "the server's certificate is not valid for the name or address dialled (dlb certs init --host NAME adds one)",
+            )
+        }
+        Some(_)
+            if message.contains("UnknownIssuer")
+                || message.contains("BadSignature")
+                || message.contains("invalid peer certificate") =>
+        {
+            Some("the server's certificate is not signed by the CA given with --tls-ca")
+        }
+        Some(_) if message.contains("CertificateRequired") => Some(
+            "the server requires a client certificate (mutual TLS): give --tls-cert and --tls-key",
+        ),
+        Some(_)
+            if message.contains("alert: DecryptError")
+                || message.contains("alert: BadCertificate")
+                || message.contains("alert: UnknownCA") =>
+        {
+            Some("the server refused this client certificate: it is not signed by the server's CA")
+        }
+        Some(tls) if closed && !tls.identity => Some(
+            "the server closed the connection after the TLS handshake: it requires a client certificate (mutual TLS); give --tls-cert and --tls-key",
+        ),
+        Some(_) if closed => Some(
+            "the server closed the connection after the TLS handshake: it refused this client certificate (signed by another CA?)",
+        ),
+        Some(_)
+            if message.contains("InvalidContentType") || message.contains("corrupt message") =>
+        {
+            Some("the server does not speak TLS: drop --tls-ca, or turn TLS on at the server")
+        }
+        _ => None,
     }
 }
 

@@ -75,6 +75,13 @@ pub struct UpArgs {
     /// Where the service binaries are (default: next to this `dlb`, built there if missing).
     #[arg(long, env = "DLB_BIN_DIR")]
     pub bin_dir: Option<PathBuf>,
+    /// Mutual TLS on every gRPC hop (gateway, control, instances, the dashboard's calls), with
+    /// the certificates in --certs-dir (made with `dlb certs init` there when missing).
+    #[arg(long)]
+    pub tls: bool,
+    /// Certificates for --tls (default: `certs` in the state directory).
+    #[arg(long, env = "DLB_CERTS_DIR")]
+    pub certs_dir: Option<PathBuf>,
 }
 
 /// Flags of `dlb down`.
@@ -416,20 +423,23 @@ async fn redis_answers(url: &str) -> Result<(), String> {
     }
 }
 
-async fn connect(addr: &str) -> Result<tonic::transport::Channel, Probe> {
-    crate::endpoint::endpoint(addr)
+async fn connect(
+    addr: &str,
+    tls: Option<&crate::tls::ClientTls>,
+) -> Result<tonic::transport::Channel, Probe> {
+    crate::endpoint::endpoint_tls(addr, tls)
         .map_err(|e| Probe::Failed(e.to_string()))?
         .connect()
         .await
         .map_err(|e| Probe::NotYet(crate::call::error_chain(&e)))
 }
 
-async fn grpc_serving(addr: &str) -> Result<String, Probe> {
+async fn grpc_serving(addr: &str, tls: Option<&crate::tls::ClientTls>) -> Result<String, Probe> {
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: String::new(),
     });
     request.set_timeout(Duration::from_secs(1));
-    let status = HealthClient::new(connect(addr).await?)
+    let status = HealthClient::new(connect(addr, tls).await?)
         .check(request)
         .await
         .map_err(|s| Probe::NotYet(crate::call::status_message(&s)))?
@@ -446,8 +456,12 @@ async fn grpc_serving(addr: &str) -> Result<String, Probe> {
 }
 
 /// Ready when every instance is SERVING; fails at once when one crashed.
-async fn instances_serving(addr: &str, count: usize) -> Result<String, Probe> {
-    let list = ControlClient::new(connect(addr).await?)
+async fn instances_serving(
+    addr: &str,
+    count: usize,
+    tls: Option<&crate::tls::ClientTls>,
+) -> Result<String, Probe> {
+    let list = ControlClient::new(connect(addr, tls).await?)
         .list_instances(ListInstancesRequest {})
         .await
         .map_err(|s| Probe::NotYet(crate::call::status_message(&s)))?
@@ -791,6 +805,46 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
     };
     state.redis = crate::events::redact_url(&redis_url);
 
+    // Certificates for --tls: made once, then reused.
+    let certs = if args.tls {
+        let dir = args
+            .certs_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("certs"));
+        if dir.join("ca.pem").exists() {
+            say(format!(
+                "mutual TLS with the certificates in {}",
+                dir.display()
+            ));
+        } else {
+            crate::tls::init(&dir, &[]).map_err(|e| format!("--tls: {e}"))?;
+            say(format!(
+                "mutual TLS: made a private CA and certificates in {}",
+                dir.display()
+            ));
+        }
+        for name in crate::tls::SERVICES {
+            crate::tls::args_for(&dir, name)
+                .load()
+                .map_err(|e| format!("--tls: {e} (remove {} to make new ones)", dir.display()))?;
+        }
+        Some(dir)
+    } else {
+        None
+    };
+    let tls_args = |name: &str| {
+        certs
+            .as_ref()
+            .map(|dir| crate::tls::args_for(dir, name).to_args())
+            .unwrap_or_default()
+    };
+    let client_tls = match &certs {
+        Some(dir) => crate::tls::args_for(dir, "client")
+            .load()?
+            .and_then(|tls| tls.client()),
+        None => None,
+    };
+
     // Control and its instances.
     let control_addr = format!("127.0.0.1:{}", args.control_port);
     say(format!(
@@ -810,7 +864,10 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
         bins.join("dlb-compute").display().to_string(),
         "--redis".to_owned(),
         redis_url.clone(),
-    ];
+    ]
+    .into_iter()
+    .chain(tls_args("control"))
+    .collect::<Vec<_>>();
     started.push(Service::spawn(
         "control",
         "control",
@@ -823,8 +880,10 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
     let instances = {
         let addr = control_addr.clone();
         let count = args.instances;
-        wait_ready(control, "serving every instance", || {
-            instances_serving(&addr, count)
+        let tls = client_tls.clone();
+        wait_ready(control, "serving every instance", move || {
+            let (addr, tls) = (addr.clone(), tls.clone());
+            async move { instances_serving(&addr, count, tls.as_ref()).await }
         })
         .await?
     };
@@ -842,7 +901,10 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
         format!("http://{control_addr}"),
         "--redis".to_owned(),
         redis_url.clone(),
-    ];
+    ]
+    .into_iter()
+    .chain(tls_args("gateway"))
+    .collect::<Vec<_>>();
     started.push(Service::spawn(
         "gateway",
         "gateway",
@@ -852,7 +914,10 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
     )?);
     let gateway = started.last_mut().ok_or("the gateway did not start")?;
     record(&mut state, &state_path, gateway)?;
-    wait_ready(gateway, "serving", || grpc_serving(&gateway_addr)).await?;
+    wait_ready(gateway, "serving", || {
+        grpc_serving(&gateway_addr, client_tls.as_ref())
+    })
+    .await?;
     state.gateway.clone_from(&gateway_addr);
 
     // Dashboard.
@@ -867,7 +932,10 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
         control_addr.clone(),
         "--redis".to_owned(),
         redis_url.clone(),
-    ];
+    ]
+    .into_iter()
+    .chain(tls_args("ui"))
+    .collect::<Vec<_>>();
     started.push(Service::spawn(
         "ui",
         "dashboard",
@@ -899,11 +967,30 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
     );
     let _ = writeln!(summary, "  event log  {redis_note}");
     let _ = writeln!(summary, "Try:");
-    let _ = writeln!(
-        summary,
-        "  grpcurl -plaintext -d '{{\"number\": \"97\"}}' {gateway_addr} dlb.v1.Operations/IsPrime"
-    );
-    let _ = write!(summary, "  dlb call --addr {gateway_addr} fib 90");
+    match &certs {
+        None => {
+            let _ = writeln!(
+                summary,
+                "  grpcurl -plaintext -d '{{\"number\": \"97\"}}' {gateway_addr} dlb.v1.Operations/IsPrime"
+            );
+            let _ = write!(summary, "  dlb call --addr {gateway_addr} fib 90");
+        }
+        Some(dir) => {
+            let d = dir.display();
+            let _ = writeln!(
+                summary,
+                "  mutual TLS on every gRPC hop; certificates in {d}"
+            );
+            let _ = writeln!(
+                summary,
+                "  grpcurl -cacert {d}/ca.pem -cert {d}/client.pem -key {d}/client.key -d '{{\"number\": \"97\"}}' {gateway_addr} dlb.v1.Operations/IsPrime"
+            );
+            let _ = write!(
+                summary,
+                "  dlb call --tls-ca {d}/ca.pem --tls-cert {d}/client.pem --tls-key {d}/client.key --addr {gateway_addr} fib 90"
+            );
+        }
+    }
     Ok(summary)
 }
 

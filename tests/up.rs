@@ -405,6 +405,10 @@ fn every_grpcurl_command_in_the_readme_works_against_dlb_up() {
         .and_then(|i| i["address"].as_str().map(str::to_owned))
         .unwrap();
     for command in &commands {
+        if command.contains("-cacert") {
+            // Mutual TLS: run against `dlb up --tls` by the test below.
+            continue;
+        }
         if let Some(url) = command.strip_prefix("curl -s http://127.0.0.1:12002") {
             let response = http_get(up.ports.metrics, url).unwrap();
             assert!(
@@ -429,6 +433,83 @@ fn every_grpcurl_command_in_the_readme_works_against_dlb_up() {
         let out = run_grpcurl(&args).unwrap_or_else(|e| panic!("{command}\nfailed: {e}"));
         assert!(!out.trim().is_empty(), "{command}: no output");
         println!("ok: {command}");
+    }
+    assert!(up.interrupt().success());
+}
+
+#[test]
+fn the_readme_mutual_tls_commands_work_against_dlb_up_tls_and_strangers_are_refused() {
+    let commands: Vec<String> = readme_grpcurl_commands()
+        .into_iter()
+        .filter(|c| c.contains("-cacert"))
+        .collect();
+    assert!(
+        commands.iter().any(|c| c.contains("dlb.v1.Operations/")),
+        "README has a grpcurl call with mutual TLS"
+    );
+    let mut up = Up::start_with("tls", &["--tls"]);
+    let deadline = Instant::now() + PATIENCE;
+    while !up.output().contains("dlb is up") {
+        if let Ok(Some(status)) = up.child.try_wait() {
+            panic!("dlb up --tls exited ({status}):\n{}", up.output());
+        }
+        assert!(Instant::now() < deadline, "not up:\n{}", up.output());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let certs = up.ports.state_dir.join("certs");
+    assert!(up.output().contains("mutual TLS"), "{}", up.output());
+    for command in &commands {
+        let line = command
+            .replace("~/.local/state/dlb/certs", &certs.display().to_string())
+            .replace("127.0.0.1:12000", &up.ports.gateway())
+            .replace("127.0.0.1:12001", &up.ports.control());
+        let words = shell_words(&line);
+        let args: Vec<&str> = words[1..].iter().map(String::as_str).collect();
+        let out = run_grpcurl(&args).unwrap_or_else(|e| panic!("{command}\nfailed: {e}"));
+        assert!(!out.trim().is_empty(), "{command}: no output");
+        println!("ok: {command}");
+    }
+    // The dashboard reaches control and the gateway over mutual TLS.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let snapshot = http_get(up.ports.ui, "/api/snapshot").unwrap_or_default();
+        // Lifecycle state from control, health from the gateway.
+        if snapshot.contains("\"state\":\"serving\"") && snapshot.contains("\"health\":\"serving\"")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dashboard without data: {snapshot}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The same services refuse plaintext, and TLS without a client certificate.
+    let ca = certs.join("ca.pem").display().to_string();
+    for addr in [up.ports.gateway(), up.ports.control()] {
+        let plaintext = run_grpcurl(&[
+            "-plaintext",
+            "-max-time",
+            "5",
+            &addr,
+            "grpc.health.v1.Health/Check",
+        ]);
+        assert!(
+            plaintext.is_err(),
+            "{addr} answered in plaintext: {plaintext:?}"
+        );
+        let anonymous = run_grpcurl(&[
+            "-cacert",
+            &ca,
+            "-max-time",
+            "5",
+            &addr,
+            "grpc.health.v1.Health/Check",
+        ]);
+        assert!(
+            anonymous.is_err(),
+            "{addr} answered without a client certificate: {anonymous:?}"
+        );
     }
     assert!(up.interrupt().success());
 }

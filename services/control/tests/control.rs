@@ -257,6 +257,7 @@ async fn stopping_an_instance_under_load_through_the_gateway_fails_no_call() {
         duration: Duration::from_secs(60),
         requests: Some(2_000),
         timeout: Duration::from_secs(10),
+        tls: None,
     };
     let run = tokio::spawn(bench::run(load.clone(), Arc::clone(&progress)));
     while progress.completed.load(Ordering::Relaxed) < 200 {
@@ -485,6 +486,7 @@ async fn gateway_serves_through_a_control_restart_and_follows_the_new_one() {
         duration: Duration::from_secs(60),
         requests: Some(3_000),
         timeout: Duration::from_secs(10),
+        tls: None,
     };
     let run = tokio::spawn(bench::run(load, Arc::clone(&progress)));
     while progress.completed.load(Ordering::Relaxed) < 300 {

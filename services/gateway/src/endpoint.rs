@@ -294,6 +294,9 @@ struct Shared {
     next: AtomicUsize,
     eject: Arc<Notify>,
     cut: CancellationToken,
+    /// A call failed below gRPC (connection refused, reset, ...): skipped by the balancer until
+    /// its health monitor has seen it SERVING again, so retries go elsewhere meanwhile.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 /// The failure of a call cut short because its instance stopped answering (see
@@ -320,9 +323,15 @@ impl EndpointService {
                 next: AtomicUsize::new(0),
                 eject,
                 cut,
+                failed: std::sync::atomic::AtomicBool::new(false),
             }),
             picked: None,
         }
+    }
+
+    /// Back in rotation: no longer skipped (see `failed`).
+    pub fn clear_failed(&self) {
+        self.shared.failed.store(false, Ordering::Relaxed);
     }
 
     fn pick(&self) -> Option<Channel> {
@@ -346,6 +355,12 @@ impl Service<http::Request<Body>> for EndpointService {
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.shared.failed.load(Ordering::Relaxed) {
+            // The balancer skips it for this pick.
+            return Poll::Ready(Err(
+                "instance failed at the connection level; skipped until healthy again".into(),
+            ));
+        }
         if self.picked.is_none() {
             self.picked = self.pick();
         }
@@ -390,6 +405,7 @@ impl Service<http::Request<Body>> for EndpointService {
                         "call failed below gRPC; ejecting"
                     );
                     // Passive health: a connection failure takes the endpoint out at once.
+                    shared.failed.store(true, Ordering::Relaxed);
                     shared.eject.notify_one();
                     Err(error.into())
                 }

@@ -181,6 +181,7 @@ impl<'a> Watcher<'a> {
         let id = Arc::clone(&m.stats.id);
         if state == State::Serving && !self.in_ring {
             self.in_ring = true;
+            self.service.clear_failed();
             let _ = m
                 .balancer
                 .send(Ok(Change::Insert(id, self.service.clone())));

@@ -98,6 +98,7 @@ fn load(gateway: &RunningGateway, concurrency: usize, requests: u64) -> BenchCon
         duration: Duration::from_secs(60),
         requests: Some(requests),
         timeout: Duration::from_secs(10),
+        tls: None,
     }
 }
 

@@ -223,6 +223,7 @@ async fn a_cut_link_under_load_fails_no_call_and_the_host_returns_when_the_link_
         duration: Duration::from_secs(60),
         requests: Some(3_000),
         timeout: Duration::from_secs(2),
+        tls: None,
     };
     let run = tokio::spawn(bench::run(load, Arc::clone(&progress)));
     tokio::time::timeout(PATIENCE, async {
@@ -283,6 +284,7 @@ async fn a_cut_link_under_load_fails_no_call_and_the_host_returns_when_the_link_
             duration: Duration::from_secs(60),
             requests: Some(200),
             timeout: Duration::from_secs(2),
+            tls: None,
         },
         Arc::new(Progress::default()),
     )

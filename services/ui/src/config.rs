@@ -55,6 +55,11 @@ pub struct Config {
     #[arg(long, env = "DLB_UI_CALL_TIMEOUT_SECS", default_value_t = 30)]
     pub call_timeout_secs: u64,
 
+    /// TLS towards the gateway and control (--tls-ca verifies them; --tls-cert/--tls-key is
+    /// the client certificate mutual TLS asks for). The dashboard's own HTTP stays on loopback.
+    #[command(flatten)]
+    pub tls: dlb::tls::TlsArgs,
+
     /// The event log (read for the events panel; the dashboard logs its own actions too).
     #[command(flatten)]
     pub events: EventLogArgs,
@@ -62,6 +67,15 @@ pub struct Config {
 
 impl Config {
     /// Port 0 on loopback, the given gateway and control, no event log.
+    /// TLS towards the gateway and control, if `--tls-ca` is given.
+    ///
+    /// # Errors
+    ///
+    /// A message naming a bad TLS file.
+    pub fn client_tls(&self) -> Result<Option<dlb::tls::ClientTls>, String> {
+        Ok(self.tls.load()?.and_then(|tls| tls.client()))
+    }
+
     pub fn for_tests(gateway: &str, control: Option<&str>) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -70,6 +84,7 @@ impl Config {
             admin_token: None,
             refresh_ms: 200,
             call_timeout_secs: 30,
+            tls: dlb::tls::TlsArgs::default(),
             events: EventLogArgs::disabled(),
         }
     }
@@ -125,9 +140,12 @@ impl Config {
         if self.call_timeout_secs == 0 {
             return Err("--call-timeout-secs must be at least 1".to_owned());
         }
-        dlb::endpoint::endpoint(&self.gateway).map_err(|e| format!("--gateway: {e}"))?;
+        let tls = self.client_tls()?;
+        dlb::endpoint::endpoint_tls(&self.gateway, tls.as_ref())
+            .map_err(|e| format!("--gateway: {e}"))?;
         if let Some(control) = self.control_addr() {
-            dlb::endpoint::endpoint(control).map_err(|e| format!("--control: {e}"))?;
+            dlb::endpoint::endpoint_tls(control, tls.as_ref())
+                .map_err(|e| format!("--control: {e}"))?;
         }
         self.events.config()?;
         Ok(())

@@ -86,13 +86,15 @@ impl AppState {
         tracker: &TaskTracker,
     ) -> Result<Self, StartError> {
         config.validate().map_err(StartError::Config)?;
-        let gateway = dlb::endpoint::lazy_channel(&config.gateway)
+        let tls = config.client_tls().map_err(StartError::Config)?;
+        let gateway = dlb::endpoint::endpoint_tls(&config.gateway, tls.as_ref())
+            .map(|endpoint| endpoint.connect_lazy())
             .map_err(|e| StartError::Config(format!("--gateway: {e}")))?;
         let control = config
             .control_addr()
             .map(|addr| {
-                dlb::endpoint::lazy_channel(addr)
-                    .map(|channel| (addr.to_owned(), channel))
+                dlb::endpoint::endpoint_tls(addr, tls.as_ref())
+                    .map(|endpoint| (addr.to_owned(), endpoint.connect_lazy()))
                     .map_err(|e| StartError::Config(format!("--control: {e}")))
             })
             .transpose()?;

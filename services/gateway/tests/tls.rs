@@ -1,0 +1,374 @@
+//! Mutual TLS across the mesh, with certificates from `dlb certs init` (`dlb::tls::init`): a
+//! real `dlb-control` process starting its instances with TLS, a gateway following it over TLS,
+//! and clients with and without the right credentials knocking at each of the three.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use dlb::bench::{self, BenchConfig, Progress};
+use dlb::call::Op;
+use dlb::proto::v1::{
+    ListInstancesRequest, ReverseRequest, control_client::ControlClient,
+    operations_client::OperationsClient,
+};
+use dlb::tls::{ClientTls, TlsArgs};
+use dlb_gateway::Config;
+use dlb_gateway::testing::RunningGateway;
+use support::{ComputeProcess, PATIENCE, wait_serving};
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// A fresh directory with a CA and every service's certificate.
+fn certs(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "dlb-tls-test-{name}-{}-{}",
+        std::process::id(),
+        dlb::testing::free_port()
+    ));
+    dlb::tls::init(&dir, &[]).unwrap();
+    dir
+}
+
+fn client(args: TlsArgs) -> ClientTls {
+    args.load().unwrap().unwrap().client().unwrap()
+}
+
+/// A channel to `addr` with `tls` (plaintext when `None`), checking the server's name as
+/// `domain` when given.
+async fn dial(addr: &str, tls: Option<&ClientTls>, domain: Option<&str>) -> Channel {
+    let endpoint = match (tls, domain) {
+        (Some(tls), Some(domain)) => {
+            tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+                .unwrap()
+                .tls_config(tls.config(Some(domain)))
+                .unwrap()
+        }
+        _ => dlb::endpoint::endpoint_tls(addr, tls).unwrap(),
+    };
+    endpoint.connect_lazy()
+}
+
+/// The health check's outcome: `Ok` or the error as the client prints it.
+async fn check(channel: Channel) -> Result<(), String> {
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        HealthClient::new(channel).check(request),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(dlb::call::status_message(&status)),
+        Err(_) => Err("no answer within 5 s".to_owned()),
+    }
+}
+
+/// `dlb-control` with mutual TLS, starting `instances` instances (which get its TLS flags).
+struct Control {
+    child: Child,
+    addr: String,
+}
+
+impl Control {
+    fn start(dir: &Path, instances: usize) -> Self {
+        support::compute_binary();
+        let tls = dlb::tls::args_for(dir, "control").to_args();
+        let mut child = Command::new(dlb::testing::workspace_binary("dlb-control"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--first-port",
+                "0",
+                "--redis",
+                "none",
+            ])
+            .args(["--instances", &instances.to_string()])
+            .args(&tls)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("listening on"), "{line:?}");
+        let addr = line.trim().rsplit(' ').next().unwrap().to_owned();
+        Self { child, addr }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        // SIGTERM: control drains and stops its instances.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mutual_tls_members_talk_and_strangers_are_refused_at_every_service() {
+    let dir = certs("main");
+    let other = certs("other");
+    let control = Control::start(&dir, 2);
+    let trusted = client(dlb::tls::args_for(&dir, "client"));
+
+    // The gateway follows control over TLS and calls the instances over TLS.
+    let mut config = Config::for_tests(vec![]);
+    config.tls = dlb::tls::args_for(&dir, "gateway");
+    config.control = Some(format!("http://{}", control.addr));
+    let gateway = RunningGateway::start(config, vec![], false).await.unwrap();
+    let gateway_addr = gateway.addr.to_string();
+    let gw = dial(&gateway_addr, Some(&trusted), None).await;
+    wait_serving(&gw, &["A", "B"], PATIENCE).await;
+    let mut operations = OperationsClient::new(gw.clone());
+    for _ in 0..4 {
+        let reply = operations
+            .reverse(ReverseRequest {
+                text: "hello".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(reply.into_inner().text, "olleh");
+    }
+
+    let instances = ControlClient::new(dial(&control.addr, Some(&trusted), None).await)
+        .list_instances(ListInstancesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
+    let compute_addr = instances[0].address.clone();
+
+    let no_certificate = client(TlsArgs {
+        tls_ca: Some(dir.join("ca.pem")),
+        ..TlsArgs::default()
+    });
+    let foreign_certificate = client(TlsArgs {
+        tls_cert: Some(other.join("client.pem")),
+        tls_key: Some(other.join("client.key")),
+        tls_ca: Some(dir.join("ca.pem")),
+    });
+    for (service, addr) in [
+        ("compute", compute_addr.as_str()),
+        ("gateway", gateway_addr.as_str()),
+        ("control", control.addr.as_str()),
+    ] {
+        assert_eq!(
+            check(dial(addr, Some(&trusted), None).await).await,
+            Ok(()),
+            "{service}: a client with a certificate from the mesh's CA gets in"
+        );
+
+        let error = check(dial(addr, Some(&no_certificate), None).await)
+            .await
+            .expect_err("refused without a client certificate");
+        let hint = dlb::tls::hint(&error, Some(&no_certificate));
+        assert!(
+            hint.is_some_and(|h| h.contains("client certificate")),
+            "{service}, no certificate: {error} (hint {hint:?})"
+        );
+
+        let error = check(dial(addr, Some(&foreign_certificate), None).await)
+            .await
+            .expect_err("refused with a certificate from another CA");
+        let hint = dlb::tls::hint(&error, Some(&foreign_certificate));
+        assert!(
+            hint.is_some_and(|h| h.contains("refused this client certificate")),
+            "{service}, other CA: {error} (hint {hint:?})"
+        );
+
+        let error = check(dial(addr, None, None).await)
+            .await
+            .expect_err("refused in plaintext");
+        let hint = dlb::tls::hint(&error, None);
+        assert!(
+            hint.is_some_and(|h| h.contains("may require TLS")),
+            "{service}, plaintext: {error} (hint {hint:?})"
+        );
+
+        // The client checks the server too: a certificate for other names is refused.
+        let error = check(dial(addr, Some(&trusted), Some("wrong.example")).await)
+            .await
+            .expect_err("a server certificate for another name is refused");
+        assert!(
+            error.contains("not valid for name \"wrong.example\""),
+            "{service}: {error}"
+        );
+        assert!(
+            dlb::tls::hint(&error, Some(&trusted))
+                .is_some_and(|h| h.contains("not valid for the name")),
+            "{service}: {error}"
+        );
+        // And one from another CA.
+        let wrong_ca = client(TlsArgs {
+            tls_cert: Some(dir.join("client.pem")),
+            tls_key: Some(dir.join("client.key")),
+            tls_ca: Some(other.join("ca.pem")),
+        });
+        let error = check(dial(addr, Some(&wrong_ca), None).await)
+            .await
+            .expect_err("a server certificate from another CA is refused");
+        assert!(
+            dlb::tls::hint(&error, Some(&wrong_ca))
+                .is_some_and(|h| h.contains("not signed by the CA")),
+            "{service}: {error}"
+        );
+    }
+
+    // Still serving after all that.
+    assert_eq!(check(gw.clone()).await, Ok(()));
+    gateway.shutdown().await.unwrap();
+    drop(control);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&other);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_an_instance_under_load_loses_no_call_with_mutual_tls() {
+    let dir = certs("failover");
+    let tls: Vec<String> = dlb::tls::args_for(&dir, "compute").to_args();
+    let flags: Vec<&str> = ["--redis", "none"]
+        .into_iter()
+        .chain(tls.iter().map(String::as_str))
+        .collect();
+    let mut computes: Vec<ComputeProcess> = ["A", "B", "C"]
+        .iter()
+        .map(|id| ComputeProcess::start_with(&[], id, "127.0.0.1:0", &flags))
+        .collect();
+    let mut config = Config::for_tests(vec![]);
+    config.tls = dlb::tls::args_for(&dir, "gateway");
+    let backends = computes.iter().map(ComputeProcess::backend).collect();
+    let gateway = RunningGateway::start(config, backends, false)
+        .await
+        .unwrap();
+    let trusted = client(dlb::tls::args_for(&dir, "client"));
+    let gw = dial(&gateway.addr.to_string(), Some(&trusted), None).await;
+    wait_serving(&gw, &["A", "B", "C"], PATIENCE).await;
+
+    let progress = Arc::new(Progress::default());
+    let load = BenchConfig {
+        addrs: vec![gateway.addr.to_string()],
+        op: Op::Reverse {
+            text: "hello".into(),
+        },
+        concurrency: 32,
+        rate: None,
+        connections: 2,
+        warmup: Duration::ZERO,
+        duration: Duration::from_secs(60),
+        requests: Some(5_000),
+        timeout: Duration::from_secs(10),
+        tls: Some(trusted.clone()),
+    };
+    let run = tokio::spawn(bench::run(load, Arc::clone(&progress)));
+    tokio::time::timeout(PATIENCE, async {
+        while progress.completed.load(Ordering::Relaxed) < 1_000 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap();
+    computes[1].signal_and_wait("KILL");
+    let report = run.await.unwrap().unwrap();
+    assert!(
+        report.errors.is_empty(),
+        "failed calls: {:?} {:?}",
+        report.errors,
+        report.error_samples
+    );
+    assert_eq!(report.ok, 5_000);
+    assert!(
+        report.per_instance.contains_key("B"),
+        "B served before it died"
+    );
+
+    // Restarted on the same address, with the same certificate: back in rotation.
+    computes[1].restart();
+    wait_serving(&gw, &["A", "B", "C"], Duration::from_secs(2)).await;
+    gateway.shutdown().await.unwrap();
+    drop(computes);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plaintext_health_port_answers_health_only() {
+    let dir = certs("health");
+    let health_port = dlb::testing::free_port();
+    let health_addr = format!("127.0.0.1:{health_port}");
+    let tls = dlb::tls::args_for(&dir, "compute").to_args();
+    let flags: Vec<&str> = ["--redis", "none", "--health-listen", health_addr.as_str()]
+        .into_iter()
+        .chain(tls.iter().map(String::as_str))
+        .collect();
+    let compute = ComputeProcess::start_with(&[], "A", "127.0.0.1:0", &flags);
+
+    // A probe without TLS gets SERVING on the health port...
+    let plain = dial(&health_addr, None, None).await;
+    tokio::time::timeout(PATIENCE, async {
+        while check(plain.clone()).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the health port answers in plaintext");
+    // ...and nothing else there: the operations stay behind TLS.
+    let status = OperationsClient::new(plain)
+        .reverse(ReverseRequest {
+            text: "hello".into(),
+        })
+        .await
+        .expect_err("no operations on the health port");
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    // The main port still refuses plaintext.
+    assert!(check(dial(&compute.addr, None, None).await).await.is_err());
+    drop(compute);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_compute_instance_beyond_loopback_without_tls_warns_loudly() {
+    let mut child = Command::new(support::compute_binary())
+        .args(["--id", "W", "--listen", "0.0.0.0:0", "--redis", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let warning: Vec<String> = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .scan(false, |done, line| {
+            // Up to the warning's last line.
+            if *done {
+                return None;
+            }
+            *done = line.contains("listen on 127.0.0.1");
+            Some(line)
+        })
+        .take(20)
+        .collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    let warning = warning.join("\n");
+    assert!(
+        warning.contains("WARNING")
+            && warning.contains("WITHOUT TLS")
+            && warning.contains("bypassing the gateway"),
+        "{warning}"
+    );
+}
