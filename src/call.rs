@@ -207,6 +207,9 @@ pub struct CallError {
     pub code: &'static str,
     /// The server's message.
     pub message: String,
+    /// The failure happened on this client's own connection (not answered by a server).
+    #[serde(skip)]
+    pub local: bool,
 }
 
 /// The canonical upper-case name of a gRPC status code.
@@ -311,6 +314,7 @@ pub async fn call(
                     code_name(status.code())
                 },
                 message: status_message(&status),
+                local: std::error::Error::source(&status).is_some(),
             }),
             served_by: metadata_str(status.metadata(), crate::metadata::SERVED_BY),
             attempts: metadata_str(status.metadata(), crate::metadata::ATTEMPTS)

@@ -106,8 +106,14 @@ pub fn endpoint_tls(
             addr: addr.to_owned(),
             source,
         })?;
+    // rustls wants an IPv6 address without its URI brackets.
+    let host = rest.rsplit_once(':').map_or(rest, |(host, _)| host);
+    let bare_v6 = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .filter(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
     let endpoint = endpoint
-        .tls_config(tls.config(None))
+        .tls_config(tls.config(bare_v6))
         .map_err(|source| AddrError::Tls {
             addr: addr.to_owned(),
             source,

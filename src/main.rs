@@ -260,6 +260,7 @@ async fn run_health(args: HealthArgs) -> Result<ExitCode, String> {
         Ok(Err(status)) => {
             let message = dlb::call::status_message(&status);
             let hint = dlb::tls::hint(&message, tls)
+                .filter(|_| std::error::Error::source(&status).is_some())
                 .map(|h| format!("\nhint: {h}"))
                 .unwrap_or_default();
             (format!("{}: {message}{hint}", args.addr), false)
@@ -328,7 +329,8 @@ async fn run_call(args: CallArgs) -> Result<ExitCode, String> {
         );
     } else if let Some(error) = &outcome.error {
         eprintln!("{}", outcome.human(&op));
-        if let Some(hint) = dlb::tls::hint(&error.message, tls.as_ref()) {
+        // Only this client's own connection says anything about its TLS settings.
+        if let Some(hint) = dlb::tls::hint(&error.message, tls.as_ref()).filter(|_| error.local) {
             eprintln!("hint: {hint}");
         }
     } else {

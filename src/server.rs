@@ -274,13 +274,24 @@ pub async fn spawn_health_listener(
 
 /// A loud warning for a server bound beyond loopback without TLS: anyone who can reach the
 /// address can call it directly, bypassing the gateway.
-pub fn warn_if_exposed(program: &str, addr: std::net::SocketAddr, tls: bool) {
-    if tls || addr.ip().is_loopback() {
+pub fn warn_if_exposed(program: &str, addr: std::net::SocketAddr, tls: &crate::tls::TlsArgs) {
+    if tls.tls_cert.is_some() && tls.tls_ca.is_none() {
+        eprintln!(
+            "{program}: WARNING: TLS without --tls-ca: connections are encrypted, but any client may call;\n\
+             give --tls-ca to require client certificates (mutual TLS)."
+        );
+    }
+    if tls.tls_cert.is_some() || addr.ip().is_loopback() {
         return;
     }
+    let what = match program {
+        "dlb-compute" => "call it directly, bypassing the gateway,",
+        "dlb-control" => "start, stop and kill instances,",
+        _ => "call it,",
+    };
     eprintln!(
         "\n{program}: WARNING: listening on {addr} WITHOUT TLS. Anyone who can reach this address can\n\
-         call it directly, bypassing the gateway, and read every request and response in transit.\n\
+         {what} and read every request and response in transit.\n\
          Turn on mutual TLS (--tls-cert, --tls-key, --tls-ca; `dlb certs init DIR` makes them) or\n\
          listen on 127.0.0.1.\n"
     );

@@ -26,7 +26,23 @@ pub struct TlsArgs {
     /// clients verify servers against it.
     #[arg(long, env = "DLB_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Name to check the servers' certificates against, instead of the host dialled (for
+    /// addresses no certificate can name, such as pod IPs found by DNS discovery).
+    #[arg(long, env = "DLB_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
 }
+
+/// Environment variables a parent must not hand down to the services it starts (they get
+/// explicit flags instead): TLS settings and per-service health ports.
+pub const PRIVATE_ENV: [&str; 7] = [
+    "DLB_TLS_CERT",
+    "DLB_TLS_KEY",
+    "DLB_TLS_CA",
+    "DLB_TLS_SERVER_NAME",
+    "DLB_COMPUTE_HEALTH_LISTEN",
+    "DLB_GATEWAY_HEALTH_LISTEN",
+    "DLB_CONTROL_HEALTH_LISTEN",
+];
 
 /// Loaded TLS material. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -41,15 +57,17 @@ pub struct Tls {
 pub struct ClientTls {
     config: ClientTlsConfig,
     identity: bool,
+    /// `--tls-server-name` was given: it wins over any name derived from the address.
+    server_name: bool,
 }
 
 impl ClientTls {
     /// The tonic configuration; `domain` overrides the name checked against the server's
-    /// certificate (default: the host in the address).
+    /// certificate (default: `--tls-server-name`, else the host in the address).
     pub fn config(&self, domain: Option<&str>) -> ClientTlsConfig {
-        match domain {
-            Some(domain) => self.config.clone().domain_name(domain),
-            None => self.config.clone(),
+        match (domain, self.server_name) {
+            (Some(domain), false) => self.config.clone().domain_name(domain),
+            _ => self.config.clone(),
         }
     }
 }
@@ -72,6 +90,11 @@ impl TlsArgs {
     /// Nothing set: plaintext.
     pub fn is_off(&self) -> bool {
         self.tls_cert.is_none() && self.tls_key.is_none() && self.tls_ca.is_none()
+    }
+
+    /// Whether a server with these flags requires client certificates (mutual TLS).
+    pub fn is_mutual(&self) -> bool {
+        self.tls_cert.is_some() && self.tls_ca.is_some()
     }
 
     /// Reads the files, or `None` when no TLS flag is set.
@@ -120,6 +143,10 @@ impl TlsArgs {
                 out.push(path.display().to_string());
             }
         }
+        if let Some(name) = &self.tls_server_name {
+            out.push("--tls-server-name".to_owned());
+            out.push(name.clone());
+        }
         out
     }
 }
@@ -140,6 +167,10 @@ impl Tls {
     pub fn client(&self) -> Option<ClientTls> {
         let ca = self.ca.clone()?;
         let config = ClientTlsConfig::new().ca_certificate(ca);
+        let config = match &self.args.tls_server_name {
+            Some(name) => config.domain_name(name.clone()),
+            None => config,
+        };
         let config = match &self.identity {
             Some(identity) => config.identity(identity.clone()),
             None => config,
@@ -147,6 +178,7 @@ impl Tls {
         Some(ClientTls {
             config,
             identity: self.identity.is_some(),
+            server_name: self.args.tls_server_name.is_some(),
         })
     }
 
@@ -174,11 +206,14 @@ pub fn hint(message: &str, tls: Option<&ClientTls>) -> Option<&'static str> {
         None if message.contains("frame with invalid size") || closed => Some(
             "the server may require TLS: give --tls-ca (and --tls-cert/--tls-key for mutual TLS)",
         ),
+        Some(_) if message.contains("Expired") || message.contains("expired") => Some(
+            "a certificate has expired: make new ones with `dlb certs init` in a new directory",
+        ),
         Some(_)
             if message.contains("NotValidForName") || message.contains("not valid for name") =>
         {
             Some(
-                "the server's certificate is not valid for the name or address dialled (dlb certs init --host NAME adds one)",
+                "the server's certificate is not valid for the name or address dialled (dlb certs init --host NAME adds one; --tls-server-name checks another)",
             )
         }
         Some(_)
@@ -225,10 +260,17 @@ pub fn for_server(args: &TlsArgs) -> Result<Option<ServerTlsConfig>, String> {
 /// Who gets a certificate from [`init`]: the file stem.
 pub const SERVICES: [&str; 5] = ["gateway", "compute", "control", "ui", "client"];
 
+/// Services that also serve (their certificates name hosts and allow server use); the others
+/// only call.
+const SERVERS: [&str; 3] = ["gateway", "compute", "control"];
+
 /// Makes a private CA and one certificate per entry of [`SERVICES`] in `dir` (created if
-/// missing): `ca.pem`, `ca.key`, and `NAME.pem` + `NAME.key`. Every certificate is valid for
-/// `localhost`, `127.0.0.1`, `::1`, `NAME`, `dlb-NAME` and each of `hosts`, for both server and
-/// client use, for two years. Keys are written with mode 0600. Refuses to overwrite anything.
+/// missing): `ca.pem`, `ca.key`, and `NAME.pem` + `NAME.key`. The servers' certificates
+/// (gateway, compute, control) are valid for `localhost`, `127.0.0.1`, `::1`, `NAME`,
+/// `dlb-NAME` and each of `hosts`, for server and client use (they call each other); `ui` and
+/// `client` are client certificates only, naming no host. Valid from January 1 of last year to
+/// January 1 of the year after next. Keys are written with mode 0600. Refuses to overwrite
+/// anything.
 ///
 /// # Errors
 ///
@@ -274,14 +316,14 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, String> {
     ];
     let issuer = Issuer::new(ca_params, ca_key);
     for name in SERVICES {
-        let mut names = vec![
-            "localhost".to_owned(),
-            "127.0.0.1".to_owned(),
-            "::1".to_owned(),
-            name.to_owned(),
-            format!("dlb-{name}"),
-        ];
-        names.extend(hosts.iter().cloned());
+        let server = SERVERS.contains(&name);
+        let mut names = Vec::new();
+        if server {
+            names.extend(["localhost", "127.0.0.1", "::1"].map(str::to_owned));
+            names.push(name.to_owned());
+            names.push(format!("dlb-{name}"));
+            names.extend(hosts.iter().cloned());
+        }
         let key = KeyPair::generate().map_err(failed)?;
         let mut params = CertificateParams::new(names).map_err(failed)?;
         params
@@ -291,10 +333,14 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, String> {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = if server {
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
         validity(&mut params);
         let cert = params.signed_by(&key, &issuer).map_err(failed)?;
         outputs.push((dir.join(format!("{name}.pem")), cert.pem()));
@@ -327,5 +373,6 @@ pub fn args_for(dir: &Path, name: &str) -> TlsArgs {
         tls_cert: Some(dir.join(format!("{name}.pem"))),
         tls_key: Some(dir.join(format!("{name}.key"))),
         tls_ca: Some(dir.join("ca.pem")),
+        tls_server_name: None,
     }
 }

@@ -277,6 +277,10 @@ impl Service {
     ) -> Result<Self, String> {
         let mut command = Command::new(program);
         command.args(args).stdin(Stdio::null()).process_group(0);
+        // TLS and health ports come as flags (with --tls), never from this shell.
+        for name in crate::tls::PRIVATE_ENV {
+            command.env_remove(name);
+        }
         let log = match log_dir {
             Some(dir) => {
                 let path = dir.join(format!("{name}.log"));

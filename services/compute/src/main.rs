@@ -19,7 +19,7 @@ async fn main() -> ExitCode {
             Err(code) => return code,
         };
     let addr = listener.local_addr().unwrap_or(config.listen);
-    dlb::server::warn_if_exposed("dlb-compute", addr, config.tls.tls_cert.is_some());
+    dlb::server::warn_if_exposed("dlb-compute", addr, &config.tls);
     // One machine-readable line on stdout, so a parent that asked for port 0 learns the port.
     println!("dlb-compute {} listening on {addr}", config.id);
     tracing::info!(instance = %config.id, %addr, "listening");

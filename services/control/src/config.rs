@@ -158,6 +158,12 @@ impl Config {
         }
         self.events.config()?;
         self.tls.load()?;
+        if self.tls.tls_ca.is_some() && self.tls.tls_cert.is_none() {
+            return Err(
+                "--tls-ca without --tls-cert/--tls-key: control and the instances it starts serve with that certificate"
+                    .to_owned(),
+            );
+        }
         if !self.id_prefix.is_empty() {
             dlb::metadata::validate_instance_id(&format!("{}A", self.id_prefix))
                 .map_err(|e| format!("--id-prefix: {e}"))?;

@@ -27,6 +27,7 @@ async fn main() -> ExitCode {
             Err(code) => return code,
         };
     let addr = listener.local_addr().unwrap_or(config.listen);
+    dlb::server::warn_if_exposed("dlb-control", addr, &config.tls);
     println!("dlb-control listening on {addr}");
     match dlb_control::run(listener, config, dlb::server::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

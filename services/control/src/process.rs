@@ -79,7 +79,8 @@ pub async fn spawn(
     redis: &str,
     extra: &[String],
 ) -> Result<Spawned, SpawnError> {
-    let mut child = Command::new(bin)
+    let mut command = Command::new(bin);
+    command
         .args([
             "--id",
             id,
@@ -89,7 +90,16 @@ pub async fn spawn(
             redis,
             "--exit-with-parent",
         ])
-        .args(extra)
+        .args(extra);
+    // TLS, registration and health ports come as flags: nothing of ours leaks in from the
+    // environment (a health port inherited by every instance would clash).
+    for name in dlb::tls::PRIVATE_ENV
+        .iter()
+        .chain(&["DLB_COMPUTE_REGISTER", "DLB_COMPUTE_ADVERTISE"])
+    {
+        command.env_remove(name);
+    }
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

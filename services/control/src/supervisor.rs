@@ -421,6 +421,7 @@ impl Supervisor {
     /// Polls health until SERVING; false once this start is no longer current (the process
     /// exited, or it was stopped or removed).
     async fn wait_serving(&self, id: &str, generation: u64, addr: &str) -> bool {
+        let addr = &dialable(addr);
         let Ok(endpoint) = dlb::endpoint::endpoint_tls(addr, self.inner.tls.as_ref()) else {
             return false;
         };
@@ -736,7 +737,24 @@ impl Supervisor {
 }
 
 /// Waits until the instance at `addr` reports no calls in flight (or cannot be asked).
+/// Where control reaches an instance on its own host: loopback for a wildcard listen address
+/// (which is also a name its certificate has).
+fn dialable(addr: &str) -> String {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(socket) if socket.ip().is_unspecified() => {
+            let loopback: std::net::IpAddr = if socket.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            std::net::SocketAddr::new(loopback, socket.port()).to_string()
+        }
+        _ => addr.to_owned(),
+    }
+}
+
 async fn wait_idle(addr: &str, tls: Option<&dlb::tls::ClientTls>) {
+    let addr = &dialable(addr);
     let Ok(endpoint) = dlb::endpoint::endpoint_tls(addr, tls) else {
         return;
     };

@@ -78,6 +78,9 @@ pub struct EndpointStats {
     requests: AtomicU64,
     errors: AtomicU64,
     in_flight: AtomicU64,
+    /// A call failed below gRPC (connection refused, reset, ...): the balancer skips it until
+    /// its health monitor has seen it SERVING again, so retries go elsewhere meanwhile.
+    suspect: std::sync::atomic::AtomicBool,
     /// When it last made progress: answered a call or a probe, or became busy (microseconds
     /// on the monotonic clock, see [`monotonic_us`]).
     progress_us: AtomicU64,
@@ -121,6 +124,7 @@ impl EndpointStats {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            suspect: std::sync::atomic::AtomicBool::new(false),
             progress_us: AtomicU64::new(monotonic_us()),
             // Constant, valid bounds: 1 us to 10 min at 2 significant digits.
             latency_us: Mutex::new(
@@ -272,7 +276,14 @@ impl EndpointTable {
                 .to_owned();
         }
         all.iter()
-            .map(|e| format!("{} {}", e.id, e.state().name()))
+            .map(|e| {
+                let suspect = if e.suspect.load(Ordering::Relaxed) {
+                    " (a call failed at the connection level; being checked)"
+                } else {
+                    ""
+                };
+                format!("{} {}{suspect}", e.id, e.state().name())
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -294,9 +305,6 @@ struct Shared {
     next: AtomicUsize,
     eject: Arc<Notify>,
     cut: CancellationToken,
-    /// A call failed below gRPC (connection refused, reset, ...): skipped by the balancer until
-    /// its health monitor has seen it SERVING again, so retries go elsewhere meanwhile.
-    failed: std::sync::atomic::AtomicBool,
 }
 
 /// The failure of a call cut short because its instance stopped answering (see
@@ -323,7 +331,6 @@ impl EndpointService {
                 next: AtomicUsize::new(0),
                 eject,
                 cut,
-                failed: std::sync::atomic::AtomicBool::new(false),
             }),
             picked: None,
         }
@@ -331,7 +338,7 @@ impl EndpointService {
 
     /// Back in rotation: no longer skipped (see `failed`).
     pub fn clear_failed(&self) {
-        self.shared.failed.store(false, Ordering::Relaxed);
+        self.shared.stats.suspect.store(false, Ordering::Relaxed);
     }
 
     fn pick(&self) -> Option<Channel> {
@@ -355,7 +362,7 @@ impl Service<http::Request<Body>> for EndpointService {
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        if self.shared.failed.load(Ordering::Relaxed) {
+        if self.shared.stats.suspect.load(Ordering::Relaxed) {
             // The balancer skips it for this pick.
             return Poll::Ready(Err(
                 "instance failed at the connection level; skipped until healthy again".into(),
@@ -405,7 +412,7 @@ impl Service<http::Request<Body>> for EndpointService {
                         "call failed below gRPC; ejecting"
                     );
                     // Passive health: a connection failure takes the endpoint out at once.
-                    shared.failed.store(true, Ordering::Relaxed);
+                    shared.stats.suspect.store(true, Ordering::Relaxed);
                     shared.eject.notify_one();
                     Err(error.into())
                 }

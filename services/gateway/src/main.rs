@@ -37,6 +37,7 @@ async fn main() -> ExitCode {
         );
     }
     let addr = listener.local_addr().unwrap_or(config.listen);
+    dlb::server::warn_if_exposed("dlb-gateway", addr, &config.tls);
     println!("dlb-gateway listening on {addr}");
     let membership = config.membership();
     match dlb_gateway::run(

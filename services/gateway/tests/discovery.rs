@@ -390,6 +390,11 @@ async fn a_control_service_registers_the_instances_it_supervises() {
             "2",
         ])
         .args(["--register", "--id-prefix", "h7-", "--redis", &redis.url()])
+        // Not handed down: two instances on one health port could not both start.
+        .env(
+            "DLB_COMPUTE_HEALTH_LISTEN",
+            format!("127.0.0.1:{}", dlb::testing::free_port()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

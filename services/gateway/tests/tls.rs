@@ -161,6 +161,7 @@ async fn with_mutual_tls_members_talk_and_strangers_are_refused_at_every_service
         tls_cert: Some(other.join("client.pem")),
         tls_key: Some(other.join("client.key")),
         tls_ca: Some(dir.join("ca.pem")),
+        tls_server_name: None,
     });
     for (service, addr) in [
         ("compute", compute_addr.as_str()),
@@ -218,6 +219,7 @@ async fn with_mutual_tls_members_talk_and_strangers_are_refused_at_every_service
             tls_cert: Some(dir.join("client.pem")),
             tls_key: Some(dir.join("client.key")),
             tls_ca: Some(other.join("ca.pem")),
+            tls_server_name: None,
         });
         let error = check(dial(addr, Some(&wrong_ca), None).await)
             .await
