@@ -238,6 +238,16 @@ async fn gateways_keep_serving_while_redis_is_away_and_resync_when_it_returns() 
     gateway.shutdown().await.unwrap();
 }
 
+/// A child process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A private `dnsmasq` answering from a hosts file on 127.0.0.1, stopped on drop.
 struct Dnsmasq {
     child: std::process::Child,
@@ -380,7 +390,7 @@ async fn a_control_service_registers_the_instances_it_supervises() {
     let (gateway, gw) = registry_gateway(&redis).await;
     // A real dlb-control process (it spawns the dlb-compute next to it).
     support::compute_binary();
-    let mut control = Command::new(dlb::testing::workspace_binary("dlb-control"))
+    let control = Command::new(dlb::testing::workspace_binary("dlb-control"))
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -400,6 +410,9 @@ async fn a_control_service_registers_the_instances_it_supervises() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Killed (with its instances, which exit with their parent) if the test fails midway.
+    let mut control = KillOnDrop(control);
+    let control = &mut control.0;
     wait_serving(&gw, &["h7-A", "h7-B"], PATIENCE).await;
     assert_eq!(
         served_by(&gw, 4).await,
