@@ -297,3 +297,19 @@ pub fn warn_if_exposed(program: &str, addr: std::net::SocketAddr, tls: &crate::t
     );
     tracing::warn!(%addr, "listening beyond loopback without TLS");
 }
+
+/// The gRPC server builder every dlb server starts from: TLS from `tls` (mutual with a CA),
+/// and the large HTTP/2 windows (see [`crate::endpoint::STREAM_WINDOW_BYTES`]).
+///
+/// # Errors
+///
+/// [`RunError::Config`] for unreadable TLS files, [`RunError::Serve`] when tonic refuses them.
+pub fn builder(tls: &crate::tls::TlsArgs) -> Result<tonic::transport::Server, RunError> {
+    let mut builder = tonic::transport::Server::builder()
+        .initial_stream_window_size(crate::endpoint::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(crate::endpoint::CONNECTION_WINDOW_BYTES);
+    if let Some(tls) = crate::tls::for_server(tls).map_err(RunError::Config)? {
+        builder = builder.tls_config(tls)?;
+    }
+    Ok(builder)
+}

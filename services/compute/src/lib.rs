@@ -28,7 +28,6 @@ use dlb::registry::{Entry, Registry, RegistryError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http::{self, HeaderValue};
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tower::util::MapResponseLayer;
@@ -86,17 +85,12 @@ pub async fn run(
     let local = listener.local_addr().unwrap_or(config.listen);
     let addr = local.to_string();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut builder = Server::builder();
-    if let Some(tls) = dlb::tls::for_server(&config.tls).map_err(RunError::Config)? {
-        builder = builder.tls_config(tls)?;
-    }
+    let builder = dlb::server::builder(&config.tls)?;
     let health_listener = match config.health_listen {
         Some(addr) => Some(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?),
         None => None,
     };
     let server = builder
-        .initial_stream_window_size(dlb::endpoint::STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(dlb::endpoint::CONNECTION_WINDOW_BYTES)
         .layer(MapResponseLayer::new(
             move |mut response: http::Response<tonic::body::Body>| {
                 response

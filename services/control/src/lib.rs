@@ -21,7 +21,6 @@ use dlb::proto::v1::control_server::ControlServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -55,10 +54,7 @@ pub async fn run(
     let (reflection_v1, reflection_v1alpha) = dlb::server::reflection(&["dlb.v1.Control"])?;
     let stop = CancellationToken::new();
     let closing = CancellationToken::new();
-    let mut builder = Server::builder();
-    if let Some(tls) = dlb::tls::for_server(&config.tls).map_err(RunError::Config)? {
-        builder = builder.tls_config(tls)?;
-    }
+    let mut builder = dlb::server::builder(&config.tls)?;
     if let Some(addr) = config.health_listen {
         tracker.spawn(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?);
     }

@@ -32,7 +32,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tower::util::BoxCloneSyncService;
@@ -156,16 +155,11 @@ pub async fn run(
         .local_addr()
         .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
     let stop = CancellationToken::new();
-    let mut builder = Server::builder();
-    if let Some(tls) = dlb::tls::for_server(&config.tls).map_err(RunError::Config)? {
-        builder = builder.tls_config(tls)?;
-    }
+    let builder = dlb::server::builder(&config.tls)?;
     if let Some(addr) = config.health_listen {
         tracker.spawn(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?);
     }
     let server = builder
-        .initial_stream_window_size(dlb::endpoint::STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(dlb::endpoint::CONNECTION_WINDOW_BYTES)
         .layer(tower::util::MapResponseLayer::new(
             |mut response: tonic::codegen::http::Response<tonic::body::Body>| {
                 dlb::server::oversize_is_resource_exhausted(response.headers_mut());

@@ -10,13 +10,12 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dlb::proto::v1::{ReverseRequest, operations_client::OperationsClient};
 use dlb::registry::Registry;
 use dlb::testing::RedisServer;
 use dlb_gateway::Config;
 use dlb_gateway::config::Discover;
 use dlb_gateway::testing::RunningGateway;
-use support::{ComputeProcess, PATIENCE, channel, stats, wait_serving};
+use support::{ComputeProcess, PATIENCE, channel, served_by, stats, wait_serving};
 use tonic::transport::Channel;
 
 /// A gateway following the registry in `redis`.
@@ -44,24 +43,6 @@ fn registered(id: &str, redis: &RedisServer, ttl_ms: u64) -> ComputeProcess {
             &ttl,
         ],
     )
-}
-
-/// Who served each of `n` calls through `gw`.
-async fn served_by(gw: &Channel, n: usize) -> BTreeMap<String, usize> {
-    let mut client = OperationsClient::new(gw.clone());
-    let mut counts = BTreeMap::new();
-    for _ in 0..n {
-        let response = client
-            .reverse(ReverseRequest {
-                text: "hello".into(),
-            })
-            .await
-            .unwrap();
-        let by = response.metadata().get("x-served-by").unwrap();
-        *counts.entry(by.to_str().unwrap().to_owned()).or_default() += 1;
-        assert_eq!(response.into_inner().text, "olleh");
-    }
-    counts
 }
 
 /// Waits until the gateway lists exactly `ids` (in any state).

@@ -19,12 +19,11 @@ use std::time::{Duration, Instant};
 
 use dlb::bench::{self, BenchConfig, Progress};
 use dlb::call::Op;
-use dlb::proto::v1::{ReverseRequest, operations_client::OperationsClient};
 use dlb::testing::RedisServer;
 use dlb_gateway::Config;
 use dlb_gateway::config::Discover;
 use dlb_gateway::testing::RunningGateway;
-use support::{ComputeProcess, PATIENCE, channel, state_of, stats, wait_serving};
+use support::{ComputeProcess, PATIENCE, channel, served_by, state_of, stats, wait_serving};
 
 /// Runs `ip ARGS`, panicking with its stderr on failure.
 fn ip(args: &[&str]) {
@@ -186,23 +185,7 @@ async fn a_cut_link_under_load_fails_no_call_and_the_host_returns_when_the_link_
     wait_serving(&gw, &ids, PATIENCE).await;
 
     // Exact round robin across the hosts.
-    let mut client = OperationsClient::new(gw.clone());
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for _ in 0..30 {
-        let response = client
-            .reverse(ReverseRequest {
-                text: "hello".into(),
-            })
-            .await
-            .unwrap();
-        let by = response
-            .metadata()
-            .get("x-served-by")
-            .unwrap()
-            .to_str()
-            .unwrap();
-        *counts.entry(by.to_owned()).or_default() += 1;
-    }
+    let counts = served_by(&gw, 30).await;
     assert_eq!(
         counts,
         BTreeMap::from([("h1".into(), 10), ("h2".into(), 10), ("h3".into(), 10)])
@@ -303,22 +286,7 @@ async fn a_cut_link_under_load_fails_no_call_and_the_host_returns_when_the_link_
     let restored = Instant::now();
     wait_serving(&gw, &ids, Duration::from_secs(2)).await;
     eprintln!("link restored -> h2 serving in {:?}", restored.elapsed());
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for _ in 0..9 {
-        let response = client
-            .reverse(ReverseRequest {
-                text: "hello".into(),
-            })
-            .await
-            .unwrap();
-        let by = response
-            .metadata()
-            .get("x-served-by")
-            .unwrap()
-            .to_str()
-            .unwrap();
-        *counts.entry(by.to_owned()).or_default() += 1;
-    }
+    let counts = served_by(&gw, 9).await;
     assert_eq!(counts.get("h2"), Some(&3), "{counts:?}");
 
     gateway.shutdown().await.unwrap();

@@ -167,3 +167,23 @@ pub async fn wait_serving(gateway: &Channel, ids: &[&str], bound: Duration) {
     .await
     .unwrap_or_else(|_| panic!("instances {want:?} serving within {bound:?}"));
 }
+
+/// Who served each of `n` sequential `Reverse("hello")` calls through `gw` (each answer
+/// checked).
+pub async fn served_by(gw: &Channel, n: usize) -> std::collections::BTreeMap<String, usize> {
+    use dlb::proto::v1::{ReverseRequest, operations_client::OperationsClient};
+    let mut client = OperationsClient::new(gw.clone());
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let response = client
+            .reverse(ReverseRequest {
+                text: "hello".into(),
+            })
+            .await
+            .unwrap();
+        let by = response.metadata().get("x-served-by").unwrap();
+        *counts.entry(by.to_str().unwrap().to_owned()).or_default() += 1;
+        assert_eq!(response.into_inner().text, "olleh");
+    }
+    counts
+}
