@@ -329,11 +329,26 @@ impl Registry {
 
     /// Keeps `entry` registered until `cancel`, then withdraws it. Renews every third of `ttl`;
     /// while Redis is away it keeps trying, and re-registers when Redis is back (the entry may
-    /// have expired meanwhile). Logs each change of situation once.
-    pub async fn heartbeat(self, entry: Entry, ttl: Duration, cancel: CancellationToken) {
+    /// have expired meanwhile). Logs each change of situation once. `registered` says whether
+    /// the first claim already succeeded.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::Duplicate`], returned at once, when the id turns out to be taken before
+    /// this instance ever held it (its first claim had found Redis away): the instance must
+    /// stop, as if the first claim had been refused. Once registered, a later loss of the id
+    /// (taken over during a long outage) is only logged.
+    pub async fn heartbeat(
+        self,
+        entry: Entry,
+        ttl: Duration,
+        cancel: CancellationToken,
+        registered: bool,
+    ) -> Result<(), RegistryError> {
         let every = (ttl / 3).max(Duration::from_millis(50));
         let mut connection: Option<MultiplexedConnection> = None;
-        let mut last: Option<String> = Some("registered".to_owned());
+        let mut ever_registered = registered;
+        let mut last: Option<String> = registered.then(|| "registered".to_owned());
         let mut pause = every;
         loop {
             tokio::select! {
@@ -347,6 +362,10 @@ impl Registry {
                 Some(c) => self.claim_on(c, &entry, ttl).await,
                 None => Err(self.error("unreachable")),
             };
+            if !ever_registered && matches!(outcome, Err(RegistryError::Duplicate { .. })) {
+                return outcome.map(|_| ());
+            }
+            ever_registered |= outcome.is_ok();
             // After a failure, try again soon (on a new connection): the TTL is running.
             pause = if outcome.is_ok() { every } else { every / 4 };
             let situation = match &outcome {
@@ -377,6 +396,7 @@ impl Registry {
                 tracing::warn!(instance = %entry.id, %error, "could not withdraw; it expires by itself")
             }
         }
+        Ok(())
     }
 
     /// Follows the registry: sends the whole membership each time it changes (the first

@@ -313,3 +313,150 @@ pub fn builder(tls: &crate::tls::TlsArgs) -> Result<tonic::transport::Server, Ru
     }
     Ok(builder)
 }
+
+/// How long a closed connection waits for its peer to close too (see [`Incoming`]).
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The accepted connections of a server, closed gently. When the server lets go of one, its
+/// write side is shut down (a FIN after everything queued) and it is read until the peer
+/// closes, for at most [`LINGER`], instead of being closed at once. Closing a socket with
+/// unread data (a client's late WINDOW_UPDATE or PING) makes the kernel send a reset, and the
+/// client then loses the end of the last response it had not read yet: the tail of a 2 MB
+/// answer sent just before a drain ends. Await [`Incoming::closed`] after the server stops.
+#[derive(Debug, Clone, Default)]
+pub struct Incoming {
+    lingering: tokio_util::task::TaskTracker,
+}
+
+impl Incoming {
+    /// `listener`'s connections (TCP_NODELAY on), each closed gently.
+    pub fn accept(
+        &self,
+        listener: tokio::net::TcpListener,
+    ) -> impl Stream<Item = std::io::Result<GentleClose>> + Send + 'static {
+        use tokio_stream::StreamExt;
+        let lingering = self.lingering.clone();
+        tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(move |accepted| {
+                accepted.map(|stream| GentleClose {
+                    stream: Some(stream),
+                    lingering: lingering.clone(),
+                })
+            })
+    }
+
+    /// Waits (at most [`LINGER`]) for connections being closed.
+    pub async fn closed(&self) {
+        self.lingering.close();
+        let _ = tokio::time::timeout(LINGER, self.lingering.wait()).await;
+    }
+}
+
+/// One accepted connection; see [`Incoming`].
+#[derive(Debug)]
+pub struct GentleClose {
+    stream: Option<tokio::net::TcpStream>,
+    lingering: tokio_util::task::TaskTracker,
+}
+
+impl GentleClose {
+    /// The socket (only `drop` takes it away).
+    fn stream(self: Pin<&mut Self>) -> std::io::Result<Pin<&mut tokio::net::TcpStream>> {
+        self.get_mut()
+            .stream
+            .as_mut()
+            .map(Pin::new)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))
+    }
+}
+
+impl tokio::io::AsyncRead for GentleClose {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.stream() {
+            Ok(stream) => stream.poll_read(cx, buf),
+            Err(error) => Poll::Ready(Err(error)),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for GentleClose {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.stream() {
+            Ok(stream) => stream.poll_write(cx, buf),
+            Err(error) => Poll::Ready(Err(error)),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.stream() {
+            Ok(stream) => stream.poll_write_vectored(cx, bufs),
+            Err(error) => Poll::Ready(Err(error)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.stream() {
+            Ok(stream) => stream.poll_flush(cx),
+            Err(error) => Poll::Ready(Err(error)),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.stream() {
+            Ok(stream) => stream.poll_shutdown(cx),
+            Err(error) => Poll::Ready(Err(error)),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for GentleClose {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::TcpConnectInfo {
+            local_addr: self.stream.as_ref().and_then(|s| s.local_addr().ok()),
+            remote_addr: self.stream.as_ref().and_then(|s| s.peer_addr().ok()),
+        }
+    }
+}
+
+impl Drop for GentleClose {
+    fn drop(&mut self) {
+        let Some(mut stream) = self.stream.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        self.lingering.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = stream.shutdown().await;
+            let mut sink = [0u8; 4096];
+            let _ = tokio::time::timeout(LINGER, async {
+                while let Ok(n) = stream.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}

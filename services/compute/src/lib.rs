@@ -28,7 +28,6 @@ use dlb::registry::{Entry, Registry, RegistryError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http::{self, HeaderValue};
-use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tower::util::MapResponseLayer;
 
@@ -84,7 +83,8 @@ pub async fn run(
     let stop = CancellationToken::new();
     let local = listener.local_addr().unwrap_or(config.listen);
     let addr = local.to_string();
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let connections = dlb::server::Incoming::default();
+    let incoming = connections.accept(listener);
     let builder = dlb::server::builder(&config.tls)?;
     let health_listener = match config.health_listen {
         Some(addr) => Some(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?),
@@ -141,13 +141,33 @@ pub async fn run(
         }
     };
 
+    // A heartbeat that ends on its own found the id taken before this instance ever held it.
+    let mut registration = registration;
     if !stopping {
+        let heartbeat_stop = registration.as_ref().map(|(stop, _)| stop.clone());
+        let refused = async {
+            match registration.as_mut() {
+                Some((_, heartbeat)) => match heartbeat.await {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => std::future::pending::<String>().await,
+                },
+                None => std::future::pending::<String>().await,
+            }
+        };
+        tokio::pin!(refused);
         tokio::select! {
+            message = &mut refused => {
+                stop.cancel();
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await;
+                events.error("registration refused", &[("error", &message)]);
+                writer_stop.cancel();
+                let _ = writer.await;
+                return Err(RunError::Registry(message));
+            }
             result = &mut server => {
                 stop.cancel();
-                if let Some((heartbeat_stop, heartbeat)) = registration {
+                if let Some(heartbeat_stop) = heartbeat_stop {
                     heartbeat_stop.cancel();
-                    let _ = heartbeat.await;
                 }
                 events.error("server failed", &[]);
                 writer_stop.cancel();
@@ -189,6 +209,8 @@ pub async fn run(
     if let Some(task) = health_listener {
         let _ = task.await;
     }
+    // Let clients read the last bytes before the process exits.
+    connections.closed().await;
     tracing::info!(instance = %config.id, "stopped");
     events.lifecycle("stopped", &[]);
     // The writer makes one bounded attempt to flush what is queued, then ends.
@@ -197,6 +219,12 @@ pub async fn run(
     Ok(())
 }
 
+/// The heartbeat's stop token and task.
+type Registration = (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), RegistryError>>,
+);
+
 /// With `--register`: claims this instance's id in the registry and starts its heartbeat
 /// (cancel the token to withdraw). Redis being away is not fatal (the heartbeat registers when
 /// it is back); the id being taken by another instance is.
@@ -204,7 +232,7 @@ async fn register(
     config: &Config,
     local: std::net::SocketAddr,
     events: &EventLog,
-) -> Result<Option<(CancellationToken, tokio::task::JoinHandle<()>)>, String> {
+) -> Result<Option<Registration>, String> {
     if !config.register {
         return Ok(None);
     }
@@ -215,17 +243,20 @@ async fn register(
         .ok_or_else(|| "--register needs --redis".to_owned())?;
     let registry = Registry::open(&url)?;
     let entry = Entry::for_this_process(&config.id, &config.advertised(local)?);
-    match registry.claim(&entry, config.register_ttl()).await {
+    let registered = match registry.claim(&entry, config.register_ttl()).await {
         Ok(_) => {
             tracing::info!(instance = %entry.id, address = %entry.address, "registered");
             events.lifecycle("registered", &[("address", &entry.address)]);
+            true
         }
         Err(error @ RegistryError::Duplicate { .. }) => return Err(error.to_string()),
         Err(error) => {
             tracing::warn!(%error, "cannot register yet; retrying in the background");
+            false
         }
-    }
+    };
     let stop = CancellationToken::new();
-    let heartbeat = tokio::spawn(registry.heartbeat(entry, config.register_ttl(), stop.clone()));
+    let heartbeat =
+        tokio::spawn(registry.heartbeat(entry, config.register_ttl(), stop.clone(), registered));
     Ok(Some((stop, heartbeat)))
 }

@@ -21,7 +21,6 @@ use dlb::proto::v1::control_server::ControlServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 pub use config::Config;
@@ -55,6 +54,7 @@ pub async fn run(
     let stop = CancellationToken::new();
     let closing = CancellationToken::new();
     let mut builder = dlb::server::builder(&config.tls)?;
+    let connections = dlb::server::Incoming::default();
     if let Some(addr) = config.health_listen {
         tracker.spawn(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?);
     }
@@ -66,10 +66,7 @@ pub async fn run(
             supervisor: supervisor.clone(),
             closing: closing.clone(),
         }))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            stop.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(connections.accept(listener), stop.clone().cancelled_owned());
     tokio::pin!(server);
 
     // Start the initial instances while already answering List/Watch.
@@ -121,6 +118,7 @@ pub async fn run(
     sampler.abort();
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    connections.closed().await;
     events.lifecycle("stopped", &[]);
     writer_stop.cancel();
     let _ = writer.await;

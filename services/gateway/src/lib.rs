@@ -32,7 +32,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
@@ -156,6 +155,7 @@ pub async fn run(
         .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
     let stop = CancellationToken::new();
     let builder = dlb::server::builder(&config.tls)?;
+    let connections = dlb::server::Incoming::default();
     if let Some(addr) = config.health_listen {
         tracker.spawn(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?);
     }
@@ -175,10 +175,7 @@ pub async fn run(
                 .max_encoding_message_size(usize::MAX),
         )
         .add_service(GatewayServer::new(GatewayStatsService(source)))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            stop.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(connections.accept(listener), stop.clone().cancelled_owned());
     tokio::pin!(server);
     events.lifecycle(
         "started",
@@ -206,6 +203,8 @@ pub async fn run(
     cancel.cancel();
     tracker.close();
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, tracker.wait()).await;
+    // Let callers read the last bytes before the process exits.
+    connections.closed().await;
     events.lifecycle("stopped", &[]);
     writer_stop.cancel();
     let _ = writer.await;

@@ -157,12 +157,25 @@ async fn a_duplicate_id_is_refused_with_a_clear_error_and_a_restart_takes_its_pl
     let registry = Registry::open(&redis.url()).unwrap();
     let mut a = registered("A", &redis, 5_000);
 
-    let output = Command::new(support::compute_binary())
+    let duplicate = Command::new(support::compute_binary())
         .args(["--id", "A", "--listen", "127.0.0.1:0", "--register"])
         .args(["--redis", &redis.url()])
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = duplicate.id().to_string();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio::task::spawn_blocking(move || duplicate.wait_with_output()),
+    )
+    .await;
+    let Ok(output) = waited else {
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        panic!("the duplicate instance did not exit within 15 s");
+    };
+    let output = output.unwrap().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
