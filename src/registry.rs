@@ -327,29 +327,28 @@ impl Registry {
         Ok(entries)
     }
 
-    /// Keeps `entry` registered until `cancel`, then withdraws it. Renews every third of `ttl`;
-    /// while Redis is away it keeps trying, and re-registers when Redis is back (the entry may
-    /// have expired meanwhile). Logs each change of situation once. `registered` says whether
-    /// the first claim already succeeded.
+    /// Registers `entry` at once and keeps it registered until `cancel`, then withdraws it.
+    /// Renews every third of `ttl`; while Redis is away it keeps trying, and registers again
+    /// when Redis is back (the entry may have expired meanwhile). Logs each change of situation
+    /// once; `on_registered` runs each time the entry is (re)created.
     ///
     /// # Errors
     ///
-    /// [`RegistryError::Duplicate`], returned at once, when the id turns out to be taken before
-    /// this instance ever held it (its first claim had found Redis away): the instance must
-    /// stop, as if the first claim had been refused. Once registered, a later loss of the id
+    /// [`RegistryError::Duplicate`], returned at once, when the id is taken before this
+    /// instance ever held it: the instance must stop. Once registered, a later loss of the id
     /// (taken over during a long outage) is only logged.
     pub async fn heartbeat(
         self,
         entry: Entry,
         ttl: Duration,
         cancel: CancellationToken,
-        registered: bool,
+        on_registered: impl Fn(&Entry) + Send + 'static,
     ) -> Result<(), RegistryError> {
         let every = (ttl / 3).max(Duration::from_millis(50));
         let mut connection: Option<MultiplexedConnection> = None;
-        let mut ever_registered = registered;
-        let mut last: Option<String> = registered.then(|| "registered".to_owned());
-        let mut pause = every;
+        let mut ever_registered = false;
+        let mut last: Option<String> = None;
+        let mut pause = Duration::ZERO;
         loop {
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
@@ -366,6 +365,9 @@ impl Registry {
                 return outcome.map(|_| ());
             }
             ever_registered |= outcome.is_ok();
+            if let Ok(Claimed::New) = outcome {
+                on_registered(&entry);
+            }
             // After a failure, try again soon (on a new connection): the TTL is running.
             pause = if outcome.is_ok() { every } else { every / 4 };
             let situation = match &outcome {
@@ -379,11 +381,11 @@ impl Registry {
             };
             if last.as_deref() != Some(situation.as_str()) {
                 match &outcome {
-                    Ok(claimed) => {
-                        tracing::info!(instance = %entry.id, ?claimed, "registered again")
+                    Ok(_) => {
+                        tracing::info!(instance = %entry.id, address = %entry.address, "registered")
                     }
                     Err(error) => {
-                        tracing::warn!(instance = %entry.id, %error, "registration not renewed; retrying")
+                        tracing::warn!(instance = %entry.id, %error, "not registered; retrying")
                     }
                 }
                 last = Some(situation);

@@ -270,3 +270,27 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// The address a dlb service child reports on its first stdout line
+/// (`dlb-<service> ... listening on ADDR`); its stdout must be piped.
+///
+/// # Panics
+///
+/// When stdout is not piped or the line is not that.
+pub fn listening_addr(child: &mut Child) -> String {
+    use std::io::BufRead;
+    let stdout = child
+        .stdout
+        .take()
+        .unwrap_or_else(|| panic!("the child's stdout is not piped"));
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("reading the child's stdout: {e}"));
+    assert!(line.contains("listening on"), "{line:?}");
+    line.trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}

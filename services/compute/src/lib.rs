@@ -113,69 +113,45 @@ pub async fn run(
     tokio::pin!(server);
     events.lifecycle("started", &[("addr", &addr)]);
 
-    // Registering may take a while (Redis slow or away): serve and heed signals meanwhile.
-    tokio::pin!(shutdown);
-    let mut stopping = false;
-    let registration = tokio::select! {
-        registered = register(&config, local, &events) => match registered {
-            Ok(registration) => registration,
-            Err(message) => {
-                stop.cancel();
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await;
-                events.error("registration refused", &[("error", &message)]);
-                writer_stop.cancel();
-                let _ = writer.await;
-                return Err(RunError::Registry(message));
-            }
-        },
-        result = &mut server => {
+    // Registration runs beside the server (Redis may be slow or away); it ends on its own only
+    // when the id is taken by another instance.
+    let mut registration = match register(&config, local, &events) {
+        Ok(registration) => registration,
+        Err(message) => {
             stop.cancel();
-            events.error("server failed", &[]);
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await;
             writer_stop.cancel();
             let _ = writer.await;
-            return result.map_err(RunError::from);
-        }
-        () = &mut shutdown => {
-            stopping = true;
-            None
+            return Err(RunError::Config(message));
         }
     };
-
-    // A heartbeat that ends on its own found the id taken before this instance ever held it.
-    let mut registration = registration;
-    if !stopping {
-        let heartbeat_stop = registration.as_ref().map(|(stop, _)| stop.clone());
-        let refused = async {
-            match registration.as_mut() {
-                Some((_, heartbeat)) => match heartbeat.await {
-                    Ok(Err(error)) => error.to_string(),
-                    _ => std::future::pending::<String>().await,
-                },
-                None => std::future::pending::<String>().await,
-            }
-        };
-        tokio::pin!(refused);
-        tokio::select! {
-            message = &mut refused => {
-                stop.cancel();
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await;
-                events.error("registration refused", &[("error", &message)]);
-                writer_stop.cancel();
-                let _ = writer.await;
-                return Err(RunError::Registry(message));
-            }
-            result = &mut server => {
-                stop.cancel();
-                if let Some(heartbeat_stop) = heartbeat_stop {
-                    heartbeat_stop.cancel();
-                }
-                events.error("server failed", &[]);
-                writer_stop.cancel();
-                let _ = writer.await;
-                return result.map_err(RunError::from);
-            }
-            () = &mut shutdown => {}
+    let heartbeat_stop = registration.as_ref().map(|(stop, _)| stop.clone());
+    let refused = async {
+        match registration.as_mut() {
+            Some((_, heartbeat)) => match heartbeat.await {
+                Ok(Err(error)) => error.to_string(),
+                _ => std::future::pending::<String>().await,
+            },
+            None => std::future::pending::<String>().await,
         }
+    };
+    let failed = tokio::select! {
+        message = refused => Some(Err(RunError::Registry(message))),
+        result = &mut server => Some(result.map_err(RunError::from)),
+        () = shutdown => None,
+    };
+    if let Some(failed) = failed {
+        stop.cancel();
+        if let Some(heartbeat_stop) = heartbeat_stop {
+            heartbeat_stop.cancel();
+        }
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await;
+        if let Err(error) = &failed {
+            events.error("stopped", &[("error", &error.to_string())]);
+        }
+        writer_stop.cancel();
+        let _ = writer.await;
+        return failed;
     }
 
     // Out of the registry first, so gateways stop choosing it; then drain.
@@ -225,10 +201,11 @@ type Registration = (
     tokio::task::JoinHandle<Result<(), RegistryError>>,
 );
 
-/// With `--register`: claims this instance's id in the registry and starts its heartbeat
-/// (cancel the token to withdraw). Redis being away is not fatal (the heartbeat registers when
-/// it is back); the id being taken by another instance is.
-async fn register(
+/// With `--register`: starts the heartbeat that claims this instance's id in the registry and
+/// keeps it (cancel the token to withdraw). Redis being away is not fatal (the heartbeat
+/// registers when it is back); the id being taken by another instance is: the task then ends
+/// with [`RegistryError::Duplicate`].
+fn register(
     config: &Config,
     local: std::net::SocketAddr,
     events: &EventLog,
@@ -243,20 +220,13 @@ async fn register(
         .ok_or_else(|| "--register needs --redis".to_owned())?;
     let registry = Registry::open(&url)?;
     let entry = Entry::for_this_process(&config.id, &config.advertised(local)?);
-    let registered = match registry.claim(&entry, config.register_ttl()).await {
-        Ok(_) => {
-            tracing::info!(instance = %entry.id, address = %entry.address, "registered");
-            events.lifecycle("registered", &[("address", &entry.address)]);
-            true
-        }
-        Err(error @ RegistryError::Duplicate { .. }) => return Err(error.to_string()),
-        Err(error) => {
-            tracing::warn!(%error, "cannot register yet; retrying in the background");
-            false
-        }
-    };
     let stop = CancellationToken::new();
-    let heartbeat =
-        tokio::spawn(registry.heartbeat(entry, config.register_ttl(), stop.clone(), registered));
+    let events = events.clone();
+    let heartbeat = tokio::spawn(registry.heartbeat(
+        entry,
+        config.register_ttl(),
+        stop.clone(),
+        move |entry| events.lifecycle("registered", &[("address", &entry.address)]),
+    ));
     Ok(Some((stop, heartbeat)))
 }

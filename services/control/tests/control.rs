@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -398,11 +397,7 @@ async fn sigkill_of_control_leaves_no_instance_behind() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_owned();
+    let addr = dlb::testing::listening_addr(&mut child);
     let ch = channel(&format!("http://{addr}")).await;
     let serving = InstanceState::Serving;
     let all = wait_states(&ch, &[("A", serving), ("B", serving), ("C", serving)]).await;

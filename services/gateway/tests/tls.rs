@@ -99,12 +99,7 @@ impl Control {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("listening on"), "{line:?}");
-        let addr = line.trim().rsplit(' ').next().unwrap().to_owned();
+        let addr = dlb::testing::listening_addr(&mut child);
         Self { child, addr }
     }
 }

@@ -3,7 +3,6 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -57,12 +56,7 @@ impl ComputeProcess {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn dlb-compute");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("listening on"), "{line:?}");
-        let addr = line.trim().rsplit(' ').next().unwrap().to_owned();
+        let addr = dlb::testing::listening_addr(&mut child);
         Self {
             id: id.to_owned(),
             addr,
