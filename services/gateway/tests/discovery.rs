@@ -29,9 +29,9 @@ async fn registry_gateway(redis: &RedisServer) -> (RunningGateway, Channel) {
 }
 
 /// A compute instance that registers itself in `redis`.
-fn registered(id: &str, redis: &RedisServer, ttl_ms: u64) -> ComputeProcess {
+async fn registered(id: &str, redis: &RedisServer, ttl_ms: u64) -> ComputeProcess {
     let ttl = ttl_ms.to_string();
-    ComputeProcess::start_with(
+    let compute = ComputeProcess::start_with(
         &[],
         id,
         "127.0.0.1:0",
@@ -42,7 +42,25 @@ fn registered(id: &str, redis: &RedisServer, ttl_ms: u64) -> ComputeProcess {
             "--register-ttl-ms",
             &ttl,
         ],
-    )
+    );
+    // It registers just after it starts listening: wait for that, so tests start from a
+    // registered instance.
+    let registry = Registry::open(&redis.url()).unwrap();
+    tokio::time::timeout(PATIENCE, async {
+        while registry
+            .snapshot()
+            .await
+            .ok()
+            .and_then(|entries| entries.get(id).map(|e| e.address.clone()))
+            .as_deref()
+            != Some(compute.addr.as_str())
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{id} registered within {PATIENCE:?}"));
+    compute
 }
 
 /// Waits until the gateway lists exactly `ids` (in any state).
@@ -76,7 +94,7 @@ async fn two_gateways_sharing_a_registry_route_to_an_instance_registered_after_t
 
     // Registered after both gateways started: both route to it, through the change
     // notification (sooner than the once-a-second re-read could).
-    let a = registered("A", &redis, 5_000);
+    let a = registered("A", &redis, 5_000).await;
     let found = Instant::now();
     let notified = dlb::registry::RESYNC - Duration::from_millis(100);
     wait_serving(&gw1, &["A"], notified).await;
@@ -89,7 +107,7 @@ async fn two_gateways_sharing_a_registry_route_to_an_instance_registered_after_t
     assert_eq!(served_by(&gw2, 4).await, BTreeMap::from([("A".into(), 4)]));
 
     // A second instance: exact round robin over both, in each gateway.
-    let mut b = registered("B", &redis, 5_000);
+    let mut b = registered("B", &redis, 5_000).await;
     wait_serving(&gw1, &["A", "B"], Duration::from_secs(2)).await;
     wait_serving(&gw2, &["A", "B"], Duration::from_secs(2)).await;
     let both = BTreeMap::from([("A".into(), 10), ("B".into(), 10)]);
@@ -128,7 +146,7 @@ async fn a_sigkilled_instance_leaves_the_registry_within_its_ttl() {
     let redis = RedisServer::start();
     let registry = Registry::open(&redis.url()).unwrap();
     let ttl = Duration::from_millis(1_500);
-    let mut a = registered("A", &redis, 1_500);
+    let mut a = registered("A", &redis, 1_500).await;
     let (gateway, gw) = registry_gateway(&redis).await;
     wait_serving(&gw, &["A"], PATIENCE).await;
 
@@ -155,7 +173,7 @@ async fn a_sigkilled_instance_leaves_the_registry_within_its_ttl() {
 async fn a_duplicate_id_is_refused_with_a_clear_error_and_a_restart_takes_its_place_back() {
     let redis = RedisServer::start();
     let registry = Registry::open(&redis.url()).unwrap();
-    let mut a = registered("A", &redis, 5_000);
+    let mut a = registered("A", &redis, 5_000).await;
 
     let duplicate = Command::new(support::compute_binary())
         .args(["--id", "A", "--listen", "127.0.0.1:0", "--register"])
@@ -211,7 +229,7 @@ async fn a_duplicate_id_is_refused_with_a_clear_error_and_a_restart_takes_its_pl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateways_keep_serving_while_redis_is_away_and_resync_when_it_returns() {
     let mut redis = RedisServer::start();
-    let _a = registered("A", &redis, 1_200);
+    let _a = registered("A", &redis, 1_200).await;
     let (gateway, gw) = registry_gateway(&redis).await;
     wait_serving(&gw, &["A"], PATIENCE).await;
 
@@ -223,7 +241,7 @@ async fn gateways_keep_serving_while_redis_is_away_and_resync_when_it_returns() 
     // Back, empty (no persistence): A registers again by its heartbeat, B is new; the
     // gateway reads the registry again after reconnecting and sees both.
     redis.restart();
-    let _b = registered("B", &redis, 1_200);
+    let _b = registered("B", &redis, 1_200).await;
     wait_serving(&gw, &["A", "B"], Duration::from_secs(5)).await;
     assert_eq!(
         served_by(&gw, 10).await,
