@@ -8,12 +8,18 @@ use std::time::Duration;
 /// `grpc-timeout` with CANCELLED too). Deadlines shorter than this are exceeded at once.
 pub const MARGIN: Duration = Duration::from_millis(20);
 
+use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
 
 /// The caller's timeout, if it sent a valid `grpc-timeout` (1-8 digits and a unit: H, M, S, m,
 /// u or n).
 pub fn from_metadata(metadata: &MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    from_headers(metadata.as_ref())
+}
+
+/// Like [`from_metadata`], from HTTP headers.
+pub fn from_headers(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -28,6 +34,23 @@ pub fn from_metadata(metadata: &MetadataMap) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// `timeout` as a `grpc-timeout` value: microseconds when they fit the 8 digits allowed,
+/// else milliseconds, else seconds, else hours (rounded down, never above `timeout`).
+pub fn to_header(timeout: Duration) -> http::HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let text = if timeout.as_micros() <= MAX {
+        format!("{}u", timeout.as_micros())
+    } else if timeout.as_millis() <= MAX {
+        format!("{}m", timeout.as_millis())
+    } else if u128::from(timeout.as_secs()) <= MAX {
+        format!("{}S", timeout.as_secs())
+    } else {
+        format!("{}H", (timeout.as_secs() / 3600).min(99_999_999))
+    };
+    // Digits and one ASCII letter: always a valid header value.
+    http::HeaderValue::from_str(&text).unwrap_or(http::HeaderValue::from_static("99999999H"))
 }
 
 #[cfg(test)]
@@ -52,5 +75,29 @@ mod tests {
             assert_eq!(parse(bad), None, "{bad:?}");
         }
         assert_eq!(from_metadata(&MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn timeouts_round_trip_through_the_header() {
+        for d in [
+            Duration::from_micros(1),
+            Duration::from_millis(1500),
+            Duration::from_secs(99),
+            Duration::from_secs(3 * 86_400),
+            Duration::from_secs(200_000_000),
+        ] {
+            let mut m = MetadataMap::new();
+            m.insert(
+                "grpc-timeout",
+                to_header(d).to_str().unwrap().parse().unwrap(),
+            );
+            let back = from_metadata(&m).unwrap();
+            assert!(back <= d, "{d:?} -> {back:?}");
+            assert!(
+                back.as_secs_f64() >= d.as_secs_f64() * 0.99,
+                "{d:?} -> {back:?}"
+            );
+        }
+        assert_eq!(to_header(Duration::from_millis(250)), "250000u");
     }
 }

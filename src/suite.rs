@@ -47,6 +47,14 @@ pub struct SuiteArgs {
     /// Only these paths (of direct, dlb-gateway, nginx, haproxy; comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub paths: Vec<String>,
+    /// Threads of each proxy: the gateway's --threads, NGINX's worker processes, HAProxy's
+    /// nbthread (default: one per CPU).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Only these scenarios (of saturation, c1, open, fib, reverse_1mib; comma-separated;
+    /// open needs saturation, whose direct rate it takes half of).
+    #[arg(long, value_delimiter = ',')]
+    pub scenarios: Vec<String>,
 }
 
 /// One way to reach the instances.
@@ -359,7 +367,11 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
     let warmup = Duration::try_from_secs_f64(args.warmup)
         .map_err(|_| "--warmup must be a number of seconds".to_owned())?;
     let bins = crate::up::service_binaries(args.bin_dir.as_deref())?;
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = match args.threads {
+        Some(0) => return Err("--threads must be at least 1".to_owned()),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, usize::from),
+    };
     let work = args.out.join("work");
     std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
 
@@ -412,6 +424,8 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
             backend_flag,
             "--redis".into(),
             "none".into(),
+            "--threads".into(),
+            threads.to_string(),
         ],
     )?;
     wait_answers(children, "dlb-gateway", &gateway).await?;
@@ -503,7 +517,7 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
         say(format!("skipped {skip}"));
     }
 
-    let scenarios = vec![
+    let scenarios = [
         Scenario {
             key: "saturation",
             title: "Reverse(\"hello\"), concurrency 64",
@@ -548,6 +562,8 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
             open_fraction: None,
         },
     ];
+
+    let scenarios = pick_scenarios(scenarios, &args.scenarios)?;
 
     let before: BTreeMap<&str, f64> = targets
         .iter()
@@ -651,6 +667,28 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
         args.out.display()
     ));
     Ok(())
+}
+
+/// The scenarios `--scenarios` names, in the suite's order (all when it names none).
+fn pick_scenarios(all: [Scenario; 5], wanted: &[String]) -> Result<Vec<Scenario>, String> {
+    if wanted.is_empty() {
+        return Ok(all.into());
+    }
+    let keys: Vec<&str> = all.iter().map(|s| s.key).collect();
+    if let Some(unknown) = wanted.iter().find(|w| !keys.contains(&w.as_str())) {
+        return Err(format!(
+            "--scenarios: unknown scenario {unknown:?} (use {})",
+            keys.join(", ")
+        ));
+    }
+    let has = |key: &str| wanted.iter().any(|w| w == key);
+    if has("open") && !has("saturation") {
+        return Err(
+            "--scenarios: open needs saturation too (its rate is half the direct saturation rate)"
+                .to_owned(),
+        );
+    }
+    Ok(all.into_iter().filter(|s| has(s.key)).collect())
 }
 
 fn summarize(

@@ -9,6 +9,10 @@
 //! private CA and one certificate per service, usable both ways.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
@@ -49,13 +53,27 @@ pub const PRIVATE_ENV: [&str; 7] = [
 pub struct Tls {
     identity: Option<Identity>,
     ca: Option<Certificate>,
+    /// The same material as PEM, for clients that use rustls directly.
+    pem: Arc<Pem>,
     args: TlsArgs,
+}
+
+#[derive(Debug, Default)]
+struct Pem {
+    ca: Option<Vec<u8>>,
+    /// Certificate chain and key.
+    identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The client side: how to verify servers and who to be.
 #[derive(Debug, Clone)]
 pub struct ClientTls {
+    /// Built on first use by [`ClientTls::rustls_connector`].
+    rustls: Arc<std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>>>,
     config: ClientTlsConfig,
+    pem: Arc<Pem>,
+    /// `--tls-server-name`.
+    server_name_override: Option<String>,
     identity: bool,
     /// `--tls-server-name` was given: it wins over any name derived from the address.
     server_name: bool,
@@ -70,6 +88,62 @@ impl ClientTls {
             _ => self.config.clone(),
         }
     }
+
+    /// A rustls connector (HTTP/2 by ALPN) with the name to verify for `host` (an IPv6
+    /// address may come with its URI brackets): `--tls-server-name` when given, else `host`.
+    ///
+    /// # Errors
+    ///
+    /// Unreadable PEM material or an invalid name.
+    pub fn rustls_connector(
+        &self,
+        host: &str,
+    ) -> Result<(tokio_rustls::TlsConnector, ServerName<'static>), String> {
+        let config = self
+            .rustls
+            .get_or_init(|| client_config(&self.pem).map(Arc::new))
+            .clone()?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let name = self.server_name_override.as_deref().unwrap_or(host);
+        let name = ServerName::try_from(name.to_owned())
+            .map_err(|e| format!("{name:?} cannot be checked against a certificate: {e}"))?;
+        Ok((tokio_rustls::TlsConnector::from(config), name))
+    }
+}
+
+/// A rustls client configuration from PEM: the CA as the only root, the identity when given,
+/// HTTP/2 by ALPN, ring as the crypto provider.
+fn client_config(pem: &Pem) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.ca.as_deref().unwrap_or_default()) {
+        let cert = cert.map_err(|e| format!("--tls-ca: {e}"))?;
+        roots.add(cert).map_err(|e| format!("--tls-ca: {e}"))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots);
+    let mut config = match &pem.identity {
+        Some((chain, key)) => {
+            let chain = CertificateDer::pem_slice_iter(chain)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("--tls-cert: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("--tls-key: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
 }
 
 fn read_pem(flag: &str, path: &Path, kind: &str) -> Result<Vec<u8>, String> {
@@ -106,25 +180,29 @@ impl TlsArgs {
         if self.is_off() {
             return Ok(None);
         }
+        let mut pem = Pem::default();
         let identity = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Some(Identity::from_pem(
-                read_pem("--tls-cert", cert, "CERTIFICATE")?,
-                read_pem("--tls-key", key, "PRIVATE KEY")?,
-            )),
+            (Some(cert), Some(key)) => {
+                let cert = read_pem("--tls-cert", cert, "CERTIFICATE")?;
+                let key = read_pem("--tls-key", key, "PRIVATE KEY")?;
+                pem.identity = Some((cert.clone(), key.clone()));
+                Some(Identity::from_pem(cert, key))
+            }
             (None, None) => None,
             _ => return Err("--tls-cert and --tls-key go together".to_owned()),
         };
         let ca = match &self.tls_ca {
-            Some(ca) => Some(Certificate::from_pem(read_pem(
-                "--tls-ca",
-                ca,
-                "CERTIFICATE",
-            )?)),
+            Some(ca) => {
+                let ca = read_pem("--tls-ca", ca, "CERTIFICATE")?;
+                pem.ca = Some(ca.clone());
+                Some(Certificate::from_pem(ca))
+            }
             None => None,
         };
         Ok(Some(Tls {
             identity,
             ca,
+            pem: Arc::new(pem),
             args: self.clone(),
         }))
     }
@@ -177,6 +255,9 @@ impl Tls {
         };
         Some(ClientTls {
             config,
+            pem: Arc::clone(&self.pem),
+            server_name_override: self.args.tls_server_name.clone(),
+            rustls: Arc::new(std::sync::OnceLock::new()),
             identity: self.identity.is_some(),
             server_name: self.args.tls_server_name.is_some(),
         })

@@ -10,13 +10,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tonic::body::Body;
 use tonic::codegen::http;
-use tonic::transport::Channel;
 use tower::Service;
+
+use crate::conn::{Answer, Conn};
 
 /// How far back the request rate looks.
 pub const RATE_WINDOW: Duration = Duration::from_secs(10);
@@ -295,13 +296,12 @@ impl EndpointTable {
 #[derive(Debug, Clone)]
 pub struct EndpointService {
     shared: Arc<Shared>,
-    picked: Option<Channel>,
 }
 
 #[derive(Debug)]
 struct Shared {
     stats: Arc<EndpointStats>,
-    channels: Vec<Channel>,
+    conns: Vec<Conn>,
     next: AtomicUsize,
     eject: Arc<Notify>,
     cut: CancellationToken,
@@ -317,22 +317,21 @@ pub struct Unresponsive {
 }
 
 impl EndpointService {
-    /// Calls go over `channels` in turn; a connection failure wakes `eject`.
+    /// Calls go over `conns` in turn; a connection failure wakes `eject`.
     pub fn new(
         stats: Arc<EndpointStats>,
-        channels: Vec<Channel>,
+        conns: Vec<Conn>,
         eject: Arc<Notify>,
         cut: CancellationToken,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 stats,
-                channels,
+                conns,
                 next: AtomicUsize::new(0),
                 eject,
                 cut,
             }),
-            picked: None,
         }
     }
 
@@ -341,56 +340,45 @@ impl EndpointService {
         self.shared.stats.suspect.store(false, Ordering::Relaxed);
     }
 
-    fn pick(&self) -> Option<Channel> {
-        let n = self.shared.channels.len();
+    fn pick(&self) -> Option<Conn> {
+        let n = self.shared.conns.len();
         if n == 0 {
             return None;
         }
         let i = self.shared.next.fetch_add(1, Ordering::Relaxed) % n;
-        Some(self.shared.channels[i].clone())
+        Some(self.shared.conns[i].clone())
     }
 }
 
-/// Calls to an endpoint fail at the connection level with this.
-pub type EndpointError = tonic::transport::Error;
-
-impl Service<http::Request<Body>> for EndpointService {
-    type Response = http::Response<Body>;
+impl Service<http::Request<Bytes>> for EndpointService {
+    type Response = Answer;
     type Error = tower::BoxError;
-    type Future = Pin<
-        Box<dyn Future<Output = Result<http::Response<Body>, tower::BoxError>> + Send + 'static>,
-    >;
+    type Future = Pin<Box<dyn Future<Output = Result<Answer, tower::BoxError>> + Send + 'static>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if self.shared.stats.suspect.load(Ordering::Relaxed) {
             // The balancer skips it for this pick.
             return Poll::Ready(Err(
                 "instance failed at the connection level; skipped until healthy again".into(),
             ));
         }
-        if self.picked.is_none() {
-            self.picked = self.pick();
-        }
-        match &mut self.picked {
-            Some(channel) => channel.poll_ready(cx).map_err(Into::into),
-            None => Poll::Ready(Err("endpoint has no connections".into())),
-        }
+        Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let Some(mut channel) = self.picked.take() else {
-            return Box::pin(std::future::ready(Err(
-                "endpoint called before it was ready".into(),
-            )));
+    fn call(&mut self, request: http::Request<Bytes>) -> Self::Future {
+        let Some(conn) = self.pick() else {
+            return Box::pin(std::future::ready(
+                Err("endpoint has no connections".into()),
+            ));
         };
         let shared = Arc::clone(&self.shared);
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         // Counted out on drop, so a call abandoned mid-way (deadline, client gone) is too.
         let guard = InFlight::new(Arc::clone(&shared.stats));
-        let future = channel.call(request);
         Box::pin(async move {
+            let (head, body) = request.into_parts();
             let result = tokio::select! {
-                result = future => result,
+                result = conn.send(http::Request::from_parts(head, ()), body) => result,
                 () = shared.cut.cancelled() => {
                     return Err(Unresponsive { id: Arc::clone(&shared.stats.id) }.into());
                 }
@@ -408,13 +396,13 @@ impl Service<http::Request<Body>> for EndpointService {
                     shared.stats.record_error();
                     tracing::debug!(
                         instance = %shared.stats.id,
-                        error = %dlb::call::error_chain(&error),
+                        error = %dlb::call::error_chain(error.as_ref()),
                         "call failed below gRPC; ejecting"
                     );
                     // Passive health: a connection failure takes the endpoint out at once.
                     shared.stats.suspect.store(true, Ordering::Relaxed);
                     shared.eject.notify_one();
-                    Err(error.into())
+                    Err(error)
                 }
             }
         })

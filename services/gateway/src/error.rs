@@ -50,28 +50,14 @@ impl From<Error> for Status {
     }
 }
 
-/// Did this status come from the balancer finding no endpoint?
-pub fn is_balance_error(status: &Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(error) = source {
+/// Is this failure (or one of its sources) the balancer finding no endpoint?
+pub fn is_balance_error_source(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
         if error.downcast_ref::<BalanceError>().is_some() {
             return true;
         }
-        source = error.source();
+        next = error.source();
     }
     false
-}
-
-/// May this failure be retried on another instance? All five operations are pure, so a call
-/// that failed before an instance answered it, or that an instance refused as UNAVAILABLE,
-/// can go elsewhere. A status with a source was made by our own client stack (connection
-/// refused or reset, protocol error), not sent by an instance.
-pub fn is_retryable(status: &Status) -> bool {
-    !is_balance_error(status)
-        && (status.code() == Code::Unavailable || std::error::Error::source(status).is_some())
-}
-
-/// The status text with its source chain, for messages and logs.
-pub fn describe(status: &Status) -> String {
-    dlb::call::status_message(status)
 }

@@ -20,6 +20,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tower::discover::Change;
 
+use crate::conn::{Conn, ConnSettings};
 use crate::endpoint::{EndpointService, EndpointStats, State};
 
 /// Changes sent to the balancer.
@@ -67,23 +68,27 @@ pub struct MonitorSettings {
     pub tls: Option<dlb::tls::ClientTls>,
 }
 
-/// Lazily connecting channels to `addr`: no I/O until first used. `None` when the address
-/// does not parse.
-pub fn connect(addr: &str, settings: &MonitorSettings) -> Option<Vec<Channel>> {
-    (0..settings.connections.max(1))
-        .map(|_| {
-            dlb::endpoint::endpoint_tls(addr, settings.tls.as_ref())
-                .ok()
-                .map(|endpoint| {
-                    endpoint
-                        .connect_timeout(settings.probe_timeout)
-                        .http2_keep_alive_interval(settings.interval)
-                        .keep_alive_timeout(settings.probe_timeout)
-                        .keep_alive_while_idle(true)
-                        .connect_lazy()
-                })
-        })
-        .collect()
+/// Lazily connecting connections to `addr`, no I/O until first used: the monitor's own
+/// channel (health `Watch`/`Check`) and the connections calls go over. `None` when the
+/// address does not parse.
+pub fn connect(addr: &str, settings: &MonitorSettings) -> Option<(Channel, Vec<Conn>)> {
+    let channel = dlb::endpoint::endpoint_tls(addr, settings.tls.as_ref())
+        .ok()?
+        .connect_timeout(settings.probe_timeout)
+        .http2_keep_alive_interval(settings.interval)
+        .keep_alive_timeout(settings.probe_timeout)
+        .keep_alive_while_idle(true)
+        .connect_lazy();
+    let conn_settings = ConnSettings {
+        connect_timeout: settings.probe_timeout,
+        keepalive_interval: settings.interval,
+        keepalive_timeout: settings.probe_timeout,
+        tls: settings.tls.clone(),
+    };
+    let conns = (0..settings.connections.max(1))
+        .map(|_| Conn::new(addr, conn_settings.clone()).ok())
+        .collect::<Option<Vec<_>>>()?;
+    Some((channel, conns))
 }
 
 impl Monitor {
@@ -121,7 +126,10 @@ impl Monitor {
 
 struct Watcher<'a> {
     monitor: &'a Monitor,
-    channels: Vec<Channel>,
+    /// The monitor's own connection (health `Watch`/`Check`).
+    channel: Channel,
+    /// The connections calls go over (probed when calls stall).
+    conns: Vec<Conn>,
     service: EndpointService,
     /// Cuts the calls in flight on `service` (the instance stopped answering).
     cut: CancellationToken,
@@ -146,17 +154,18 @@ enum Stall {
 
 impl<'a> Watcher<'a> {
     fn new(monitor: &'a Monitor) -> Option<Self> {
-        let channels = connect(&monitor.addr, &monitor.settings)?;
+        let (channel, conns) = connect(&monitor.addr, &monitor.settings)?;
         let eject = Arc::new(Notify::new());
         let cut = CancellationToken::new();
         Some(Self {
             service: EndpointService::new(
                 Arc::clone(&monitor.stats),
-                channels.clone(),
+                conns.clone(),
                 Arc::clone(&eject),
                 cut.clone(),
             ),
-            channels,
+            channel,
+            conns,
             cut,
             eject,
             monitor,
@@ -196,7 +205,7 @@ impl<'a> Watcher<'a> {
     fn cut_off(&mut self) {
         self.set(State::Ejected);
         self.cut.cancel();
-        let Some(channels) = connect(&self.monitor.addr, &self.monitor.settings) else {
+        let Some((channel, conns)) = connect(&self.monitor.addr, &self.monitor.settings) else {
             return;
         };
         self.cut = CancellationToken::new();
@@ -204,11 +213,12 @@ impl<'a> Watcher<'a> {
         self.eject = Arc::new(Notify::new());
         self.service = EndpointService::new(
             Arc::clone(&self.monitor.stats),
-            channels.clone(),
+            conns.clone(),
             Arc::clone(&self.eject),
             self.cut.clone(),
         );
-        self.channels = channels;
+        self.channel = channel;
+        self.conns = conns;
     }
 
     /// When calls have been waiting on the endpoint longer than the stall timeout with no
@@ -223,18 +233,10 @@ impl<'a> Watcher<'a> {
         }
         // One probe per connection, at once: any one of them may be the stuck one.
         let mut probes = tokio::task::JoinSet::new();
-        for channel in &self.channels {
-            let mut client = HealthClient::new(channel.clone());
+        for conn in &self.conns {
+            let conn = conn.clone();
             let timeout = m.settings.probe_timeout;
-            probes.spawn(async move {
-                let request = HealthCheckRequest {
-                    service: String::new(),
-                };
-                matches!(
-                    tokio::time::timeout(timeout, client.check(request)).await,
-                    Ok(Ok(_))
-                )
-            });
+            probes.spawn(async move { conn.probe(timeout).await });
         }
         let all_answered = async {
             while let Some(answered) = probes.join_next().await {
@@ -272,7 +274,7 @@ impl<'a> Watcher<'a> {
     async fn watch(&mut self) {
         let m = self.monitor;
         let eject = Arc::clone(&self.eject);
-        let mut client = HealthClient::new(self.channels[0].clone());
+        let mut client = HealthClient::new(self.channel.clone());
         let request = HealthCheckRequest {
             service: String::new(),
         };
@@ -309,7 +311,7 @@ impl<'a> Watcher<'a> {
     async fn poll_check(&mut self) {
         let m = self.monitor;
         let eject = Arc::clone(&self.eject);
-        let mut client = HealthClient::new(self.channels[0].clone());
+        let mut client = HealthClient::new(self.channel.clone());
         let mut tick = tokio::time::interval(m.settings.interval);
         let mut stall_tick = stall_ticker(m.settings.stall_timeout);
         loop {

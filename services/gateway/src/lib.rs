@@ -10,6 +10,7 @@
 
 pub mod balance;
 pub mod config;
+pub mod conn;
 pub mod dns;
 pub mod endpoint;
 pub mod error;
@@ -26,7 +27,6 @@ use std::time::Duration;
 use dlb::events::EventLog;
 use dlb::health::HealthState;
 use dlb::proto::v1::gateway_server::GatewayServer;
-use dlb::proto::v1::operations_server::OperationsServer;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -43,9 +43,7 @@ use crate::balance::RoundRobinLayer;
 use crate::config::Policy;
 use crate::endpoint::EndpointTable;
 use crate::membership::{Membership, MonitorSettings};
-use crate::service::{
-    Balanced, Counters, ForwardError, ForwardSettings, GatewayService, ReadyErrorsInCall,
-};
+use crate::service::{Balanced, Counters, ForwardError, ForwardSettings, GatewayService};
 use crate::stats::{GatewayStatsService, StatsSource};
 
 /// How long shutdown waits for calls in flight.
@@ -56,9 +54,9 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn build_balancer(policy: Policy, discover: membership::Discovered) -> Balanced {
     match policy {
-        Policy::RoundRobin => BoxCloneSyncService::new(ReadyErrorsInCall::new(
-            RoundRobinLayer::new().layer(discover).map_err(ForwardError),
-        )),
+        Policy::RoundRobin => {
+            BoxCloneSyncService::new(RoundRobinLayer::new().layer(discover).map_err(ForwardError))
+        }
         Policy::P2c => {
             let ewma = tower::load::PeakEwmaDiscover::new(
                 discover,
@@ -67,9 +65,9 @@ fn build_balancer(policy: Policy, discover: membership::Discovered) -> Balanced 
                 tower::load::CompleteOnResponse::default(),
             );
             let balance = tower::balance::p2c::Balance::new(ewma);
-            BoxCloneSyncService::new(ReadyErrorsInCall::new(
+            BoxCloneSyncService::new(
                 tower::buffer::Buffer::new(balance, 1024).map_err(ForwardError),
-            ))
+            )
         }
     }
 }
@@ -169,11 +167,7 @@ pub async fn run(
         .add_service(health.service())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
-            OperationsServer::new(service.clone())
-                .max_decoding_message_size(config.max_message_bytes)
-                .max_encoding_message_size(usize::MAX),
-        )
+        .add_service(service.clone())
         .add_service(GatewayServer::new(GatewayStatsService(source)))
         .serve_with_incoming_shutdown(connections.accept(listener), stop.clone().cancelled_owned());
     tokio::pin!(server);

@@ -6,13 +6,33 @@ use clap::Parser;
 use dlb_gateway::Config;
 use tokio::net::TcpListener;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = Config::parse();
     if let Err(message) = config.validate() {
         eprintln!("dlb-gateway: {message}");
         return ExitCode::from(2);
     }
+    let threads = config.worker_threads();
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(serve(config)),
+        Err(error) => {
+            eprintln!("dlb-gateway: cannot start the runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
     dlb::telemetry::init();
     let listener =
         match dlb::server::bind_listen("dlb-gateway", config.listen, "DLB_GATEWAY_LISTEN").await {

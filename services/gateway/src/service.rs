@@ -1,8 +1,10 @@
-//! `GatewayService`: `dlb.v1.Operations` in front of the balancer. A call enters here, takes a
-//! concurrency permit (or gets RESOURCE_EXHAUSTED), and is forwarded through the balancer with
-//! the caller's deadline; a connection failure or UNAVAILABLE is retried on another instance
-//! within the retry budget; the answer goes back with `x-served-by` and `x-attempts`, and one
-//! event goes to the log.
+//! `GatewayService`: `dlb.v1.Operations` in front of the balancer, as a relay. A call enters
+//! here, takes a concurrency permit (or gets RESOURCE_EXHAUSTED), and its request, read whole
+//! but never decoded, is forwarded through the balancer with the caller's deadline; a
+//! connection failure or UNAVAILABLE is retried on another instance within the retry budget;
+//! the instance's answer, also read whole (so a failure mid-answer is retried too) and passed
+//! on byte for byte, goes back with `x-served-by` and `x-attempts`, and one event goes to the
+//! log. Protobuf is parsed only for the event's input preview (its first field).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,28 +12,24 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use dlb::events::{EventLog, RequestFields, preview};
-use dlb::proto::v1::operations_client::OperationsClient;
-use dlb::proto::v1::{
-    FibonacciRequest, FibonacciResponse, IsPalindromeRequest, IsPalindromeResponse, IsPrimeRequest,
-    IsPrimeResponse, ReverseRequest, ReverseResponse, WordCountRequest, WordCountResponse,
-    operations_server::Operations,
-};
+use http_body::Frame;
+use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::{Request, Response, Status};
-use tower::BoxError;
+use tonic::{Code, Status};
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::BoxCloneSyncService;
+use tower::{BoxError, ServiceExt};
 
 use crate::endpoint::{EndpointTable, ServedBy};
-use crate::error::{Error, describe, is_balance_error, is_retryable};
+use crate::error::{Error, is_balance_error_source};
 
-/// The balancer as the gRPC client sees it, whatever the policy. The error type is concrete
-/// (not `BoxError`): tonic's client needs that to prove its futures `Send` for every lifetime.
-pub type Balanced = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, ForwardError>;
+/// The balancer as the relay sees it, whatever the policy.
+pub type Balanced = BoxCloneSyncService<http::Request<Bytes>, crate::conn::Answer, ForwardError>;
 
 /// Any failure below the gRPC client: no endpoint, connection refused or reset, ...
 #[derive(Debug)]
@@ -46,74 +44,6 @@ impl std::fmt::Display for ForwardError {
 impl std::error::Error for ForwardError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(self.0.as_ref())
-    }
-}
-
-/// Moves a `poll_ready` failure into the next `call`. tonic's client turns a readiness error into
-/// a sourceless UNKNOWN "Service was not ready" status, losing what went wrong; an error from
-/// `call` keeps its source, so [`is_balance_error`] can tell "no healthy instance" apart.
-#[derive(Debug, Clone)]
-pub struct ReadyErrorsInCall<S> {
-    inner: S,
-    failed: Option<Arc<ForwardError>>,
-}
-
-impl<S> ReadyErrorsInCall<S> {
-    /// Wraps `inner`.
-    pub fn new(inner: S) -> Self {
-        Self {
-            inner,
-            failed: None,
-        }
-    }
-}
-
-impl<S, Req> tower::Service<Req> for ReadyErrorsInCall<S>
-where
-    S: tower::Service<Req, Error = ForwardError>,
-    S::Future: Send + 'static,
-    S::Response: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = ForwardError;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, ForwardError>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        match self.inner.poll_ready(cx) {
-            std::task::Poll::Ready(Err(error)) => {
-                self.failed = Some(Arc::new(error));
-                std::task::Poll::Ready(Ok(()))
-            }
-            other => other,
-        }
-    }
-
-    fn call(&mut self, request: Req) -> Self::Future {
-        match self.failed.take() {
-            Some(error) => Box::pin(std::future::ready(Err(ForwardError(Box::new(
-                SharedError(error),
-            ))))),
-            None => Box::pin(self.inner.call(request)),
-        }
-    }
-}
-
-/// A readiness error handed on to `call`.
-#[derive(Debug)]
-struct SharedError(Arc<ForwardError>);
-
-impl std::fmt::Display for SharedError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for SharedError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        std::error::Error::source(self.0.as_ref())
     }
 }
 
@@ -144,7 +74,7 @@ pub struct Counters {
     pub failures: AtomicU64,
 }
 
-/// Implements `dlb.v1.Operations` by forwarding. Cheap to clone.
+/// Implements `dlb.v1.Operations` by relaying. Cheap to clone.
 #[derive(Clone)]
 pub struct GatewayService {
     inner: Arc<Inner>,
@@ -170,10 +100,53 @@ impl std::fmt::Debug for GatewayService {
     }
 }
 
-type CallFuture<T> = Pin<Box<dyn Future<Output = Result<Response<T>, Status>> + Send>>;
+/// The operations relayed, by the method part of their path.
+const METHODS: [&str; 5] = [
+    "IsPrime",
+    "IsPalindrome",
+    "Reverse",
+    "Fibonacci",
+    "WordCount",
+];
+
+/// The service part of their paths.
+const PATH_PREFIX: &str = "/dlb.v1.Operations/";
+
+/// The gRPC message prefix: a compression flag and a 4-byte big-endian length.
+const FRAME_HEADER: usize = 5;
+
+/// How one attempt ended.
+enum Attempt {
+    /// An instance answered (any status): the answer, whole.
+    Answered(Box<Whole>),
+    /// The balancer had no instance to offer.
+    NoInstance,
+    /// Failed below gRPC (connection refused or reset, cut off): never answered.
+    Failed(String),
+    /// The deadline passed.
+    TimedOut,
+}
+
+/// An attempt that may be made again on another instance.
+enum Retry {
+    /// The instance answered UNAVAILABLE.
+    Refused(Box<Whole>),
+    /// Never answered.
+    Failed(String),
+}
+
+/// An instance's whole answer.
+struct Whole {
+    head: http::response::Parts,
+    data: Bytes,
+    trailers: Option<http::HeaderMap>,
+    served_by: Option<Arc<str>>,
+    /// Its grpc-status (from the trailers, or from the headers of a trailers-only answer).
+    status: Code,
+}
 
 impl GatewayService {
-    /// A service forwarding through `balancer`.
+    /// A service relaying through `balancer`.
     pub fn new(
         balancer: Balanced,
         table: Arc<EndpointTable>,
@@ -203,44 +176,57 @@ impl GatewayService {
         self.inner.settings.max_in_flight - self.inner.permits.available_permits()
     }
 
-    fn client(&self) -> OperationsClient<Balanced> {
-        OperationsClient::new(self.inner.balancer.clone())
-            .max_decoding_message_size(
-                self.inner
-                    .settings
-                    .max_message_bytes
-                    .max(dlb::endpoint::MAX_RESPONSE_BYTES),
-            )
-            .max_encoding_message_size(self.inner.settings.max_message_bytes)
-    }
-
-    async fn forward<Req, Resp>(
-        &self,
-        op: &'static str,
-        request: Request<Req>,
-        input: String,
-        send: impl Fn(OperationsClient<Balanced>, Request<Req>) -> CallFuture<Resp>,
-    ) -> Result<Response<Resp>, Status>
-    where
-        Req: Clone,
-    {
+    /// Relays one call; every outcome is an HTTP response carrying a gRPC status.
+    async fn relay(&self, request: http::Request<Body>) -> http::Response<Body> {
         let inner = &self.inner;
         let start = Instant::now();
+        let Some(op) = request
+            .uri()
+            .path()
+            .strip_prefix(PATH_PREFIX)
+            .and_then(|m| METHODS.iter().find(|known| **known == m))
+            .copied()
+        else {
+            let status = Status::unimplemented(format!(
+                "unknown method {} (dlb.v1.Operations has {})",
+                request.uri().path(),
+                METHODS.join(", ")
+            ));
+            return status.into_http();
+        };
         let Ok(_permit) = inner.permits.try_acquire() else {
             let status: Status = Error::Overloaded {
                 limit: inner.settings.max_in_flight,
             }
             .into();
-            return Err(self.answer_error(op, &input, start, 0, None, &status));
+            return self.answer_error(op, "", start, 0, None, status);
         };
-        let timeout = dlb::deadline::from_metadata(request.metadata())
+        let timeout = dlb::deadline::from_headers(request.headers())
             .unwrap_or(inner.settings.default_timeout);
         let deadline = start + timeout;
-        let message = request.into_inner();
+        let (head, body) = request.into_parts();
+        let message = match tokio::time::timeout(
+            timeout,
+            read_request(body, inner.settings.max_message_bytes),
+        )
+        .await
+        {
+            Ok(Ok(message)) => message,
+            Ok(Err(status)) => return self.answer_error(op, "", start, 0, None, status),
+            Err(_) => {
+                let status = Error::DeadlineExceeded {
+                    deadline: timeout,
+                    attempts: 0,
+                }
+                .into();
+                return self.answer_error(op, "", start, 0, None, status);
+            }
+        };
+        let input = input_preview(op, &message[FRAME_HEADER..]);
         inner.budget.deposit();
 
         let mut attempts = 0u32;
-        let outcome = loop {
+        let answer = loop {
             attempts += 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let budget = remaining.saturating_sub(DEADLINE_MARGIN);
@@ -248,79 +234,143 @@ impl GatewayService {
                 break Err(Error::DeadlineExceeded {
                     deadline: timeout,
                     attempts: attempts - 1,
-                }
-                .into());
+                });
             }
-            let mut request = Request::new(message.clone());
-            request.set_timeout(remaining);
-            match tokio::time::timeout(budget, send(self.client(), request)).await {
-                // Dropping the call cancels it at the instance too (HTTP/2 RST_STREAM).
-                Err(_) => {
+            let retry = match self.attempt(&head, &message, remaining, budget).await {
+                Attempt::Answered(answer) if answer.status != Code::Unavailable => {
+                    break Ok(answer);
+                }
+                // Refused by the instance (draining, overloaded by its own account): it may
+                // go elsewhere; when it cannot, the instance's answer is relayed.
+                Attempt::Answered(answer) => Retry::Refused(answer),
+                Attempt::NoInstance => {
+                    break Err(Error::NoHealthyInstance {
+                        summary: inner.table.summary(),
+                    });
+                }
+                Attempt::TimedOut => {
+                    // Dropping the call cancelled it at the instance too (RST_STREAM).
                     break Err(Error::DeadlineExceeded {
                         deadline: timeout,
                         attempts,
-                    }
-                    .into());
+                    });
                 }
-                Ok(Ok(response)) => break Ok(response),
-                Ok(Err(status)) if is_balance_error(&status) => {
-                    break Err(Error::NoHealthyInstance {
-                        summary: inner.table.summary(),
-                    }
-                    .into());
-                }
-                Ok(Err(status)) => {
-                    if is_retryable(&status)
-                        && attempts < inner.settings.max_attempts
-                        && inner.budget.withdraw()
-                    {
-                        inner.counters.retries.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(op, attempts, error = %describe(&status), "retrying on another instance");
-                        continue;
-                    }
-                    if std::error::Error::source(&status).is_some() {
-                        break Err(Error::Unreachable {
-                            attempts,
-                            last: describe(&status),
-                        }
-                        .into());
-                    }
-                    // An instance's own answer (bad input, overload): relay it.
-                    break Err(status);
-                }
+                Attempt::Failed(last) => Retry::Failed(last),
+            };
+            if attempts < inner.settings.max_attempts && inner.budget.withdraw() {
+                inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(op, attempts, "retrying on another instance");
+                continue;
+            }
+            match retry {
+                Retry::Refused(answer) => break Ok(answer),
+                Retry::Failed(last) => break Err(Error::Unreachable { attempts, last }),
             }
         };
-        match outcome {
-            Ok(response) => {
-                let served_by = response
-                    .extensions()
-                    .get::<ServedBy>()
-                    .map(|s| s.0.to_string())
-                    .or_else(|| header(response.metadata(), dlb::metadata::SERVED_BY));
-                self.record(op, &input, start, attempts, served_by.as_deref(), "OK");
-                let mut answer = Response::new(response.into_inner());
-                add_metadata(answer.metadata_mut(), served_by.as_deref(), attempts);
-                Ok(answer)
-            }
-            Err(status) => {
-                let served_by = header(status.metadata(), dlb::metadata::SERVED_BY);
-                // Bad input is the caller's mistake, not the instance's: not counted against it.
-                let callers_fault = matches!(
-                    status.code(),
-                    tonic::Code::InvalidArgument
-                        | tonic::Code::NotFound
-                        | tonic::Code::OutOfRange
-                        | tonic::Code::FailedPrecondition
-                        | tonic::Code::AlreadyExists
-                );
-                if !callers_fault
-                    && let Some(endpoint) = served_by.as_deref().and_then(|id| inner.table.get(id))
-                {
-                    endpoint.record_error();
-                }
-                Err(self.answer_error(op, &input, start, attempts, served_by.as_deref(), &status))
-            }
+        match answer {
+            Ok(answer) => self.answer(op, &input, start, attempts, answer),
+            Err(error) => self.answer_error(op, &input, start, attempts, None, error.into()),
         }
+    }
+
+    /// One try on whichever instance the balancer picks, bounded by `budget`.
+    async fn attempt(
+        &self,
+        head: &http::request::Parts,
+        message: &Bytes,
+        remaining: Duration,
+        budget: Duration,
+    ) -> Attempt {
+        let mut request = http::Request::new(message.clone());
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = head.uri.clone();
+        *request.headers_mut() = head.headers.clone();
+        request
+            .headers_mut()
+            .insert("grpc-timeout", dlb::deadline::to_header(remaining));
+        let call = async {
+            let response = match self.inner.balancer.clone().oneshot(request).await {
+                Ok(response) => response,
+                Err(ForwardError(error)) if is_balance_error_source(error.as_ref()) => {
+                    return Attempt::NoInstance;
+                }
+                Err(error) => return Attempt::Failed(dlb::call::error_chain(&error)),
+            };
+            let served_by = response
+                .extensions()
+                .get::<ServedBy>()
+                .map(|s| Arc::clone(&s.0));
+            let (head, body) = response.into_parts();
+            let limit = dlb::endpoint::MAX_RESPONSE_BYTES + FRAME_HEADER;
+            let (data, trailers) = match read_answer(body, limit).await {
+                Ok(read) => read,
+                Err(error) => return Attempt::Failed(error),
+            };
+            let status = trailers
+                .as_ref()
+                .and_then(grpc_code)
+                .or_else(|| grpc_code(&head.headers))
+                // An answer without a status is not a gRPC answer: count it a failure.
+                .unwrap_or(Code::Unknown);
+            Attempt::Answered(Box::new(Whole {
+                head,
+                data,
+                trailers,
+                served_by,
+                status,
+            }))
+        };
+        tokio::time::timeout(budget, call)
+            .await
+            .unwrap_or(Attempt::TimedOut)
+    }
+
+    /// Passes an instance's answer on, marked with who answered and how many tries it took.
+    fn answer(
+        &self,
+        op: &'static str,
+        input: &str,
+        start: Instant,
+        attempts: u32,
+        answer: Box<Whole>,
+    ) -> http::Response<Body> {
+        let Whole {
+            mut head,
+            data,
+            trailers,
+            served_by,
+            status,
+        } = *answer;
+        let served_by = served_by.map(|s| s.to_string()).or_else(|| {
+            head.headers
+                .get(dlb::metadata::SERVED_BY)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        });
+        if status != Code::Ok
+            && !callers_fault(status)
+            && let Some(endpoint) = served_by.as_deref().and_then(|id| self.inner.table.get(id))
+        {
+            endpoint.record_error();
+        }
+        self.record(
+            op,
+            input,
+            start,
+            attempts,
+            served_by.as_deref(),
+            dlb::call::code_name(status),
+        );
+        add_headers(&mut head.headers, served_by.as_deref(), attempts);
+        let mut frames = Vec::with_capacity(2);
+        if !data.is_empty() {
+            frames.push(Ok::<_, Status>(Frame::data(data)));
+        }
+        if let Some(trailers) = trailers {
+            frames.push(Ok(Frame::trailers(trailers)));
+        }
+        let body = Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames)));
+        http::Response::from_parts(head, body)
     }
 
     fn answer_error(
@@ -330,8 +380,8 @@ impl GatewayService {
         start: Instant,
         attempts: u32,
         served_by: Option<&str>,
-        status: &Status,
-    ) -> Status {
+        status: Status,
+    ) -> http::Response<Body> {
         self.record(
             op,
             input,
@@ -341,8 +391,11 @@ impl GatewayService {
             dlb::call::code_name(status.code()),
         );
         let mut metadata = MetadataMap::new();
-        add_metadata(&mut metadata, served_by, attempts);
-        Status::with_metadata(status.code(), status.message(), metadata)
+        if let Some(value) = served_by.and_then(|s| MetadataValue::try_from(s).ok()) {
+            metadata.insert(dlb::metadata::SERVED_BY, value);
+        }
+        metadata.insert(dlb::metadata::ATTEMPTS, MetadataValue::from(attempts));
+        Status::with_metadata(status.code(), status.message(), metadata).into_http()
     }
 
     fn record(
@@ -372,74 +425,267 @@ impl GatewayService {
     }
 }
 
-fn header(metadata: &MetadataMap, key: &str) -> Option<String> {
-    metadata
-        .get(key)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+/// Bad input is the caller's mistake, not the instance's: not counted against it.
+fn callers_fault(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::OutOfRange
+            | Code::FailedPrecondition
+            | Code::AlreadyExists
+            | Code::ResourceExhausted
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+    )
 }
 
-fn add_metadata(metadata: &mut MetadataMap, served_by: Option<&str>, attempts: u32) {
-    if let Some(value) = served_by.and_then(|s| MetadataValue::try_from(s).ok()) {
-        metadata.insert(dlb::metadata::SERVED_BY, value);
-    }
-    metadata.insert(dlb::metadata::ATTEMPTS, MetadataValue::from(attempts));
+fn grpc_code(headers: &http::HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?;
+    value.parse::<i32>().ok().map(Code::from)
 }
 
-#[tonic::async_trait]
-impl Operations for GatewayService {
-    async fn is_prime(
-        &self,
-        request: Request<IsPrimeRequest>,
-    ) -> Result<Response<IsPrimeResponse>, Status> {
-        let input = preview(&request.get_ref().number);
-        self.forward("IsPrime", request, input, |mut client, request| {
-            Box::pin(async move { client.is_prime(request).await })
-        })
+fn add_headers(headers: &mut http::HeaderMap, served_by: Option<&str>, attempts: u32) {
+    match served_by.and_then(|s| http::HeaderValue::from_str(s).ok()) {
+        Some(value) => {
+            headers.insert(dlb::metadata::SERVED_BY, value);
+        }
+        None => {
+            headers.remove(dlb::metadata::SERVED_BY);
+        }
+    }
+    headers.insert(dlb::metadata::ATTEMPTS, http::HeaderValue::from(attempts));
+}
+
+/// Reads a unary request whole: one gRPC message with its 5-byte prefix, as received. A
+/// message over `limit` is refused as soon as its prefix says so.
+async fn read_request(mut body: Body, limit: usize) -> Result<Bytes, Status> {
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
+    let mut total = 0usize;
+    let mut declared: Option<usize> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| Status::cancelled(format!("the request ended early: {}", e.message())))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        total += data.len();
+        chunks.push(data);
+        if declared.is_none() && total >= FRAME_HEADER {
+            let mut prefix = [0u8; FRAME_HEADER];
+            copy_prefix(&chunks, &mut prefix);
+            let length = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+            if length > limit {
+                return Err(oversize(length, limit));
+            }
+            declared = Some(length);
+        }
+        if total > FRAME_HEADER + limit {
+            return Err(oversize(total - FRAME_HEADER, limit));
+        }
+    }
+    let Some(length) = declared else {
+        return Err(Status::internal(format!(
+            "the request carries no gRPC message ({total} bytes, a message takes at least 5)"
+        )));
+    };
+    if total != FRAME_HEADER + length {
+        return Err(Status::internal(format!(
+            "the request is not one gRPC message: {length} bytes announced, {} received",
+            total - FRAME_HEADER
+        )));
+    }
+    Ok(concat(chunks, total))
+}
+
+fn oversize(found: usize, limit: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "request message is {found} bytes, over the limit of {limit} bytes (--max-message-bytes)"
+    ))
+}
+
+fn copy_prefix(chunks: &[Bytes], out: &mut [u8]) {
+    let mut filled = 0;
+    for chunk in chunks {
+        let n = chunk.len().min(out.len() - filled);
+        out[filled..filled + n].copy_from_slice(&chunk[..n]);
+        filled += n;
+        if filled == out.len() {
+            return;
+        }
+    }
+}
+
+fn concat(mut chunks: Vec<Bytes>, total: usize) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let mut all = BytesMut::with_capacity(total);
+    for chunk in chunks {
+        all.extend_from_slice(&chunk);
+    }
+    all.freeze()
+}
+
+/// Reads an instance's answer whole: its data and its trailers. Any failure is below gRPC.
+async fn read_answer(
+    mut body: h2::RecvStream,
+    limit: usize,
+) -> Result<(Bytes, Option<http::HeaderMap>), String> {
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
+    let mut total = 0usize;
+    while let Some(data) = body.data().await {
+        let data = data.map_err(|e| dlb::call::error_chain(&e))?;
+        // Read, so the instance may send more (HTTP/2 flow control).
+        let _ = body.flow_control().release_capacity(data.len());
+        total += data.len();
+        if total > limit {
+            return Err(format!("the answer is over {limit} bytes"));
+        }
+        chunks.push(data);
+    }
+    let trailers = body
+        .trailers()
         .await
+        .map_err(|e| dlb::call::error_chain(&e))?;
+    Ok((concat(chunks, total), trailers))
+}
+
+/// The event log's view of the input: the request's first field (the number, the text or n),
+/// cut to the preview length, read without decoding the rest of the message.
+fn input_preview(op: &str, message: &[u8]) -> String {
+    match first_field(message) {
+        Some(Field::Varint(n)) => n.to_string(),
+        Some(Field::Bytes(bytes)) => {
+            // Enough bytes for the preview's characters; a cut character is dropped.
+            let cut = &bytes[..bytes.len().min(dlb::events::INPUT_PREVIEW_CHARS * 4 + 4)];
+            let valid = match std::str::from_utf8(cut) {
+                Ok(text) => text,
+                Err(e) => std::str::from_utf8(&cut[..e.valid_up_to()]).unwrap_or_default(),
+            };
+            let shown = preview(valid);
+            if cut.len() < bytes.len() && !shown.ends_with('…') {
+                format!("{shown}…")
+            } else {
+                shown
+            }
+        }
+        // Absent: the field's default.
+        None if op == "Fibonacci" => "0".to_owned(),
+        None => String::new(),
+    }
+}
+
+enum Field<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+}
+
+/// Field number 1 of a protobuf message, if present and well formed.
+fn first_field(mut message: &[u8]) -> Option<Field<'_>> {
+    while !message.is_empty() {
+        let key = varint(&mut message)?;
+        let (number, wire) = (key >> 3, key & 7);
+        let field = match wire {
+            0 => Field::Varint(varint(&mut message)?),
+            1 => {
+                message = message.get(8..)?;
+                continue;
+            }
+            2 => {
+                let len = usize::try_from(varint(&mut message)?).ok()?;
+                let bytes = message.get(..len)?;
+                message = &message[len..];
+                Field::Bytes(bytes)
+            }
+            5 => {
+                message = message.get(4..)?;
+                continue;
+            }
+            _ => return None,
+        };
+        if number == 1 {
+            return Some(field);
+        }
+    }
+    None
+}
+
+fn varint(input: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for (i, byte) in input.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            *input = &input[i + 1..];
+            return Some(value);
+        }
+    }
+    None
+}
+
+impl tonic::server::NamedService for GatewayService {
+    const NAME: &'static str = "dlb.v1.Operations";
+}
+
+impl tower::Service<http::Request<Body>> for GatewayService {
+    type Response = http::Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<
+        Box<dyn Future<Output = Result<http::Response<Body>, std::convert::Infallible>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
     }
 
-    async fn is_palindrome(
-        &self,
-        request: Request<IsPalindromeRequest>,
-    ) -> Result<Response<IsPalindromeResponse>, Status> {
-        let input = preview(&request.get_ref().text);
-        self.forward("IsPalindrome", request, input, |mut client, request| {
-            Box::pin(async move { client.is_palindrome(request).await })
-        })
-        .await
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let service = self.clone();
+        Box::pin(async move { Ok(service.relay(request).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(fields: &[u8]) -> Vec<u8> {
+        fields.to_vec()
     }
 
-    async fn reverse(
-        &self,
-        request: Request<ReverseRequest>,
-    ) -> Result<Response<ReverseResponse>, Status> {
-        let input = preview(&request.get_ref().text);
-        self.forward("Reverse", request, input, |mut client, request| {
-            Box::pin(async move { client.reverse(request).await })
-        })
-        .await
+    #[test]
+    fn the_preview_is_the_first_field() {
+        // field 1, string "97"
+        assert_eq!(
+            input_preview("IsPrime", &message(&[0x0a, 2, b'9', b'7'])),
+            "97"
+        );
+        // field 2 (bool) before field 1 (string): still found
+        assert_eq!(
+            input_preview("IsPalindrome", &message(&[0x10, 1, 0x0a, 1, b'x'])),
+            "x"
+        );
+        // field 1, varint 300
+        assert_eq!(
+            input_preview("Fibonacci", &message(&[0x08, 0xac, 0x02])),
+            "300"
+        );
+        assert_eq!(input_preview("Fibonacci", &[]), "0");
+        assert_eq!(input_preview("Reverse", &[]), "");
+        // malformed: a length past the end
+        assert_eq!(input_preview("Reverse", &message(&[0x0a, 9, b'a'])), "");
     }
 
-    async fn fibonacci(
-        &self,
-        request: Request<FibonacciRequest>,
-    ) -> Result<Response<FibonacciResponse>, Status> {
-        let input = request.get_ref().n.to_string();
-        self.forward("Fibonacci", request, input, |mut client, request| {
-            Box::pin(async move { client.fibonacci(request).await })
-        })
-        .await
-    }
-
-    async fn word_count(
-        &self,
-        request: Request<WordCountRequest>,
-    ) -> Result<Response<WordCountResponse>, Status> {
-        let input = preview(&request.get_ref().text);
-        self.forward("WordCount", request, input, |mut client, request| {
-            Box::pin(async move { client.word_count(request).await })
-        })
-        .await
+    #[test]
+    fn a_long_text_is_cut_with_a_mark() {
+        let text = "é".repeat(1000);
+        let mut m = vec![0x0a, 0xd0, 0x0f]; // 2000 bytes
+        m.extend_from_slice(text.as_bytes());
+        let shown = input_preview("Reverse", &m);
+        assert!(shown.ends_with('…'), "{shown}");
+        assert!(shown.chars().count() <= dlb::events::INPUT_PREVIEW_CHARS + 1);
+        assert!(shown.trim_end_matches('…').chars().all(|c| c == 'é'));
     }
 }

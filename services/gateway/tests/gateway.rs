@@ -543,3 +543,121 @@ async fn an_overload_is_shed_and_never_ejects_a_healthy_instance() {
     );
     gateway.shutdown().await.unwrap();
 }
+
+/// One call by hand over HTTP/2 (no gRPC client): its grpc-status and grpc-message, from the
+/// headers of a trailers-only answer or from the trailers.
+async fn raw_call(addr: std::net::SocketAddr, path: &str, body: Vec<u8>) -> (String, String) {
+    use tonic::codegen::http;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(request, false).unwrap();
+    send.send_data(bytes::Bytes::from(body), true).unwrap();
+    let (head, mut body) = response.await.unwrap().into_parts();
+    // grpc-message is percent-encoded.
+    let read = |map: &http::HeaderMap, key: &str| {
+        let raw = map
+            .get(key)
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < raw.len() {
+            if raw[i] == b'%' && i + 2 < raw.len() {
+                let hex = std::str::from_utf8(&raw[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            } else {
+                out.push(raw[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    };
+    if head.headers.contains_key("grpc-status") {
+        return (
+            read(&head.headers, "grpc-status"),
+            read(&head.headers, "grpc-message"),
+        );
+    }
+    while let Some(data) = body.data().await {
+        data.unwrap();
+    }
+    let trailers = body.trailers().await.unwrap().unwrap();
+    (
+        read(&trailers, "grpc-status"),
+        read(&trailers, "grpc-message"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversize_requests_get_clear_errors_and_serving_goes_on() {
+    let ids = ["A"];
+    let computes = in_process(&ids).await;
+    let mut config = Config::for_tests(vec![]);
+    config.max_message_bytes = 1024;
+    let gateway = RunningGateway::start(config, backends(&computes, &ids), false)
+        .await
+        .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &ids, PATIENCE).await;
+
+    // Over --max-message-bytes: refused by the gateway, which names the sizes and the flag.
+    let status = reverse(&gw, &"x".repeat(2000)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("is 2003 bytes, over the limit of 1024 bytes (--max-message-bytes)"),
+        "{}",
+        status.message()
+    );
+
+    // No such method.
+    let (code, message) = raw_call(gateway.addr, "/dlb.v1.Operations/Nope", vec![0; 5]).await;
+    assert_eq!(code, "12", "{message}");
+    assert!(message.contains("Nope"), "{message}");
+
+    // Not a gRPC message: too short, or shorter than its prefix announces.
+    let (code, message) = raw_call(gateway.addr, "/dlb.v1.Operations/Reverse", vec![0; 3]).await;
+    assert_eq!(code, "13", "{message}");
+    assert!(message.contains("carries no gRPC message"), "{message}");
+    let (code, message) = raw_call(
+        gateway.addr,
+        "/dlb.v1.Operations/Reverse",
+        vec![0, 0, 0, 0, 10, 0x0a, 1, b'x'],
+    )
+    .await;
+    assert_eq!(code, "13", "{message}");
+    assert!(
+        message.contains("10 bytes announced, 3 received"),
+        "{message}"
+    );
+
+    // A well-formed call by hand is relayed byte for byte: Reverse("ab") is "ba".
+    let (code, message) = raw_call(
+        gateway.addr,
+        "/dlb.v1.Operations/Reverse",
+        vec![0, 0, 0, 0, 4, 0x0a, 2, b'a', b'b'],
+    )
+    .await;
+    assert_eq!(code, "0", "{message}");
+
+    // Still serving, and none of that counted against the instance.
+    assert_eq!(reverse(&gw, "abc").await.unwrap().into_inner().text, "cba");
+    let counters = stats(&gw).await;
+    assert!(
+        counters.instances.iter().all(|i| i.errors == 0),
+        "{counters:?}"
+    );
+    gateway.shutdown().await.unwrap();
+    for c in computes {
+        c.shutdown().await.unwrap();
+    }
+}

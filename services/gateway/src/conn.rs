@@ -1,0 +1,256 @@
+//! One HTTP/2 connection to an instance for relayed calls, on the h2 crate directly: a call
+//! hands its frames to the connection from its own task (no buffer task in between, as a
+//! tonic `Channel` has), and the connection's driver task only writes and reads. It connects
+//! on first use and again after it closed; HTTP/2 PINGs every keepalive interval close it when
+//! the peer stops answering.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tonic::codegen::http;
+use tower::BoxError;
+
+/// How connections are made and kept.
+#[derive(Debug, Clone)]
+pub struct ConnSettings {
+    /// Bound on TCP connect plus TLS and HTTP/2 handshakes.
+    pub connect_timeout: Duration,
+    /// Time between PINGs.
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+    /// TLS towards the instance, if on.
+    pub tls: Option<dlb::tls::ClientTls>,
+}
+
+/// A lazily connecting HTTP/2 connection to one address. Cheap to clone; the connection closes
+/// once every clone is gone and its last call has finished.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// HOST:PORT, for TCP.
+    addr: String,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    settings: ConnSettings,
+    /// The live connection, if any.
+    live: Mutex<Option<Live>>,
+    /// Held while connecting: one handshake at a time.
+    connecting: tokio::sync::Mutex<()>,
+    /// The last failed attempt to connect: when it ended, and why. Calls that were waiting
+    /// for that attempt fail with it instead of each trying again in turn.
+    failed: Mutex<Option<(Instant, String)>>,
+}
+
+#[derive(Debug, Clone)]
+struct Live {
+    sender: SendRequest<Bytes>,
+    /// Set by the driver task when the connection has ended.
+    closed: Arc<AtomicBool>,
+}
+
+/// A call's answer: headers now, body and trailers from the stream.
+pub type Answer = http::Response<h2::RecvStream>;
+
+impl Conn {
+    /// A connection to `addr` (HOST:PORT), opened on first use.
+    ///
+    /// # Errors
+    ///
+    /// A message when `addr` is not a valid HOST:PORT.
+    pub fn new(addr: &str, settings: ConnSettings) -> Result<Self, String> {
+        let authority: http::uri::Authority = addr
+            .parse()
+            .map_err(|e| format!("invalid address {addr:?}: {e}"))?;
+        let scheme = if settings.tls.is_some() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                addr: addr.to_owned(),
+                scheme,
+                authority,
+                settings,
+                live: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                failed: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Sends one unary call: `head`'s path and headers, `body` as the whole request body.
+    ///
+    /// # Errors
+    ///
+    /// Connection failures (refused, reset, closed, protocol errors): the instance never saw
+    /// the call, or never answered it.
+    pub async fn send(&self, head: http::Request<()>, body: Bytes) -> Result<Answer, BoxError> {
+        let sender = self.sender().await?;
+        let mut sender = sender.ready().await?;
+        let (mut parts, ()) = head.into_parts();
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(self.shared.scheme.clone());
+        uri.authority = Some(self.shared.authority.clone());
+        uri.path_and_query = parts.uri.path_and_query().cloned();
+        parts.uri = http::Uri::from_parts(uri)?;
+        let (response, mut stream) =
+            sender.send_request(http::Request::from_parts(parts, ()), body.is_empty())?;
+        if !body.is_empty() {
+            stream.send_data(body, true)?;
+        }
+        Ok(response.await?)
+    }
+
+    /// The live connection's sender, connecting first when there is none.
+    async fn sender(&self) -> Result<SendRequest<Bytes>, BoxError> {
+        if let Some(sender) = self.live_sender() {
+            return Ok(sender);
+        }
+        let waited_from = Instant::now();
+        let _one_at_a_time = self.shared.connecting.lock().await;
+        if let Some(sender) = self.live_sender() {
+            return Ok(sender);
+        }
+        if let Some((when, why)) = &*lock(&self.shared.failed)
+            && *when >= waited_from
+        {
+            return Err(why.clone().into());
+        }
+        let timeout = self.shared.settings.connect_timeout;
+        let connected = match tokio::time::timeout(timeout, self.connect()).await {
+            Ok(Ok(live)) => Ok(live),
+            Ok(Err(error)) => Err(format!(
+                "cannot connect to {}: {}",
+                self.shared.addr,
+                dlb::call::error_chain(error.as_ref())
+            )),
+            Err(_) => Err(format!(
+                "connecting to {} timed out after {timeout:?}",
+                self.shared.addr
+            )),
+        };
+        match connected {
+            Ok(live) => {
+                let sender = live.sender.clone();
+                *lock(&self.shared.live) = Some(live);
+                Ok(sender)
+            }
+            Err(why) => {
+                *lock(&self.shared.failed) = Some((Instant::now(), why.clone()));
+                Err(why.into())
+            }
+        }
+    }
+
+    fn live_sender(&self) -> Option<SendRequest<Bytes>> {
+        let live = lock(&self.shared.live);
+        live.as_ref()
+            .filter(|l| !l.closed.load(Ordering::Acquire))
+            .map(|l| l.sender.clone())
+    }
+
+    async fn connect(&self) -> Result<Live, BoxError> {
+        let shared = &self.shared;
+        let tcp = TcpStream::connect(&shared.addr).await?;
+        tcp.set_nodelay(true)?;
+        match &shared.settings.tls {
+            None => self.handshake(tcp).await,
+            Some(tls) => {
+                let (connector, name) = tls.rustls_connector(shared.authority.host())?;
+                let stream = connector.connect(name, tcp).await?;
+                self.handshake(stream).await
+            }
+        }
+    }
+
+    async fn handshake<T>(&self, io: T) -> Result<Live, BoxError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, mut connection) = h2::client::Builder::new()
+            .initial_window_size(dlb::endpoint::STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(dlb::endpoint::CONNECTION_WINDOW_BYTES)
+            .handshake::<_, Bytes>(io)
+            .await?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let settings = self.shared.settings.clone();
+        let addr = self.shared.addr.clone();
+        let ping = connection.ping_pong();
+        let ended = Arc::clone(&closed);
+        tokio::spawn(async move {
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(error) = result {
+                        tracing::debug!(%addr, %error, "connection to instance ended");
+                    }
+                }
+                () = keepalive(ping, &settings) => {
+                    tracing::debug!(%addr, "instance stopped answering PINGs; connection closed");
+                }
+            }
+            ended.store(true, Ordering::Release);
+        });
+        Ok(Live { sender, closed })
+    }
+
+    /// Sends `grpc.health.v1.Health/Check` on this connection; true when it answered SERVING
+    /// or NOT_SERVING (it is alive) within `timeout`.
+    pub async fn probe(&self, timeout: Duration) -> bool {
+        let head = http::Request::builder()
+            .method(http::Method::POST)
+            .uri("/grpc.health.v1.Health/Check")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(());
+        let Ok(head) = head else {
+            return false;
+        };
+        // One empty HealthCheckRequest: no compression, length 0.
+        let call = async {
+            let answer = self
+                .send(head, Bytes::from_static(&[0, 0, 0, 0, 0]))
+                .await
+                .ok()?;
+            let mut body = answer.into_body();
+            while let Some(data) = body.data().await {
+                let data = data.ok()?;
+                let _ = body.flow_control().release_capacity(data.len());
+            }
+            let trailers = body.trailers().await.ok()??;
+            (trailers.get("grpc-status")? == "0").then_some(())
+        };
+        matches!(tokio::time::timeout(timeout, call).await, Ok(Some(())))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section leaves its data valid; a panic elsewhere does not poison it.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// PINGs every interval; returns when one goes unanswered past the timeout.
+async fn keepalive(ping: Option<h2::PingPong>, settings: &ConnSettings) {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(settings.keepalive_interval).await;
+        match tokio::time::timeout(settings.keepalive_timeout, ping.ping(h2::Ping::opaque())).await
+        {
+            Ok(Ok(_)) => {}
+            // The connection ended (the driver sees that too) or the PING went unanswered.
+            Ok(Err(_)) | Err(_) => return,
+        }
+    }
+}
