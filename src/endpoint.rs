@@ -19,6 +19,10 @@ pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 /// gateway then ejected every instance.
 pub const CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 
+/// Largest HTTP/2 frame dlb servers (and the gateway's client side) accept, in bytes: a
+/// large message crosses in a few frames instead of one per 16 KiB (the HTTP/2 default).
+pub const MAX_FRAME_BYTES: u32 = 256 * 1024;
+
 /// How long a client waits for a TCP + HTTP/2 connection before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 

@@ -307,7 +307,8 @@ pub fn warn_if_exposed(program: &str, addr: std::net::SocketAddr, tls: &crate::t
 pub fn builder(tls: &crate::tls::TlsArgs) -> Result<tonic::transport::Server, RunError> {
     let mut builder = tonic::transport::Server::builder()
         .initial_stream_window_size(crate::endpoint::STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(crate::endpoint::CONNECTION_WINDOW_BYTES);
+        .initial_connection_window_size(crate::endpoint::CONNECTION_WINDOW_BYTES)
+        .max_frame_size(crate::endpoint::MAX_FRAME_BYTES);
     if let Some(tls) = crate::tls::for_server(tls).map_err(RunError::Config)? {
         builder = builder.tls_config(tls)?;
     }

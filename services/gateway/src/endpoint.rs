@@ -63,7 +63,7 @@ fn monotonic_us() -> u64 {
     u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves its data valid; a panic elsewhere does not poison it.
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -350,7 +350,7 @@ impl EndpointService {
     }
 }
 
-impl Service<http::Request<Bytes>> for EndpointService {
+impl Service<http::Request<Vec<Bytes>>> for EndpointService {
     type Response = Answer;
     type Error = tower::BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Answer, tower::BoxError>> + Send + 'static>>;
@@ -365,7 +365,7 @@ impl Service<http::Request<Bytes>> for EndpointService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<Bytes>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Vec<Bytes>>) -> Self::Future {
         let Some(conn) = self.pick() else {
             return Box::pin(std::future::ready(
                 Err("endpoint has no connections".into()),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use dlb::events::{EventLog, RequestFields, preview};
 use http_body::Frame;
 use http_body_util::BodyExt;
@@ -29,7 +29,10 @@ use crate::endpoint::{EndpointTable, ServedBy};
 use crate::error::{Error, is_balance_error_source};
 
 /// The balancer as the relay sees it, whatever the policy.
-pub type Balanced = BoxCloneSyncService<http::Request<Bytes>, crate::conn::Answer, ForwardError>;
+pub type Balanced = BoxCloneSyncService<http::Request<Chunks>, crate::conn::Answer, ForwardError>;
+
+/// A message as it arrived, in the pieces it arrived in (forwarded without joining them).
+pub type Chunks = Vec<Bytes>;
 
 /// Any failure below the gRPC client: no endpoint, connection refused or reset, ...
 #[derive(Debug)]
@@ -138,7 +141,7 @@ enum Retry {
 /// An instance's whole answer.
 struct Whole {
     head: http::response::Parts,
-    data: Bytes,
+    data: Chunks,
     trailers: Option<http::HeaderMap>,
     served_by: Option<Arc<str>>,
     /// Its grpc-status (from the trailers, or from the headers of a trailers-only answer).
@@ -222,7 +225,13 @@ impl GatewayService {
                 return self.answer_error(op, "", start, 0, None, status);
             }
         };
-        let input = input_preview(op, &message[FRAME_HEADER..]);
+        let input = {
+            // The message's first bytes suffice for the preview.
+            let total: usize = message.iter().map(Bytes::len).sum();
+            let mut start = vec![0; total.min(PREVIEW_BYTES)];
+            copy_prefix(&message, &mut start);
+            input_preview(op, &start[FRAME_HEADER..], start.len() == total)
+        };
         inner.budget.deposit();
 
         let mut attempts = 0u32;
@@ -277,7 +286,7 @@ impl GatewayService {
     async fn attempt(
         &self,
         head: &http::request::Parts,
-        message: &Bytes,
+        message: &Chunks,
         remaining: Duration,
         budget: Duration,
     ) -> Attempt {
@@ -362,10 +371,8 @@ impl GatewayService {
             dlb::call::code_name(status),
         );
         add_headers(&mut head.headers, served_by.as_deref(), attempts);
-        let mut frames = Vec::with_capacity(2);
-        if !data.is_empty() {
-            frames.push(Ok::<_, Status>(Frame::data(data)));
-        }
+        let mut frames: Vec<Result<_, Status>> = Vec::with_capacity(data.len() + 1);
+        frames.extend(data.into_iter().map(|chunk| Ok(Frame::data(chunk))));
         if let Some(trailers) = trailers {
             frames.push(Ok(Frame::trailers(trailers)));
         }
@@ -459,7 +466,7 @@ fn add_headers(headers: &mut http::HeaderMap, served_by: Option<&str>, attempts:
 
 /// Reads a unary request whole: one gRPC message with its 5-byte prefix, as received. A
 /// message over `limit` is refused as soon as its prefix says so.
-async fn read_request(mut body: Body, limit: usize) -> Result<Bytes, Status> {
+async fn read_request(mut body: Body, limit: usize) -> Result<Chunks, Status> {
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut total = 0usize;
     let mut declared: Option<usize> = None;
@@ -495,7 +502,7 @@ async fn read_request(mut body: Body, limit: usize) -> Result<Bytes, Status> {
             total - FRAME_HEADER
         )));
     }
-    Ok(concat(chunks, total))
+    Ok(chunks)
 }
 
 fn oversize(found: usize, limit: usize) -> Status {
@@ -516,22 +523,11 @@ fn copy_prefix(chunks: &[Bytes], out: &mut [u8]) {
     }
 }
 
-fn concat(mut chunks: Vec<Bytes>, total: usize) -> Bytes {
-    if chunks.len() == 1 {
-        return chunks.pop().unwrap_or_default();
-    }
-    let mut all = BytesMut::with_capacity(total);
-    for chunk in chunks {
-        all.extend_from_slice(&chunk);
-    }
-    all.freeze()
-}
-
 /// Reads an instance's answer whole: its data and its trailers. Any failure is below gRPC.
 async fn read_answer(
     mut body: h2::RecvStream,
     limit: usize,
-) -> Result<(Bytes, Option<http::HeaderMap>), String> {
+) -> Result<(Chunks, Option<http::HeaderMap>), String> {
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut total = 0usize;
     while let Some(data) = body.data().await {
@@ -548,23 +544,27 @@ async fn read_answer(
         .trailers()
         .await
         .map_err(|e| dlb::call::error_chain(&e))?;
-    Ok((concat(chunks, total), trailers))
+    Ok((chunks, trailers))
 }
 
+/// Bytes of a request read for its preview: the prefix, and room for the preview's characters
+/// with their field's key and length.
+const PREVIEW_BYTES: usize = FRAME_HEADER + dlb::events::INPUT_PREVIEW_CHARS * 4 + 16;
+
 /// The event log's view of the input: the request's first field (the number, the text or n),
-/// cut to the preview length, read without decoding the rest of the message.
-fn input_preview(op: &str, message: &[u8]) -> String {
-    match first_field(message) {
+/// cut to the preview length, read without decoding the rest of the message. `start` is the
+/// message, or only its start when `complete` is false.
+fn input_preview(op: &str, start: &[u8], complete: bool) -> String {
+    match first_field(start, complete) {
         Some(Field::Varint(n)) => n.to_string(),
-        Some(Field::Bytes(bytes)) => {
-            // Enough bytes for the preview's characters; a cut character is dropped.
-            let cut = &bytes[..bytes.len().min(dlb::events::INPUT_PREVIEW_CHARS * 4 + 4)];
-            let valid = match std::str::from_utf8(cut) {
+        Some(Field::Bytes { bytes, cut }) => {
+            // A character cut in two at the end is dropped.
+            let valid = match std::str::from_utf8(bytes) {
                 Ok(text) => text,
-                Err(e) => std::str::from_utf8(&cut[..e.valid_up_to()]).unwrap_or_default(),
+                Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
             };
             let shown = preview(valid);
-            if cut.len() < bytes.len() && !shown.ends_with('…') {
+            if cut && !shown.ends_with('…') {
                 format!("{shown}…")
             } else {
                 shown
@@ -578,11 +578,17 @@ fn input_preview(op: &str, message: &[u8]) -> String {
 
 enum Field<'a> {
     Varint(u64),
-    Bytes(&'a [u8]),
+    /// A length-delimited field: its bytes, and whether it goes on past the end of what was
+    /// read.
+    Bytes {
+        bytes: &'a [u8],
+        cut: bool,
+    },
 }
 
-/// Field number 1 of a protobuf message, if present and well formed.
-fn first_field(mut message: &[u8]) -> Option<Field<'_>> {
+/// Field number 1 of a protobuf message, if present and well formed (in what was read, when
+/// only the start of the message was).
+fn first_field(mut message: &[u8], complete: bool) -> Option<Field<'_>> {
     while !message.is_empty() {
         let key = varint(&mut message)?;
         let (number, wire) = (key >> 3, key & 7);
@@ -594,9 +600,18 @@ fn first_field(mut message: &[u8]) -> Option<Field<'_>> {
             }
             2 => {
                 let len = usize::try_from(varint(&mut message)?).ok()?;
-                let bytes = message.get(..len)?;
-                message = &message[len..];
-                Field::Bytes(bytes)
+                if len > message.len() {
+                    if complete {
+                        return None;
+                    }
+                    let bytes = message;
+                    message = &[];
+                    Field::Bytes { bytes, cut: true }
+                } else {
+                    let bytes = &message[..len];
+                    message = &message[len..];
+                    Field::Bytes { bytes, cut: false }
+                }
             }
             5 => {
                 message = message.get(4..)?;
@@ -651,31 +666,23 @@ impl tower::Service<http::Request<Body>> for GatewayService {
 mod tests {
     use super::*;
 
-    fn message(fields: &[u8]) -> Vec<u8> {
-        fields.to_vec()
-    }
-
     #[test]
     fn the_preview_is_the_first_field() {
         // field 1, string "97"
-        assert_eq!(
-            input_preview("IsPrime", &message(&[0x0a, 2, b'9', b'7'])),
-            "97"
-        );
+        assert_eq!(input_preview("IsPrime", &[0x0a, 2, b'9', b'7'], true), "97");
         // field 2 (bool) before field 1 (string): still found
         assert_eq!(
-            input_preview("IsPalindrome", &message(&[0x10, 1, 0x0a, 1, b'x'])),
+            input_preview("IsPalindrome", &[0x10, 1, 0x0a, 1, b'x'], true),
             "x"
         );
         // field 1, varint 300
-        assert_eq!(
-            input_preview("Fibonacci", &message(&[0x08, 0xac, 0x02])),
-            "300"
-        );
-        assert_eq!(input_preview("Fibonacci", &[]), "0");
-        assert_eq!(input_preview("Reverse", &[]), "");
-        // malformed: a length past the end
-        assert_eq!(input_preview("Reverse", &message(&[0x0a, 9, b'a'])), "");
+        assert_eq!(input_preview("Fibonacci", &[0x08, 0xac, 0x02], true), "300");
+        assert_eq!(input_preview("Fibonacci", &[], true), "0");
+        assert_eq!(input_preview("Reverse", &[], true), "");
+        // malformed: a length past the end of the whole message
+        assert_eq!(input_preview("Reverse", &[0x0a, 9, b'a'], true), "");
+        // the same, when only the start was read: the start is shown, marked as cut
+        assert_eq!(input_preview("Reverse", &[0x0a, 9, b'a'], false), "a…");
     }
 
     #[test]
@@ -683,9 +690,14 @@ mod tests {
         let text = "é".repeat(1000);
         let mut m = vec![0x0a, 0xd0, 0x0f]; // 2000 bytes
         m.extend_from_slice(text.as_bytes());
-        let shown = input_preview("Reverse", &m);
-        assert!(shown.ends_with('…'), "{shown}");
-        assert!(shown.chars().count() <= dlb::events::INPUT_PREVIEW_CHARS + 1);
-        assert!(shown.trim_end_matches('…').chars().all(|c| c == 'é'));
+        for shown in [
+            input_preview("Reverse", &m, true),
+            // Only the start read, cut inside a character.
+            input_preview("Reverse", &m[..PREVIEW_BYTES - FRAME_HEADER - 1], false),
+        ] {
+            assert!(shown.ends_with('…'), "{shown}");
+            assert!(shown.chars().count() <= dlb::events::INPUT_PREVIEW_CHARS + 1);
+            assert!(shown.trim_end_matches('…').chars().all(|c| c == 'é'));
+        }
     }
 }

@@ -661,3 +661,30 @@ async fn malformed_and_oversize_requests_get_clear_errors_and_serving_goes_on() 
         c.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_message_crosses_the_gateway_intact() {
+    // 3 MiB each way: many HTTP/2 frames, forwarded in the pieces they arrived in.
+    let ids = ["A"];
+    let computes = in_process(&ids).await;
+    let gateway =
+        RunningGateway::start(Config::for_tests(vec![]), backends(&computes, &ids), false)
+            .await
+            .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &ids, PATIENCE).await;
+    let text: String = (0..3 * 1024 * 1024 / 8)
+        .map(|i| format!("{:07}é", i % 9_999_999))
+        .collect::<String>();
+    let expected: String = text.chars().rev().collect();
+    let response = reverse(&gw, &text).await.unwrap();
+    assert_eq!(response.metadata().get("x-served-by").unwrap(), "A");
+    assert!(
+        response.into_inner().text == expected,
+        "the reversed text differs"
+    );
+    gateway.shutdown().await.unwrap();
+    for c in computes {
+        c.shutdown().await.unwrap();
+    }
+}
