@@ -56,7 +56,8 @@ struct Shared {
 #[derive(Debug, Clone)]
 struct Live {
     sender: SendRequest<Bytes>,
-    /// Set by the driver task when the connection has ended.
+    /// Set by the driver task when the connection has ended, or by a call the connection
+    /// refused to open a stream for.
     closed: Arc<AtomicBool>,
 }
 
@@ -103,16 +104,29 @@ impl Conn {
         head: http::Request<()>,
         body: Vec<Bytes>,
     ) -> Result<Answer, BoxError> {
-        let sender = self.sender().await?;
-        let mut sender = sender.ready().await?;
+        let live = self.live().await?;
         let (mut parts, ()) = head.into_parts();
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(self.shared.scheme.clone());
         uri.authority = Some(self.shared.authority.clone());
         uri.path_and_query = parts.uri.path_and_query().cloned();
         parts.uri = http::Uri::from_parts(uri)?;
-        let (response, mut stream) =
-            sender.send_request(http::Request::from_parts(parts, ()), body.is_empty())?;
+        let end_of_stream = body.is_empty();
+        let opened = match live.sender.clone().ready().await {
+            Ok(mut sender) => {
+                sender.send_request(http::Request::from_parts(parts, ()), end_of_stream)
+            }
+            Err(error) => Err(error),
+        };
+        let (response, mut stream) = match opened {
+            Ok(opened) => opened,
+            Err(error) => {
+                // The connection takes no new streams (GOAWAY, closed): the next call opens
+                // another instead of failing on this one until its last stream is done.
+                live.closed.store(true, Ordering::Release);
+                return Err(error.into());
+            }
+        };
         let last = body.len().saturating_sub(1);
         for (i, chunk) in body.into_iter().enumerate() {
             stream.send_data(chunk, i == last)?;
@@ -120,15 +134,15 @@ impl Conn {
         Ok(response.await?)
     }
 
-    /// The live connection's sender, connecting first when there is none.
-    async fn sender(&self) -> Result<SendRequest<Bytes>, BoxError> {
-        if let Some(sender) = self.live_sender() {
-            return Ok(sender);
+    /// The live connection, connecting first when there is none.
+    async fn live(&self) -> Result<Live, BoxError> {
+        if let Some(live) = self.current() {
+            return Ok(live);
         }
         let waited_from = Instant::now();
         let _one_at_a_time = self.shared.connecting.lock().await;
-        if let Some(sender) = self.live_sender() {
-            return Ok(sender);
+        if let Some(live) = self.current() {
+            return Ok(live);
         }
         if let Some((when, why)) = &*lock(&self.shared.failed)
             && *when >= waited_from
@@ -150,9 +164,8 @@ impl Conn {
         };
         match connected {
             Ok(live) => {
-                let sender = live.sender.clone();
-                *lock(&self.shared.live) = Some(live);
-                Ok(sender)
+                *lock(&self.shared.live) = Some(live.clone());
+                Ok(live)
             }
             Err(why) => {
                 *lock(&self.shared.failed) = Some((Instant::now(), why.clone()));
@@ -161,11 +174,11 @@ impl Conn {
         }
     }
 
-    fn live_sender(&self) -> Option<SendRequest<Bytes>> {
+    fn current(&self) -> Option<Live> {
         let live = lock(&self.shared.live);
         live.as_ref()
             .filter(|l| !l.closed.load(Ordering::Acquire))
-            .map(|l| l.sender.clone())
+            .cloned()
     }
 
     async fn connect(&self) -> Result<Live, BoxError> {

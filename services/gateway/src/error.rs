@@ -29,6 +29,12 @@ pub enum Error {
         /// Instances tried.
         attempts: u32,
     },
+    /// An instance's answer was larger than the gateway relays.
+    #[error("the instance's answer is over {limit} bytes, the most the gateway relays")]
+    AnswerTooLarge {
+        /// The bound.
+        limit: usize,
+    },
     /// Every attempt failed at the connection level.
     #[error("instances unreachable after {attempts} attempt(s): {last}")]
     Unreachable {
@@ -43,7 +49,7 @@ impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = match &error {
             Error::NoHealthyInstance { .. } | Error::Unreachable { .. } => Code::Unavailable,
-            Error::Overloaded { .. } => Code::ResourceExhausted,
+            Error::Overloaded { .. } | Error::AnswerTooLarge { .. } => Code::ResourceExhausted,
             Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
         };
         Status::new(code, error.to_string())

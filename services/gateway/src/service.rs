@@ -128,6 +128,9 @@ enum Attempt {
     Failed(String),
     /// The deadline passed.
     TimedOut,
+    /// The answer was over [`dlb::endpoint::MAX_RESPONSE_BYTES`]: not retried, it would be
+    /// as large elsewhere.
+    TooLarge,
 }
 
 /// An attempt that may be made again on another instance.
@@ -264,6 +267,11 @@ impl GatewayService {
                         attempts,
                     });
                 }
+                Attempt::TooLarge => {
+                    break Err(Error::AnswerTooLarge {
+                        limit: dlb::endpoint::MAX_RESPONSE_BYTES,
+                    });
+                }
                 Attempt::Failed(last) => Retry::Failed(last),
             };
             if attempts < inner.settings.max_attempts && inner.budget.withdraw() {
@@ -313,14 +321,18 @@ impl GatewayService {
             let limit = dlb::endpoint::MAX_RESPONSE_BYTES + FRAME_HEADER;
             let (data, trailers) = match read_answer(body, limit).await {
                 Ok(read) => read,
-                Err(error) => return Attempt::Failed(error),
+                Err(ReadAnswerError::TooLarge) => return Attempt::TooLarge,
+                Err(ReadAnswerError::Failed(error)) => return Attempt::Failed(error),
             };
             let status = trailers
                 .as_ref()
                 .and_then(grpc_code)
-                .or_else(|| grpc_code(&head.headers))
-                // An answer without a status is not a gRPC answer: count it a failure.
-                .unwrap_or(Code::Unknown);
+                .or_else(|| grpc_code(&head.headers));
+            // An answer without a status is not a gRPC answer: the caller gets UNKNOWN.
+            let (status, trailers) = match status {
+                Some(status) => (status, trailers),
+                None => (Code::Unknown, Some(no_status_trailers(head.status))),
+            };
             Attempt::Answered(Box::new(Whole {
                 head,
                 data,
@@ -447,6 +459,17 @@ fn callers_fault(code: Code) -> bool {
     )
 }
 
+/// Trailers for an answer that came without a grpc-status.
+fn no_status_trailers(http_status: http::StatusCode) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from(Code::Unknown as i32));
+    let message = format!("the instance answered HTTP {http_status} without a gRPC status");
+    if let Ok(value) = http::HeaderValue::from_str(&message.replace(' ', "%20")) {
+        trailers.insert("grpc-message", value);
+    }
+    trailers
+}
+
 fn grpc_code(headers: &http::HeaderMap) -> Option<Code> {
     let value = headers.get("grpc-status")?.to_str().ok()?;
     value.parse::<i32>().ok().map(Code::from)
@@ -523,27 +546,35 @@ fn copy_prefix(chunks: &[Bytes], out: &mut [u8]) {
     }
 }
 
+/// Why an answer could not be read.
+enum ReadAnswerError {
+    /// Over the limit.
+    TooLarge,
+    /// The stream or connection failed: below gRPC.
+    Failed(String),
+}
+
 /// Reads an instance's answer whole: its data and its trailers. Any failure is below gRPC.
 async fn read_answer(
     mut body: h2::RecvStream,
     limit: usize,
-) -> Result<(Chunks, Option<http::HeaderMap>), String> {
+) -> Result<(Chunks, Option<http::HeaderMap>), ReadAnswerError> {
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut total = 0usize;
     while let Some(data) = body.data().await {
-        let data = data.map_err(|e| dlb::call::error_chain(&e))?;
+        let data = data.map_err(|e| ReadAnswerError::Failed(dlb::call::error_chain(&e)))?;
         // Read, so the instance may send more (HTTP/2 flow control).
         let _ = body.flow_control().release_capacity(data.len());
         total += data.len();
         if total > limit {
-            return Err(format!("the answer is over {limit} bytes"));
+            return Err(ReadAnswerError::TooLarge);
         }
         chunks.push(data);
     }
     let trailers = body
         .trailers()
         .await
-        .map_err(|e| dlb::call::error_chain(&e))?;
+        .map_err(|e| ReadAnswerError::Failed(dlb::call::error_chain(&e)))?;
     Ok((chunks, trailers))
 }
 
