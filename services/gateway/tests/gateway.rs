@@ -65,6 +65,28 @@ async fn in_process(ids: &[&str]) -> Vec<RunningCompute> {
     computes
 }
 
+/// In-process instances `ids` behind a gateway started with `config`, once all serve.
+async fn gateway_over(
+    ids: &[&str],
+    config: Config,
+) -> (Vec<RunningCompute>, RunningGateway, Channel) {
+    let computes = in_process(ids).await;
+    let gateway = RunningGateway::start(config, backends(&computes, ids), false)
+        .await
+        .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, ids, PATIENCE).await;
+    (computes, gateway, gw)
+}
+
+/// Stops the gateway, then the instances.
+async fn stop(gateway: RunningGateway, computes: Vec<RunningCompute>) {
+    gateway.shutdown().await.unwrap();
+    for c in computes {
+        c.shutdown().await.unwrap();
+    }
+}
+
 fn backends(computes: &[RunningCompute], ids: &[&str]) -> Vec<Backend> {
     computes
         .iter()
@@ -163,10 +185,7 @@ async fn round_robin_is_exact_over_three_instances() {
     let other = http_get(gateway.metrics_addr.unwrap(), "/debug").await;
     assert!(other.starts_with("HTTP/1.1 404"), "{other}");
 
-    gateway.shutdown().await.unwrap();
-    for c in computes {
-        c.shutdown().await.unwrap();
-    }
+    stop(gateway, computes).await;
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
@@ -297,13 +316,7 @@ async fn no_healthy_instance_is_unavailable_at_once_and_service_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_fibonacci_does_not_delay_cheap_calls() {
     let ids = ["A", "B", "C"];
-    let computes = in_process(&ids).await;
-    let gateway =
-        RunningGateway::start(Config::for_tests(vec![]), backends(&computes, &ids), false)
-            .await
-            .unwrap();
-    let gw = channel(&gateway.uri()).await;
-    wait_serving(&gw, &ids, PATIENCE).await;
+    let (computes, gateway, gw) = gateway_over(&ids, Config::for_tests(vec![])).await;
 
     let mut client = OperationsClient::new(gw.clone()).max_decoding_message_size(64 << 20);
     let slow = tokio::spawn(async move {
@@ -340,22 +353,13 @@ async fn a_slow_fibonacci_does_not_delay_cheap_calls() {
         "30 cheap calls were answered while F(10^7) computed"
     );
     assert_eq!(slow.await.unwrap().unwrap(), 2_089_877);
-    gateway.shutdown().await.unwrap();
-    for c in computes {
-        c.shutdown().await.unwrap();
-    }
+    stop(gateway, computes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_deadline_is_exceeded_and_the_instance_stops_the_work() {
     let ids = ["A"];
-    let computes = in_process(&ids).await;
-    let gateway =
-        RunningGateway::start(Config::for_tests(vec![]), backends(&computes, &ids), false)
-            .await
-            .unwrap();
-    let gw = channel(&gateway.uri()).await;
-    wait_serving(&gw, &ids, PATIENCE).await;
+    let (computes, gateway, gw) = gateway_over(&ids, Config::for_tests(vec![])).await;
 
     let mut request = tonic::Request::new(FibonacciRequest { n: 10_000_000 });
     request.set_timeout(Duration::from_millis(150));
@@ -390,10 +394,7 @@ async fn a_short_deadline_is_exceeded_and_the_instance_stops_the_work() {
     })
     .await
     .expect("in-flight count back to zero");
-    gateway.shutdown().await.unwrap();
-    for c in computes {
-        c.shutdown().await.unwrap();
-    }
+    stop(gateway, computes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -452,23 +453,15 @@ async fn redis_outage_during_load_fails_no_call_and_logging_resumes() {
     let request = after.request.as_ref().unwrap();
     assert!(ids.contains(&request.backend.as_str()));
     assert_eq!(request.attempts, 1);
-    gateway.shutdown().await.unwrap();
-    for c in computes {
-        c.shutdown().await.unwrap();
-    }
+    stop(gateway, computes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_and_bad_input_are_answered_clearly() {
     let ids = ["A"];
-    let computes = in_process(&ids).await;
     let mut config = Config::for_tests(vec![]);
     config.max_in_flight = 1;
-    let gateway = RunningGateway::start(config, backends(&computes, &ids), false)
-        .await
-        .unwrap();
-    let gw = channel(&gateway.uri()).await;
-    wait_serving(&gw, &ids, PATIENCE).await;
+    let (computes, gateway, gw) = gateway_over(&ids, config).await;
 
     // An instance's own answer passes through, with who answered and how many tries.
     let status = OperationsClient::new(gw.clone())
@@ -505,10 +498,7 @@ async fn overload_and_bad_input_are_answered_clearly() {
     );
     assert!(slow.await.unwrap().is_ok());
     assert!(reverse(&gw, "x").await.is_ok());
-    gateway.shutdown().await.unwrap();
-    for c in computes {
-        c.shutdown().await.unwrap();
-    }
+    stop(gateway, computes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -599,14 +589,9 @@ async fn raw_call(addr: std::net::SocketAddr, path: &str, body: Vec<u8>) -> (Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversize_requests_get_clear_errors_and_serving_goes_on() {
     let ids = ["A"];
-    let computes = in_process(&ids).await;
     let mut config = Config::for_tests(vec![]);
     config.max_message_bytes = 1024;
-    let gateway = RunningGateway::start(config, backends(&computes, &ids), false)
-        .await
-        .unwrap();
-    let gw = channel(&gateway.uri()).await;
-    wait_serving(&gw, &ids, PATIENCE).await;
+    let (computes, gateway, gw) = gateway_over(&ids, config).await;
 
     // Over --max-message-bytes: refused by the gateway, which names the sizes and the flag.
     let status = reverse(&gw, &"x".repeat(2000)).await.unwrap_err();
@@ -656,23 +641,14 @@ async fn malformed_and_oversize_requests_get_clear_errors_and_serving_goes_on() 
         counters.instances.iter().all(|i| i.errors == 0),
         "{counters:?}"
     );
-    gateway.shutdown().await.unwrap();
-    for c in computes {
-        c.shutdown().await.unwrap();
-    }
+    stop(gateway, computes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_message_crosses_the_gateway_intact() {
     // 3 MiB each way: many HTTP/2 frames, forwarded in the pieces they arrived in.
     let ids = ["A"];
-    let computes = in_process(&ids).await;
-    let gateway =
-        RunningGateway::start(Config::for_tests(vec![]), backends(&computes, &ids), false)
-            .await
-            .unwrap();
-    let gw = channel(&gateway.uri()).await;
-    wait_serving(&gw, &ids, PATIENCE).await;
+    let (computes, gateway, gw) = gateway_over(&ids, Config::for_tests(vec![])).await;
     let text: String = (0..3 * 1024 * 1024 / 8)
         .map(|i| format!("{:07}é", i % 9_999_999))
         .collect::<String>();
@@ -683,8 +659,5 @@ async fn a_large_message_crosses_the_gateway_intact() {
         response.into_inner().text == expected,
         "the reversed text differs"
     );
-    gateway.shutdown().await.unwrap();
-    for c in computes {
-        c.shutdown().await.unwrap();
-    }
+    stop(gateway, computes).await;
 }
