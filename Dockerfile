@@ -1,6 +1,7 @@
 # dlb: one image with every binary (dlb, dlb-compute, dlb-gateway, dlb-control, dlb-ui).
-# Static musl binaries (the dependency tree has no C libraries: no OpenSSL, protobuf
-# compiled in Rust), on an empty base: nothing in the image but the binaries.
+# Static musl binaries (nothing to link against: no OpenSSL, protobuf compiled in Rust; ring
+# and mimalloc compile their C sources with musl-gcc), on an empty base: nothing in the image
+# but the binaries.
 #
 #   docker build -t dlb .
 #   docker compose -f deploy/compose.yaml up

@@ -19,8 +19,8 @@ pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 /// gateway then ejected every instance.
 pub const CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 
-/// Largest HTTP/2 frame dlb servers (and the gateway's client side) accept, in bytes: a
-/// large message crosses in a few frames instead of one per 16 KiB (the HTTP/2 default).
+/// Largest HTTP/2 frame every dlb server and client accepts, in bytes: a large message crosses
+/// in a few frames (and a few system calls) instead of one per 16 KiB (the HTTP/2 default).
 pub const MAX_FRAME_BYTES: u32 = 256 * 1024;
 
 /// How long a client waits for a TCP + HTTP/2 connection before giving up.
@@ -132,6 +132,7 @@ fn tune(endpoint: Endpoint) -> Endpoint {
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
 }
 
 /// Checks that `addr` is HOST:PORT with a non-empty host and a port from 1 to 65535.

@@ -42,3 +42,13 @@ pub mod proto {
     /// Serialized `FileDescriptorSet` of every dlb proto, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dlb_descriptor");
 }
+
+/// Every dlb process allocates with mimalloc (version 2, transparent huge pages off). glibc's
+/// allocator gave the top of its heap back to the kernel whenever a large message's buffers
+/// were freed and faulted it back in, page by page, for the next one: about 100 page faults
+/// per 1 MiB call in the gateway, whose CPU time per such call fell from 1.9 ms to 1.1 ms with
+/// mimalloc. Huge pages off and version 2 keep the resident size close to glibc's (27 MB
+/// against 23.5 MB for a gateway with 1,024 calls in flight; mimalloc 3 took 30-37 MB, with
+/// huge pages 47-49 MB).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
