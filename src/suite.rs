@@ -783,11 +783,7 @@ fn summarize(
     }
     if ran("saturation") {
         let r = ratio("saturation", "throughput gateway/direct");
-        check(
-            "c=64 throughput >= 0.6x direct",
-            times(r, 0.6),
-            r >= 0.6,
-        );
+        check("c=64 throughput >= 0.6x direct", times(r, 0.6), r >= 0.6);
     }
     if names.contains(&"nginx") && ran("c1") {
         let (g, n) = (p("c1", "dlb-gateway").p50_us, p("c1", "nginx").p50_us);

@@ -52,7 +52,10 @@ fn whole_clusters() -> impl Strategy<Value = String> {
 }
 
 fn trial_division(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 proptest! {

@@ -175,7 +175,7 @@ pub fn is_prime_u64(n: u64) -> bool {
         if n == p {
             return true;
         }
-        if n % p == 0 {
+        if n.is_multiple_of(p) {
             return false;
         }
     }
@@ -335,7 +335,7 @@ fn jacobi(a: i64, n: &UBig) -> i32 {
     if a == 0 {
         return i32::from(*n == UBig::ONE);
     }
-    while a % 2 == 0 {
+    while a.is_multiple_of(2) {
         a /= 2;
         if n_mod_8 == 3 || n_mod_8 == 5 {
             result = -result;
@@ -356,7 +356,7 @@ fn jacobi_u64(mut a: u64, mut n: u64) -> i32 {
     let mut result = 1;
     a %= n;
     while a != 0 {
-        while a % 2 == 0 {
+        while a.is_multiple_of(2) {
             a /= 2;
             if n % 8 == 3 || n % 8 == 5 {
                 result = -result;
