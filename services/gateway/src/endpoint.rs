@@ -392,6 +392,17 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
                         .insert(ServedBy(Arc::clone(&shared.stats.id)));
                     Ok(response)
                 }
+                Err(error) if reset_by_instance(error.as_ref()) => {
+                    // The instance refused or cancelled this one stream; its connection is
+                    // fine. The call is retried elsewhere, the instance stays in rotation.
+                    shared.stats.record_error();
+                    tracing::debug!(
+                        instance = %shared.stats.id,
+                        error = %dlb::call::error_chain(error.as_ref()),
+                        "instance reset the call's stream"
+                    );
+                    Err(error)
+                }
                 Err(error) => {
                     shared.stats.record_error();
                     tracing::debug!(
@@ -407,6 +418,14 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
             }
         })
     }
+}
+
+/// True when the instance reset the call's stream (RST_STREAM), as opposed to a failure of the
+/// whole connection (refused, closed, GOAWAY, a protocol error).
+fn reset_by_instance(error: &(dyn std::error::Error + 'static)) -> bool {
+    error
+        .downcast_ref::<h2::Error>()
+        .is_some_and(|e| e.is_reset() && e.is_remote())
 }
 
 /// One call in flight to an endpoint: counted in on creation, out on drop; latency recorded

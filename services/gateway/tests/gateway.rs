@@ -586,6 +586,97 @@ async fn raw_call(addr: std::net::SocketAddr, path: &str, body: Vec<u8>) -> (Str
     )
 }
 
+/// An HTTP/2 server that answers every health check with SERVING (keeping `Watch` open) and
+/// resets every other stream with REFUSED_STREAM, as an instance past its own stream limit
+/// does.
+async fn resetting_instance() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tonic::codegen::http;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                let mut watches = Vec::new();
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let path = request.uri().path();
+                    if !path.starts_with("/grpc.health.v1.Health/") {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let watch = path.ends_with("/Watch");
+                    let head = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .unwrap();
+                    let Ok(mut send) = respond.send_response(head, false) else {
+                        continue;
+                    };
+                    // HealthCheckResponse { status: SERVING }
+                    let serving = bytes::Bytes::from_static(&[0, 0, 0, 0, 2, 0x08, 0x01]);
+                    let _ = send.send_data(serving, false);
+                    if watch {
+                        watches.push(send);
+                    } else {
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let _ = send.send_trailers(trailers);
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_stream_is_retried_elsewhere_and_its_instance_stays_in_rotation() {
+    let (reset_addr, server) = resetting_instance().await;
+    let computes = in_process(&["B"]).await;
+    let mut list = backends(&computes, &["B"]);
+    list.push(Backend {
+        id: "R".to_owned(),
+        addr: reset_addr.to_string(),
+    });
+    let gateway = RunningGateway::start(Config::for_tests(vec![]), list, false)
+        .await
+        .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &["B", "R"], PATIENCE).await;
+    let r_of = |s: dlb::proto::v1::StatsResponse| {
+        s.instances.into_iter().find(|i| i.instance == "R").unwrap()
+    };
+    let serving_since = r_of(stats(&gw).await).state_since_ms;
+
+    let mut client = OperationsClient::new(gw.clone());
+    let mut retried = 0;
+    for _ in 0..10 {
+        let response = client
+            .reverse(ReverseRequest { text: "abc".into() })
+            .await
+            .unwrap();
+        assert_eq!(response.metadata().get("x-served-by").unwrap(), "B");
+        if response.metadata().get("x-attempts").unwrap() == "2" {
+            retried += 1;
+        }
+        assert_eq!(response.into_inner().text, "cba");
+    }
+    // Round robin offered R about every other call; each reset went to B instead.
+    assert!(retried >= 3, "R was tried {retried} times in 10 calls");
+    let r = r_of(stats(&gw).await);
+    assert_eq!(r.state, "serving");
+    assert_eq!(
+        r.state_since_ms, serving_since,
+        "R left the rotation after a reset stream"
+    );
+    assert_eq!(r.errors, retried, "each reset counts against R");
+
+    stop(gateway, computes).await;
+    server.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversize_requests_get_clear_errors_and_serving_goes_on() {
     let ids = ["A"];
