@@ -1056,11 +1056,11 @@ fn svg(report: &Report, scenarios: &[Scenario]) -> String {
     out
 }
 
-/// A ratio as "1.23x", with more decimals (up to four) while two would round it onto
+/// A ratio as "1.23x", with more decimals (up to six) while two would round it onto
 /// `target`: 0.5997 against 0.6 is "0.5997x", not "0.60x" beside "not met".
 fn times(ratio: f64, target: f64) -> String {
     let mut digits = 2;
-    while digits < 4 && format!("{ratio:.digits$}") == format!("{target:.digits$}") {
+    while digits < 6 && format!("{ratio:.digits$}") == format!("{target:.digits$}") {
         digits += 1;
     }
     format!("{ratio:.digits$}x")
@@ -1076,7 +1076,8 @@ mod tests {
         assert_eq!(times(0.6004, 0.6), "0.6004x");
         assert_eq!(times(0.58, 0.6), "0.58x");
         assert_eq!(times(1.991, 1.0), "1.99x");
-        assert_eq!(times(0.6, 0.6), "0.6000x");
+        assert_eq!(times(0.59996, 0.6), "0.59996x");
+        assert_eq!(times(0.6, 0.6), "0.600000x");
     }
 
     #[test]

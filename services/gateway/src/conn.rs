@@ -129,7 +129,14 @@ impl Conn {
         };
         let last = body.len().saturating_sub(1);
         for (i, chunk) in body.into_iter().enumerate() {
-            stream.send_data(chunk, i == last)?;
+            if let Err(error) = stream.send_data(chunk, i == last) {
+                // The instance may have reset the stream meanwhile: that is the reason to
+                // report (see `EndpointService`), not "inactive stream".
+                return Err(match response.await {
+                    Err(reset) => reset.into(),
+                    Ok(_) => error.into(),
+                });
+            }
         }
         Ok(response.await?)
     }

@@ -82,6 +82,9 @@ pub struct EndpointStats {
     /// A call failed below gRPC (connection refused, reset, ...): the balancer skips it until
     /// its health monitor has seen it SERVING again, so retries go elsewhere meanwhile.
     suspect: std::sync::atomic::AtomicBool,
+    /// Calls whose stream the instance reset since its last answer (see
+    /// [`RESETS_BEFORE_EJECTION`]).
+    resets_in_a_row: std::sync::atomic::AtomicU32,
     /// When it last made progress: answered a call or a probe, or became busy (microseconds
     /// on the monotonic clock, see [`monotonic_us`]).
     progress_us: AtomicU64,
@@ -126,6 +129,7 @@ impl EndpointStats {
             errors: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             suspect: std::sync::atomic::AtomicBool::new(false),
+            resets_in_a_row: std::sync::atomic::AtomicU32::new(0),
             progress_us: AtomicU64::new(monotonic_us()),
             // Constant, valid bounds: 1 us to 10 min at 2 significant digits.
             latency_us: Mutex::new(
@@ -387,30 +391,40 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
             guard.finish();
             match result {
                 Ok(mut response) => {
+                    shared.stats.resets_in_a_row.store(0, Ordering::Relaxed);
                     response
                         .extensions_mut()
                         .insert(ServedBy(Arc::clone(&shared.stats.id)));
                     Ok(response)
                 }
-                Err(error) if reset_by_instance(error.as_ref()) => {
-                    // The instance refused or cancelled this one stream; its connection is
-                    // fine. The call is retried elsewhere, the instance stays in rotation.
-                    shared.stats.record_error();
-                    tracing::debug!(
-                        instance = %shared.stats.id,
-                        error = %dlb::call::error_chain(error.as_ref()),
-                        "instance reset the call's stream"
-                    );
-                    Err(error)
-                }
                 Err(error) => {
                     shared.stats.record_error();
+                    // A stream the instance reset (REFUSED_STREAM, say) fails that call only:
+                    // its connection is fine. It is taken out after several in a row, as an
+                    // instance that resets everything is of no use.
+                    let reset = reset_by_instance(error.as_ref());
+                    let in_a_row = if reset {
+                        shared.stats.resets_in_a_row.fetch_add(1, Ordering::Relaxed) + 1
+                    } else {
+                        0
+                    };
+                    if reset && in_a_row < RESETS_BEFORE_EJECTION {
+                        tracing::debug!(
+                            instance = %shared.stats.id,
+                            error = %dlb::call::error_chain(error.as_ref()),
+                            in_a_row,
+                            "instance reset the call's stream"
+                        );
+                        return Err(error);
+                    }
+                    shared.stats.resets_in_a_row.store(0, Ordering::Relaxed);
                     tracing::debug!(
                         instance = %shared.stats.id,
                         error = %dlb::call::error_chain(error.as_ref()),
                         "call failed below gRPC; ejecting"
                     );
-                    // Passive health: a connection failure takes the endpoint out at once.
+                    // Passive health: a connection failure (or the last of too many resets)
+                    // takes the endpoint out at once.
                     shared.stats.suspect.store(true, Ordering::Relaxed);
                     shared.eject.notify_one();
                     Err(error)
@@ -419,6 +433,10 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
         })
     }
 }
+
+/// Streams an instance may reset in a row (with no answer between) before it is ejected, as a
+/// connection failure ejects it at once: Envoy's default for consecutive errors.
+pub const RESETS_BEFORE_EJECTION: u32 = 5;
 
 /// True when the instance reset the call's stream (RST_STREAM), as opposed to a failure of the
 /// whole connection (refused, closed, GOAWAY, a protocol error).

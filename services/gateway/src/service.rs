@@ -124,7 +124,8 @@ enum Attempt {
     Answered(Box<Whole>),
     /// The balancer had no instance to offer.
     NoInstance,
-    /// Failed below gRPC (connection refused or reset, cut off): never answered.
+    /// Failed below gRPC (connection refused or reset, cut off, the stream reset by the
+    /// instance): never answered.
     Failed(String),
     /// The deadline passed.
     TimedOut,

@@ -587,43 +587,62 @@ async fn raw_call(addr: std::net::SocketAddr, path: &str, body: Vec<u8>) -> (Str
 }
 
 /// An HTTP/2 server that answers every health check with SERVING (keeping `Watch` open) and
-/// resets every other stream with REFUSED_STREAM, as an instance past its own stream limit
-/// does.
-async fn resetting_instance() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+/// resets calls with REFUSED_STREAM, as an instance past its own stream limit does: all of
+/// them, or all but every `answer_every`-th, which it answers as `Reverse("abc")`.
+async fn resetting_instance(
+    answer_every: Option<usize>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     use tonic::codegen::http;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let task = tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            let calls = Arc::clone(&calls);
             tokio::spawn(async move {
                 let Ok(mut connection) = h2::server::handshake(tcp).await else {
                     return;
                 };
-                let mut watches = Vec::new();
                 while let Some(Ok((request, mut respond))) = connection.accept().await {
-                    let path = request.uri().path();
-                    if !path.starts_with("/grpc.health.v1.Health/") {
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        continue;
-                    }
-                    let watch = path.ends_with("/Watch");
-                    let head = http::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .body(())
-                        .unwrap();
-                    let Ok(mut send) = respond.send_response(head, false) else {
-                        continue;
-                    };
-                    // HealthCheckResponse { status: SERVING }
-                    let serving = bytes::Bytes::from_static(&[0, 0, 0, 0, 2, 0x08, 0x01]);
-                    let _ = send.send_data(serving, false);
-                    if watch {
-                        watches.push(send);
+                    let path = request.uri().path().to_owned();
+                    let (message, end) = if path.starts_with("/grpc.health.v1.Health/") {
+                        // HealthCheckResponse { status: SERVING }; Watch stays open.
+                        (
+                            &[0u8, 0, 0, 0, 2, 0x08, 0x01][..],
+                            !path.ends_with("/Watch"),
+                        )
                     } else {
-                        let mut trailers = http::HeaderMap::new();
-                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                        let _ = send.send_trailers(trailers);
-                    }
+                        let n = calls.fetch_add(1, Ordering::Relaxed) + 1;
+                        if answer_every.is_none_or(|every| !n.is_multiple_of(every)) {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                        // ReverseResponse { text: "cba" }
+                        (&[0u8, 0, 0, 0, 5, 0x0a, 3, b'c', b'b', b'a'][..], true)
+                    };
+                    // Answered from a task of its own: the connection must go on being
+                    // polled while the request body is read.
+                    tokio::spawn(async move {
+                        let mut body = request.into_body();
+                        while let Some(Ok(data)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(data.len());
+                        }
+                        let head = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        let Ok(mut send) = respond.send_response(head, false) else {
+                            return;
+                        };
+                        let _ = send.send_data(bytes::Bytes::from_static(message), false);
+                        if end {
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            let _ = send.send_trailers(trailers);
+                        } else {
+                            std::future::pending::<()>().await;
+                        }
+                    });
                 }
             });
         }
@@ -631,14 +650,22 @@ async fn resetting_instance() -> (std::net::SocketAddr, tokio::task::JoinHandle<
     (addr, task)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reset_stream_is_retried_elsewhere_and_its_instance_stays_in_rotation() {
-    let (reset_addr, server) = resetting_instance().await;
+/// Instance B and `resetting` as R behind a gateway; `calls` sequential `Reverse("abc")`
+/// calls, each checked. Returns R's stats before and after, and the calls retried.
+async fn calls_beside(
+    resetting: std::net::SocketAddr,
+    calls: usize,
+) -> (
+    dlb::proto::v1::InstanceStats,
+    dlb::proto::v1::InstanceStats,
+    BTreeMap<String, usize>,
+    u64,
+) {
     let computes = in_process(&["B"]).await;
     let mut list = backends(&computes, &["B"]);
     list.push(Backend {
         id: "R".to_owned(),
-        addr: reset_addr.to_string(),
+        addr: resetting.to_string(),
     });
     let gateway = RunningGateway::start(Config::for_tests(vec![]), list, false)
         .await
@@ -648,33 +675,64 @@ async fn a_reset_stream_is_retried_elsewhere_and_its_instance_stays_in_rotation(
     let r_of = |s: dlb::proto::v1::StatsResponse| {
         s.instances.into_iter().find(|i| i.instance == "R").unwrap()
     };
-    let serving_since = r_of(stats(&gw).await).state_since_ms;
-
+    let before = r_of(stats(&gw).await);
     let mut client = OperationsClient::new(gw.clone());
+    let mut served_by = BTreeMap::new();
     let mut retried = 0;
-    for _ in 0..10 {
+    for _ in 0..calls {
         let response = client
             .reverse(ReverseRequest { text: "abc".into() })
             .await
             .unwrap();
-        assert_eq!(response.metadata().get("x-served-by").unwrap(), "B");
-        if response.metadata().get("x-attempts").unwrap() == "2" {
+        let by = response.metadata().get("x-served-by").unwrap();
+        *served_by
+            .entry(by.to_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+        if response.metadata().get("x-attempts").unwrap() != "1" {
             retried += 1;
         }
         assert_eq!(response.into_inner().text, "cba");
     }
-    // Round robin offered R about every other call; each reset went to B instead.
-    assert!(retried >= 3, "R was tried {retried} times in 10 calls");
-    let r = r_of(stats(&gw).await);
-    assert_eq!(r.state, "serving");
+    let after = r_of(stats(&gw).await);
+    stop(gateway, computes).await;
+    (before, after, served_by, retried)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_stream_is_retried_elsewhere_and_its_instance_stays_in_rotation() {
+    // R resets every other call it gets: never RESETS_BEFORE_EJECTION in a row.
+    let (addr, server) = resetting_instance(Some(2)).await;
+    let (before, after, served_by, retried) = calls_beside(addr, 12).await;
+    server.abort();
+    assert!(
+        served_by["R"] >= 2,
+        "R answered too few calls: {served_by:?}"
+    );
+    assert!(retried >= 2, "R reset too few calls: {retried} retried");
+    assert_eq!(after.errors, retried, "each reset counts against R");
+    assert_eq!(after.state, "serving");
     assert_eq!(
-        r.state_since_ms, serving_since,
+        after.state_since_ms, before.state_since_ms,
         "R left the rotation after a reset stream"
     );
-    assert_eq!(r.errors, retried, "each reset counts against R");
+}
 
-    stop(gateway, computes).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_resets_every_call_is_ejected_after_a_few() {
+    let (addr, server) = resetting_instance(None).await;
+    let (before, after, served_by, retried) = calls_beside(addr, 12).await;
     server.abort();
+    assert_eq!(served_by.get("R"), None, "R answered: {served_by:?}");
+    assert!(
+        after.errors >= u64::from(dlb_gateway::endpoint::RESETS_BEFORE_EJECTION),
+        "R was tried {} times",
+        after.errors
+    );
+    assert!(retried >= after.errors, "every reset call was retried on B");
+    assert_ne!(
+        after.state_since_ms, before.state_since_ms,
+        "R stayed in rotation though it reset every call"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
