@@ -97,12 +97,36 @@ impl Op {
         })
     }
 
-    /// Sends the operation; returns the result as JSON and the response metadata.
+    /// Sends the operation; returns the result as JSON and the response metadata. A call the
+    /// server refused before processing it ([`refused_unprocessed`]) is sent again, up to
+    /// [`REFUSED_STREAM_TRIES`] times in all, within `timeout`.
     ///
     /// # Errors
     ///
     /// The gRPC status of a failed call.
     pub async fn send(
+        &self,
+        client: &mut OperationsClient<Channel>,
+        timeout: Option<Duration>,
+    ) -> Result<(serde_json::Value, MetadataMap), Status> {
+        let start = Instant::now();
+        let mut tries = 1;
+        loop {
+            let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
+            match self.send_once(client, left).await {
+                Err(status)
+                    if tries < REFUSED_STREAM_TRIES
+                        && refused_unprocessed(&status)
+                        && left.is_none_or(|l| !l.is_zero()) =>
+                {
+                    tries += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn send_once(
         &self,
         client: &mut OperationsClient<Channel>,
         timeout: Option<Duration>,
@@ -256,6 +280,25 @@ pub fn expired_locally(status: &Status) -> bool {
     while let Some(error) = source {
         if error.downcast_ref::<tonic::TimeoutExpired>().is_some() {
             return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+/// Tries in all for a call refused with REFUSED_STREAM (gRPC clients in Go and Java retry
+/// these transparently too).
+pub const REFUSED_STREAM_TRIES: u32 = 3;
+
+/// True when the server refused the call's HTTP/2 stream before processing any of it
+/// (REFUSED_STREAM, RFC 9113 section 8.7), so sending it again is safe. A server past its
+/// SETTINGS_MAX_CONCURRENT_STREAMS does that to streams a client opened before it learnt the
+/// limit, or the moment it saw a slot free that the server had not freed yet.
+pub fn refused_unprocessed(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
         }
         source = error.source();
     }

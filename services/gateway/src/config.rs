@@ -14,10 +14,15 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:12000";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:12002";
 
 /// Default bound on calls served at once; above it calls get RESOURCE_EXHAUSTED. Envoy's
-/// default circuit breaker allows the same 1,024 requests per cluster; each call held costs
-/// memory (about 15-20 KB here, measured under overload), so the bound is also the gateway's
-/// memory bound.
+/// default circuit breaker allows the same 1,024 requests per cluster.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+
+/// Default HTTP/2 streams a caller may have open on one connection to the gateway
+/// (SETTINGS_MAX_CONCURRENT_STREAMS); a caller's further calls wait in its own HTTP/2 client.
+/// Calls refused past `--max-in-flight` still arrive, are read and are answered, so without
+/// this bound an overload the gateway cannot keep up with is held in its memory, stream by
+/// stream (10,000 open streams took 46 MB). NGINX allows 128, HAProxy 100, hyper 200.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 128;
 
 /// Default instances tried per call (the first attempt plus retries).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
@@ -183,6 +188,15 @@ pub struct Config {
     #[arg(long, env = "DLB_GATEWAY_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
 
+    /// HTTP/2 streams a caller may have open at once on one connection; its further calls
+    /// wait in its own client. Bounds the gateway's memory under overload.
+    #[arg(
+        long,
+        env = "DLB_GATEWAY_MAX_CONCURRENT_STREAMS",
+        default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS
+    )]
+    pub max_concurrent_streams: u32,
+
     /// Instances tried per call, counting the first (retries only on UNAVAILABLE or a
     /// connection failure, within the retry budget and the call's deadline).
     #[arg(long, env = "DLB_GATEWAY_MAX_ATTEMPTS", default_value_t = DEFAULT_MAX_ATTEMPTS)]
@@ -248,6 +262,7 @@ impl Config {
             dns_interval_ms: DEFAULT_DNS_INTERVAL_MS,
             policy: Policy::RoundRobin,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             health_interval_ms: 200,
             probe_timeout_ms: DEFAULT_PROBE_TIMEOUT_MS,
@@ -355,6 +370,10 @@ impl Config {
         }
         for (flag, value) in [
             ("--max-in-flight", self.max_in_flight as u64),
+            (
+                "--max-concurrent-streams",
+                u64::from(self.max_concurrent_streams),
+            ),
             ("--max-attempts", u64::from(self.max_attempts)),
             ("--health-interval-ms", self.health_interval_ms),
             ("--probe-timeout-ms", self.probe_timeout_ms),

@@ -152,7 +152,8 @@ pub async fn run(
         .local_addr()
         .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
     let stop = CancellationToken::new();
-    let builder = dlb::server::builder(&config.tls)?;
+    let builder =
+        dlb::server::builder(&config.tls)?.max_concurrent_streams(config.max_concurrent_streams);
     let connections = dlb::server::Incoming::default();
     if let Some(addr) = config.health_listen {
         tracker.spawn(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?);

@@ -502,6 +502,49 @@ async fn overload_and_bad_input_are_answered_clearly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_the_streams_a_connection_may_open_wait_and_are_all_served() {
+    let ids = ["A"];
+    let mut config = Config::for_tests(vec![]);
+    config.max_concurrent_streams = 2;
+    let (computes, gateway, gw) = gateway_over(&ids, config).await;
+
+    // The bound is announced in the gateway's HTTP/2 SETTINGS, which precede its answer to
+    // a PING.
+    let tcp = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let (_client, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut ping = connection.ping_pong().unwrap();
+    tokio::select! {
+        ended = &mut connection => panic!("the connection ended: {ended:?}"),
+        pong = ping.ping(h2::Ping::opaque()) => drop(pong.unwrap()),
+    }
+    assert_eq!(connection.max_concurrent_send_streams(), 2);
+
+    // Four slow calls at once on a new connection: two are served at a time, the others wait
+    // in the caller's client, and every one is answered. (Streams opened before the client
+    // has the gateway's SETTINGS may go past the bound; the gateway refuses those unserved,
+    // with REFUSED_STREAM, and `Op::send` sends them again.)
+    let calls = channel(&gateway.uri()).await;
+    let running: Vec<_> = (0..4)
+        .map(|_| {
+            let mut client = OperationsClient::new(calls.clone());
+            tokio::spawn(
+                async move { Op::Fibonacci { n: 1_000_000 }.send(&mut client, None).await },
+            )
+        })
+        .collect();
+    let mut most = 0;
+    while !running.iter().all(tokio::task::JoinHandle::is_finished) {
+        most = most.max(stats(&gw).await.in_flight);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for call in running {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(most, 2, "calls served at once over one connection");
+    stop(gateway, computes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overload_is_shed_and_never_ejects_a_healthy_instance() {
     let _turn = heavy_turn().await;
     // Offered far beyond what the gateway can forward here, so that responses pile up unread
@@ -509,8 +552,10 @@ async fn an_overload_is_shed_and_never_ejects_a_healthy_instance() {
     // instance was ejected: everything answered UNAVAILABLE).
     let (_computes, gateway, gw) = three_processes_behind_a_gateway().await;
 
+    // Over enough connections that the streams they may open exceed --max-in-flight.
     let mut config = load(&gateway, 1, 40_000);
     config.rate = Some(40_000.0);
+    config.connections = 16;
     let report = bench::run(config, Arc::new(Progress::default()))
         .await
         .unwrap();
@@ -520,8 +565,13 @@ async fn an_overload_is_shed_and_never_ejects_a_healthy_instance() {
             .errors
             .keys()
             .all(|code| code == "RESOURCE_EXHAUSTED" || code == "DEADLINE_EXCEEDED"),
-        "an overload is shed, never failed as UNAVAILABLE: {:?}",
-        report.errors
+        "an overload is shed, never failed as UNAVAILABLE: {:?} {:?}",
+        report.errors,
+        report.error_samples
+    );
+    assert!(
+        report.errors.contains_key("RESOURCE_EXHAUSTED"),
+        "the load was meant to go past --max-in-flight: {report:?}"
     );
     for id in ["A", "B", "C"] {
         assert_eq!(state_of(&gw, id).await, "serving", "{id}");
@@ -584,6 +634,27 @@ async fn raw_call(addr: std::net::SocketAddr, path: &str, body: Vec<u8>) -> (Str
         read(&trailers, "grpc-status"),
         read(&trailers, "grpc-message"),
     )
+}
+
+#[tokio::test]
+async fn dlb_clients_send_a_call_again_when_its_stream_was_refused_unprocessed() {
+    // R refuses every other call with REFUSED_STREAM (and answers the rest "cba").
+    let (refusing, task) = resetting_instance(Some(2)).await;
+    let mut client = OperationsClient::new(channel(&format!("http://{refusing}")).await);
+    let abc = Op::Reverse { text: "abc".into() };
+    for _ in 0..3 {
+        let (answer, _) = abc.send(&mut client, Some(PATIENCE)).await.unwrap();
+        assert_eq!(answer["text"], "cba");
+    }
+    task.abort();
+
+    // A server that refuses every try: the refusal is reported once the tries are spent.
+    let (refusing, task) = resetting_instance(None).await;
+    let mut client = OperationsClient::new(channel(&format!("http://{refusing}")).await);
+    let status = abc.send(&mut client, Some(PATIENCE)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(dlb::call::refused_unprocessed(&status), "{status:?}");
+    task.abort();
 }
 
 /// An HTTP/2 server that answers every health check with SERVING (keeping `Watch` open) and
