@@ -224,7 +224,12 @@ async fn send_one(client: &mut OperationsClient<Channel>, op: &Op, timeout: Dura
                 .map(str::to_owned),
         },
         Err(status) => Outcome {
-            code: Some(code_name(status.code())),
+            // tonic reports its own client-side deadline as CANCELLED.
+            code: Some(if crate::call::expired_locally(&status) {
+                "DEADLINE_EXCEEDED"
+            } else {
+                code_name(status.code())
+            }),
             message: Some(crate::call::status_message(&status)),
             served_by: status
                 .metadata()

@@ -114,10 +114,12 @@ impl Op {
         loop {
             let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
             match self.send_once(client, left).await {
+                // Sent again only with time left: a try with none would fail locally and hide
+                // the refusal.
                 Err(status)
                     if tries < REFUSED_STREAM_TRIES
                         && refused_unprocessed(&status)
-                        && left.is_none_or(|l| !l.is_zero()) =>
+                        && timeout.is_none_or(|t| start.elapsed() < t) =>
                 {
                     tries += 1;
                 }
@@ -298,7 +300,11 @@ pub fn refused_unprocessed(status: &Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(error) = source {
         if let Some(h2) = error.downcast_ref::<h2::Error>() {
-            return h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            // A reset of this stream by the peer; not a GOAWAY, whose streams may have been
+            // processed.
+            return h2.is_reset()
+                && h2.is_remote()
+                && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
         }
         source = error.source();
     }

@@ -527,9 +527,11 @@ async fn calls_past_the_streams_a_connection_may_open_wait_and_are_all_served() 
     let running: Vec<_> = (0..4)
         .map(|_| {
             let mut client = OperationsClient::new(calls.clone());
-            tokio::spawn(
-                async move { Op::Fibonacci { n: 1_000_000 }.send(&mut client, None).await },
-            )
+            tokio::spawn(async move {
+                Op::Fibonacci { n: 1_000_000 }
+                    .send(&mut client, Some(PATIENCE))
+                    .await
+            })
         })
         .collect();
     let mut most = 0;
@@ -639,7 +641,7 @@ async fn raw_call(addr: std::net::SocketAddr, path: &str, body: Vec<u8>) -> (Str
 #[tokio::test]
 async fn dlb_clients_send_a_call_again_when_its_stream_was_refused_unprocessed() {
     // R refuses every other call with REFUSED_STREAM (and answers the rest "cba").
-    let (refusing, task) = resetting_instance(Some(2)).await;
+    let (refusing, task, _) = resetting_instance(Some(2)).await;
     let mut client = OperationsClient::new(channel(&format!("http://{refusing}")).await);
     let abc = Op::Reverse { text: "abc".into() };
     for _ in 0..3 {
@@ -649,24 +651,34 @@ async fn dlb_clients_send_a_call_again_when_its_stream_was_refused_unprocessed()
     task.abort();
 
     // A server that refuses every try: the refusal is reported once the tries are spent.
-    let (refusing, task) = resetting_instance(None).await;
+    let (refusing, task, calls) = resetting_instance(None).await;
     let mut client = OperationsClient::new(channel(&format!("http://{refusing}")).await);
     let status = abc.send(&mut client, Some(PATIENCE)).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert!(dlb::call::refused_unprocessed(&status), "{status:?}");
+    assert_eq!(
+        calls.load(Ordering::Relaxed),
+        dlb::call::REFUSED_STREAM_TRIES as usize
+    );
     task.abort();
 }
 
 /// An HTTP/2 server that answers every health check with SERVING (keeping `Watch` open) and
 /// resets calls with REFUSED_STREAM, as an instance past its own stream limit does: all of
-/// them, or all but every `answer_every`-th, which it answers as `Reverse("abc")`.
+/// them, or all but every `answer_every`-th, which it answers as `Reverse("abc")`. Also
+/// returns the count of calls (not health checks) it received.
 async fn resetting_instance(
     answer_every: Option<usize>,
-) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
     use tonic::codegen::http;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
     let task = tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let calls = Arc::clone(&calls);
@@ -718,7 +730,7 @@ async fn resetting_instance(
             });
         }
     });
-    (addr, task)
+    (addr, task, counted)
 }
 
 /// Instance B and `resetting` as R behind a gateway; `calls` sequential `Reverse("abc")`
@@ -772,7 +784,7 @@ async fn calls_beside(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_stream_is_retried_elsewhere_and_its_instance_stays_in_rotation() {
     // R resets every other call it gets: never RESETS_BEFORE_EJECTION in a row.
-    let (addr, server) = resetting_instance(Some(2)).await;
+    let (addr, server, _) = resetting_instance(Some(2)).await;
     let (before, after, served_by, retried) = calls_beside(addr, 12).await;
     server.abort();
     assert!(
@@ -790,7 +802,7 @@ async fn a_reset_stream_is_retried_elsewhere_and_its_instance_stays_in_rotation(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_that_resets_every_call_is_ejected_after_a_few() {
-    let (addr, server) = resetting_instance(None).await;
+    let (addr, server, _) = resetting_instance(None).await;
     let (before, after, served_by, retried) = calls_beside(addr, 12).await;
     server.abort();
     assert_eq!(served_by.get("R"), None, "R answered: {served_by:?}");
