@@ -146,6 +146,13 @@ impl Conn {
         if let Some(live) = self.current() {
             return Ok(live);
         }
+        // Boxed: the handshakes' state is kilobytes, and every call's future would otherwise
+        // carry (and move) room for it.
+        Box::pin(self.reconnect()).await
+    }
+
+    /// Connects, unless another call has meanwhile.
+    async fn reconnect(&self) -> Result<Live, BoxError> {
         let waited_from = Instant::now();
         let _one_at_a_time = self.shared.connecting.lock().await;
         if let Some(live) = self.current() {
