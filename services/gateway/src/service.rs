@@ -239,6 +239,9 @@ impl GatewayService {
         inner.budget.deposit();
 
         let mut attempts = 0u32;
+        // How the last attempt that may be retried went: what to answer if no instance is
+        // left to retry on.
+        let mut previous: Option<Retry> = None;
         let answer = loop {
             attempts += 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -257,9 +260,20 @@ impl GatewayService {
                 // go elsewhere; when it cannot, the instance's answer is relayed.
                 Attempt::Answered(answer) => Retry::Refused(answer),
                 Attempt::NoInstance => {
-                    break Err(Error::NoHealthyInstance {
-                        summary: inner.table.summary(),
-                    });
+                    let summary = inner.table.summary();
+                    let Some(previous) = previous else {
+                        break Err(Error::NoHealthyInstance { summary });
+                    };
+                    // This try reached no instance: it does not count, and the previous one's
+                    // outcome says more than "none left".
+                    attempts -= 1;
+                    break match previous {
+                        Retry::Refused(answer) => Ok(answer),
+                        Retry::Failed(last) => Err(Error::Unreachable {
+                            attempts,
+                            last: format!("{last} (and no other instance is healthy: {summary})"),
+                        }),
+                    };
                 }
                 Attempt::TimedOut => {
                     // Dropping the call cancelled it at the instance too (RST_STREAM).
@@ -278,6 +292,7 @@ impl GatewayService {
             if attempts < inner.settings.max_attempts && inner.budget.withdraw() {
                 inner.counters.retries.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(op, attempts, "retrying on another instance");
+                previous = Some(retry);
                 continue;
             }
             match retry {

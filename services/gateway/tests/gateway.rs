@@ -663,12 +663,61 @@ async fn dlb_clients_send_a_call_again_when_its_stream_was_refused_unprocessed()
     task.abort();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_only_instance_failed_is_told_why_not_only_that_none_is_left() {
+    // R says SERVING, then closes the connection of the first call: it is ejected, and the
+    // retry finds no instance. The caller hears about the connection failure.
+    let (closing, task, calls) = raw_instance(OnCall::Close).await;
+    let list = vec![Backend {
+        id: "R".to_owned(),
+        addr: closing.to_string(),
+    }];
+    let gateway = RunningGateway::start(Config::for_tests(vec![]), list, false)
+        .await
+        .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &["R"], PATIENCE).await;
+    let status = reverse(&gw, "abc").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let message = status.message();
+    assert!(
+        message.starts_with("instances unreachable after 1 attempt(s): ")
+            && message.contains("(and no other instance is healthy: R "),
+        "{message}"
+    );
+    assert_eq!(status.metadata().get("x-attempts").unwrap(), "1");
+    assert_eq!(calls.load(Ordering::Relaxed), 1);
+    task.abort();
+    gateway.shutdown().await.unwrap();
+}
+
 /// An HTTP/2 server that answers every health check with SERVING (keeping `Watch` open) and
 /// resets calls with REFUSED_STREAM, as an instance past its own stream limit does: all of
 /// them, or all but every `answer_every`-th, which it answers as `Reverse("abc")`. Also
 /// returns the count of calls (not health checks) it received.
 async fn resetting_instance(
     answer_every: Option<usize>,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    raw_instance(OnCall::Reset { answer_every }).await
+}
+
+/// What a raw instance does with a call (health checks are always answered SERVING).
+#[derive(Clone, Copy)]
+enum OnCall {
+    /// Resets it with REFUSED_STREAM, or answers every `answer_every`-th.
+    Reset { answer_every: Option<usize> },
+    /// Closes the connection it came on, answering nothing.
+    Close,
+}
+
+/// An HTTP/2 server on 127.0.0.1 port 0 doing `on_call` with every call; see
+/// [`resetting_instance`].
+async fn raw_instance(
+    on_call: OnCall,
 ) -> (
     std::net::SocketAddr,
     tokio::task::JoinHandle<()>,
@@ -696,6 +745,11 @@ async fn resetting_instance(
                         )
                     } else {
                         let n = calls.fetch_add(1, Ordering::Relaxed) + 1;
+                        let answer_every = match on_call {
+                            OnCall::Reset { answer_every } => answer_every,
+                            // Dropping the connection closes it.
+                            OnCall::Close => return,
+                        };
                         if answer_every.is_none_or(|every| !n.is_multiple_of(every)) {
                             respond.send_reset(h2::Reason::REFUSED_STREAM);
                             continue;
