@@ -104,7 +104,6 @@ impl Conn {
         head: http::Request<()>,
         body: Vec<Bytes>,
     ) -> Result<Answer, BoxError> {
-        let live = self.live().await?;
         let (mut parts, ()) = head.into_parts();
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(self.shared.scheme.clone());
@@ -112,21 +111,34 @@ impl Conn {
         uri.path_and_query = parts.uri.path_and_query().cloned();
         parts.uri = http::Uri::from_parts(uri)?;
         let end_of_stream = body.is_empty();
-        let opened = match live.sender.clone().ready().await {
-            Ok(mut sender) => {
-                sender.send_request(http::Request::from_parts(parts, ()), end_of_stream)
+        let mut reconnected = false;
+        let (mut sender, live) = loop {
+            let live = self.live().await?;
+            match live.sender.clone().ready().await {
+                Ok(sender) => break (sender, live),
+                Err(error) => {
+                    // The connection takes no new streams (GOAWAY, closed): the next call
+                    // opens another instead of failing on this one until its last stream is
+                    // done.
+                    live.closed.store(true, Ordering::Release);
+                    // An instance closing the connection gracefully (recycling it, or
+                    // draining) has seen nothing of this call: it goes on a new connection.
+                    if !reconnected && went_away_gracefully(&error) {
+                        reconnected = true;
+                        continue;
+                    }
+                    return Err(error.into());
+                }
             }
-            Err(error) => Err(error),
         };
-        let (response, mut stream) = match opened {
-            Ok(opened) => opened,
-            Err(error) => {
-                // The connection takes no new streams (GOAWAY, closed): the next call opens
-                // another instead of failing on this one until its last stream is done.
-                live.closed.store(true, Ordering::Release);
-                return Err(error.into());
-            }
-        };
+        let (response, mut stream) =
+            match sender.send_request(http::Request::from_parts(parts, ()), end_of_stream) {
+                Ok(opened) => opened,
+                Err(error) => {
+                    live.closed.store(true, Ordering::Release);
+                    return Err(error.into());
+                }
+            };
         let last = body.len().saturating_sub(1);
         for (i, chunk) in body.into_iter().enumerate() {
             if let Err(error) = stream.send_data(chunk, i == last) {
@@ -268,6 +280,15 @@ impl Conn {
         };
         matches!(tokio::time::timeout(timeout, call).await, Ok(Some(())))
     }
+}
+
+/// True for a stream the instance did not process because it is closing the connection
+/// gracefully (GOAWAY with NO_ERROR): the call can go again on a new connection, and the
+/// instance is not at fault.
+pub fn went_away_gracefully(error: &(dyn std::error::Error + 'static)) -> bool {
+    error.downcast_ref::<h2::Error>().is_some_and(|e| {
+        e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR)
+    })
 }
 
 /// PINGs every interval; returns when one goes unanswered past the timeout.

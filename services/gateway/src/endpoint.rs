@@ -397,6 +397,16 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
                         .insert(ServedBy(Arc::clone(&shared.stats.id)));
                     Ok(response)
                 }
+                Err(error) if crate::conn::went_away_gracefully(error.as_ref()) => {
+                    // The instance is closing that connection gracefully and saw nothing of
+                    // the call (GOAWAY with NO_ERROR): not its failure. The call is retried;
+                    // the next one opens a new connection.
+                    tracing::debug!(
+                        instance = %shared.stats.id,
+                        "call refused by a connection closing gracefully"
+                    );
+                    Err(error)
+                }
                 Err(error) => {
                     shared.stats.record_error();
                     // A stream the instance reset (REFUSED_STREAM, say) fails that call only:
@@ -439,7 +449,7 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
 pub const RESETS_BEFORE_EJECTION: u32 = 5;
 
 /// True when the instance reset the call's stream (RST_STREAM), as opposed to a failure of the
-/// whole connection (refused, closed, GOAWAY, a protocol error).
+/// whole connection (refused, closed, GOAWAY with an error, a protocol error).
 fn reset_by_instance(error: &(dyn std::error::Error + 'static)) -> bool {
     error
         .downcast_ref::<h2::Error>()

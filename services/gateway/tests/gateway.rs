@@ -691,6 +691,42 @@ async fn a_call_whose_only_instance_failed_is_told_why_not_only_that_none_is_lef
     gateway.shutdown().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_recycling_its_connections_with_goaway_loses_no_call_and_stays_in() {
+    // R answers every call, and closes each connection gracefully after 3 calls on it.
+    let (recycling, task, calls) = raw_instance(OnCall::GoAwayAfter { calls: 3 }).await;
+    let list = vec![Backend {
+        id: "R".to_owned(),
+        addr: recycling.to_string(),
+    }];
+    let gateway = RunningGateway::start(Config::for_tests(vec![]), list, false)
+        .await
+        .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &["R"], PATIENCE).await;
+    let before = stats(&gw).await.instances.remove(0);
+    // Eight at a time, so that calls are in flight, and new ones start, as the GOAWAYs come.
+    let report = bench::run(load(&gateway, 8, 600), Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    assert_eq!(
+        report.ok, 600,
+        "{:?} {:?}",
+        report.errors, report.error_samples
+    );
+    assert_eq!(
+        calls.load(Ordering::Relaxed),
+        600,
+        "each call reached R once"
+    );
+    let after = stats(&gw).await.instances.remove(0);
+    assert_eq!(after.state, "serving");
+    assert_eq!(after.state_since_ms, before.state_since_ms, "R never left");
+    assert_eq!(after.errors, 0);
+    task.abort();
+    gateway.shutdown().await.unwrap();
+}
+
 /// An HTTP/2 server that answers every health check with SERVING (keeping `Watch` open) and
 /// resets calls with REFUSED_STREAM, as an instance past its own stream limit does: all of
 /// them, or all but every `answer_every`-th, which it answers as `Reverse("abc")`. Also
@@ -712,6 +748,9 @@ enum OnCall {
     Reset { answer_every: Option<usize> },
     /// Closes the connection it came on, answering nothing.
     Close,
+    /// Answers it (`Reverse("abc")`), and after every `calls` calls on one connection closes
+    /// that connection gracefully (GOAWAY, as a server recycling its connections does).
+    GoAwayAfter { calls: usize },
 }
 
 /// An HTTP/2 server on 127.0.0.1 port 0 doing `on_call` with every call; see
@@ -735,6 +774,7 @@ async fn raw_instance(
                 let Ok(mut connection) = h2::server::handshake(tcp).await else {
                     return;
                 };
+                let mut on_this_connection = 0;
                 while let Some(Ok((request, mut respond))) = connection.accept().await {
                     let path = request.uri().path().to_owned();
                     let (message, end) = if path.starts_with("/grpc.health.v1.Health/") {
@@ -745,10 +785,19 @@ async fn raw_instance(
                         )
                     } else {
                         let n = calls.fetch_add(1, Ordering::Relaxed) + 1;
+                        on_this_connection += 1;
                         let answer_every = match on_call {
                             OnCall::Reset { answer_every } => answer_every,
                             // Dropping the connection closes it.
                             OnCall::Close => return,
+                            OnCall::GoAwayAfter { calls } => {
+                                if on_this_connection % calls == 0 {
+                                    // Streams already open are still served; accept() ends
+                                    // once they are done.
+                                    connection.graceful_shutdown();
+                                }
+                                Some(1)
+                            }
                         };
                         if answer_every.is_none_or(|every| !n.is_multiple_of(every)) {
                             respond.send_reset(h2::Reason::REFUSED_STREAM);
@@ -781,6 +830,8 @@ async fn raw_instance(
                         }
                     });
                 }
+                // Closed gracefully: what is queued still goes out before the socket closes.
+                let _ = std::future::poll_fn(|cx| connection.poll_closed(cx)).await;
             });
         }
     });
