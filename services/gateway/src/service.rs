@@ -234,7 +234,7 @@ impl GatewayService {
             let total: usize = message.iter().map(Bytes::len).sum();
             let mut start = vec![0; total.min(PREVIEW_BYTES)];
             copy_prefix(&message, &mut start);
-            input_preview(op, &start[FRAME_HEADER..], start.len() == total)
+            framed_preview(op, &start, start.len() == total)
         };
         inner.budget.deposit();
 
@@ -598,6 +598,16 @@ async fn read_answer(
 /// with their field's key and length.
 const PREVIEW_BYTES: usize = FRAME_HEADER + dlb::events::INPUT_PREVIEW_CHARS * 4 + 16;
 
+/// The event's input preview of a request message with its 5-byte prefix (`start`: the whole
+/// message when `complete`, else its first bytes). A compressed message is not decompressed
+/// for it: its preview says so.
+fn framed_preview(op: &str, start: &[u8], complete: bool) -> String {
+    match start.first() {
+        Some(0) => input_preview(op, start.get(FRAME_HEADER..).unwrap_or_default(), complete),
+        _ => "(compressed)".to_owned(),
+    }
+}
+
 /// The event log's view of the input: the request's first field (the number, the text or n),
 /// cut to the preview length, read without decoding the rest of the message. `start` is the
 /// message, or only its start when `complete` is false.
@@ -730,6 +740,19 @@ mod tests {
         assert_eq!(input_preview("Reverse", &[0x0a, 9, b'a'], true), "");
         // the same, when only the start was read: the start is shown, marked as cut
         assert_eq!(input_preview("Reverse", &[0x0a, 9, b'a'], false), "a…");
+    }
+
+    #[test]
+    fn a_compressed_request_is_previewed_as_such() {
+        // Reverse("97"), uncompressed and with the compressed flag.
+        assert_eq!(
+            framed_preview("Reverse", &[0, 0, 0, 0, 4, 0x0a, 2, b'9', b'7'], true),
+            "97"
+        );
+        assert_eq!(
+            framed_preview("Reverse", &[1, 0, 0, 0, 4, 0x0a, 2, b'9', b'7'], true),
+            "(compressed)"
+        );
     }
 
     #[test]
