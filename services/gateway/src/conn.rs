@@ -59,6 +59,8 @@ struct Live {
     /// Set by the driver task when the connection has ended, or by a call the connection
     /// refused to open a stream for.
     closed: Arc<AtomicBool>,
+    /// Set once the instance answered a call on it.
+    answered: Arc<AtomicBool>,
 }
 
 /// A call's answer: headers now, body and trailers from the stream.
@@ -123,9 +125,12 @@ impl Conn {
                     live.closed.store(true, Ordering::Release);
                     // An instance closing the connection gracefully (recycling it, or
                     // draining) has seen nothing of this call: it goes on a new connection.
-                    if !reconnected && went_away_gracefully(&error) {
-                        reconnected = true;
-                        continue;
+                    if went_away_gracefully(&error) {
+                        if !reconnected {
+                            reconnected = true;
+                            continue;
+                        }
+                        return Err(self.went_away(&live, error));
                     }
                     return Err(error.into());
                 }
@@ -150,7 +155,28 @@ impl Conn {
                 });
             }
         }
-        Ok(response.await?)
+        match response.await {
+            Ok(answer) => {
+                live.answered.store(true, Ordering::Relaxed);
+                Ok(answer)
+            }
+            Err(error) if went_away_gracefully(&error) => Err(self.went_away(&live, error)),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The error of a call left unprocessed by a graceful GOAWAY: no fault of the instance's
+    /// when the connection answered calls before (it is recycled), [`ClosedUnused`] when it
+    /// never did (an instance closing every connection at once takes no calls).
+    fn went_away(&self, live: &Live, error: h2::Error) -> BoxError {
+        if live.answered.load(Ordering::Relaxed) {
+            error.into()
+        } else {
+            Box::new(ClosedUnused(format!(
+                "{} closed a connection that had answered no call ({error})",
+                self.shared.addr
+            )))
+        }
     }
 
     /// The live connection, connecting first when there is none.
@@ -249,7 +275,11 @@ impl Conn {
             }
             ended.store(true, Ordering::Release);
         });
-        Ok(Live { sender, closed })
+        Ok(Live {
+            sender,
+            closed,
+            answered: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// Sends `grpc.health.v1.Health/Check` on this connection; true when it answered SERVING
@@ -281,6 +311,21 @@ impl Conn {
         matches!(tokio::time::timeout(timeout, call).await, Ok(Some(())))
     }
 }
+
+/// A call left unprocessed by an instance closing (GOAWAY with NO_ERROR) a connection that had
+/// answered no call. Counted against the instance like a reset stream (see
+/// `EndpointService`): once now and then is a connection recycled early, every time is an
+/// instance that takes no calls.
+#[derive(Debug)]
+pub struct ClosedUnused(pub String);
+
+impl std::fmt::Display for ClosedUnused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ClosedUnused {}
 
 /// True for a stream the instance did not process because it is closing the connection
 /// gracefully (GOAWAY with NO_ERROR): the call can go again on a new connection, and the

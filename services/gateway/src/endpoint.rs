@@ -448,12 +448,14 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
 /// connection failure ejects it at once: Envoy's default for consecutive errors.
 pub const RESETS_BEFORE_EJECTION: u32 = 5;
 
-/// True when the instance reset the call's stream (RST_STREAM), as opposed to a failure of the
-/// whole connection (refused, closed, GOAWAY with an error, a protocol error).
+/// True when the instance reset the call's stream (RST_STREAM), or left it unprocessed closing
+/// a connection that had answered no call ([`crate::conn::ClosedUnused`]), as opposed to a
+/// failure of the whole connection (refused, closed, GOAWAY with an error, a protocol error).
 fn reset_by_instance(error: &(dyn std::error::Error + 'static)) -> bool {
     error
         .downcast_ref::<h2::Error>()
         .is_some_and(|e| e.is_reset() && e.is_remote())
+        || error.is::<crate::conn::ClosedUnused>()
 }
 
 /// One call in flight to an endpoint: counted in on creation, out on drop; latency recorded

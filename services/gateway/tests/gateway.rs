@@ -722,7 +722,55 @@ async fn an_instance_recycling_its_connections_with_goaway_loses_no_call_and_sta
     let after = stats(&gw).await.instances.remove(0);
     assert_eq!(after.state, "serving");
     assert_eq!(after.state_since_ms, before.state_since_ms, "R never left");
-    assert_eq!(after.errors, 0);
+    // Not asserted: R's error count. A connection recycled before its first answer came back
+    // leaves its latest calls unprocessed as `ClosedUnused`, counted like a reset stream.
+    task.abort();
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_closes_every_new_connection_at_once_is_ejected() {
+    // R's health (on the monitor's connection, made first) goes on saying SERVING, but every
+    // connection made after `now` is closed (GOAWAY with NO_ERROR) before it carries a call.
+    let now = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (closing, task, calls) = raw_instance(OnCall::GoAwayNewConnections {
+        now: Arc::clone(&now),
+    })
+    .await;
+    let list = vec![Backend {
+        id: "R".to_owned(),
+        addr: closing.to_string(),
+    }];
+    let gateway = RunningGateway::start(Config::for_tests(vec![]), list, false)
+        .await
+        .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &["R"], PATIENCE).await;
+    now.store(true, Ordering::Relaxed);
+
+    // Each call tries R (up to 3 times); R is ejected once it has closed connections on
+    // RESETS_BEFORE_EJECTION tries in a row.
+    let mut messages = Vec::new();
+    for _ in 0..dlb_gateway::endpoint::RESETS_BEFORE_EJECTION {
+        let status = reverse(&gw, "abc").await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        messages.push(status.message().to_owned());
+        if state_of(&gw, "R").await != "serving" {
+            break;
+        }
+    }
+    assert_ne!(
+        state_of(&gw, "R").await,
+        "serving",
+        "R was not ejected: {messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .all(|m| m.contains("closed a connection that had answered no call")),
+        "{messages:?}"
+    );
+    assert_eq!(calls.load(Ordering::Relaxed), 0);
     task.abort();
     gateway.shutdown().await.unwrap();
 }
@@ -742,7 +790,7 @@ async fn resetting_instance(
 }
 
 /// What a raw instance does with a call (health checks are always answered SERVING).
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum OnCall {
     /// Resets it with REFUSED_STREAM, or answers every `answer_every`-th.
     Reset { answer_every: Option<usize> },
@@ -751,6 +799,11 @@ enum OnCall {
     /// Answers it (`Reverse("abc")`), and after every `calls` calls on one connection closes
     /// that connection gracefully (GOAWAY, as a server recycling its connections does).
     GoAwayAfter { calls: usize },
+    /// Answers it; once `now` is set, every new connection is closed (GOAWAY with NO_ERROR,
+    /// no stream processed) as soon as it is made (connections made before go on).
+    GoAwayNewConnections {
+        now: Arc<std::sync::atomic::AtomicBool>,
+    },
 }
 
 /// An HTTP/2 server on 127.0.0.1 port 0 doing `on_call` with every call; see
@@ -770,10 +823,17 @@ async fn raw_instance(
     let task = tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let calls = Arc::clone(&calls);
+            let on_call = on_call.clone();
             tokio::spawn(async move {
                 let Ok(mut connection) = h2::server::handshake(tcp).await else {
                     return;
                 };
+                if let OnCall::GoAwayNewConnections { now } = &on_call
+                    && now.load(Ordering::Relaxed)
+                {
+                    // GOAWAY(last stream 0, NO_ERROR): nothing on it will be processed.
+                    connection.abrupt_shutdown(h2::Reason::NO_ERROR);
+                }
                 let mut on_this_connection = 0;
                 while let Some(Ok((request, mut respond))) = connection.accept().await {
                     let path = request.uri().path().to_owned();
@@ -786,8 +846,8 @@ async fn raw_instance(
                     } else {
                         let n = calls.fetch_add(1, Ordering::Relaxed) + 1;
                         on_this_connection += 1;
-                        let answer_every = match on_call {
-                            OnCall::Reset { answer_every } => answer_every,
+                        let answer_every = match &on_call {
+                            OnCall::Reset { answer_every } => *answer_every,
                             // Dropping the connection closes it.
                             OnCall::Close => return,
                             OnCall::GoAwayAfter { calls } => {
@@ -798,6 +858,7 @@ async fn raw_instance(
                                 }
                                 Some(1)
                             }
+                            OnCall::GoAwayNewConnections { .. } => Some(1),
                         };
                         if answer_every.is_none_or(|every| !n.is_multiple_of(every)) {
                             respond.send_reset(h2::Reason::REFUSED_STREAM);
