@@ -71,12 +71,29 @@ async fn gateway_over(
     config: Config,
 ) -> (Vec<RunningCompute>, RunningGateway, Channel) {
     let computes = in_process(ids).await;
-    let gateway = RunningGateway::start(config, backends(&computes, ids), false)
-        .await
-        .unwrap();
+    let (gateway, gw) = gateway_with(config, backends(&computes, ids), ids).await;
+    (computes, gateway, gw)
+}
+
+/// A gateway over `list`, once instances `ids` serve.
+async fn gateway_with(
+    config: Config,
+    list: Vec<Backend>,
+    ids: &[&str],
+) -> (RunningGateway, Channel) {
+    let gateway = RunningGateway::start(config, list, false).await.unwrap();
     let gw = channel(&gateway.uri()).await;
     wait_serving(&gw, ids, PATIENCE).await;
-    (computes, gateway, gw)
+    (gateway, gw)
+}
+
+/// A gateway over `addr` alone, as instance R, once it serves.
+async fn gateway_over_r(addr: std::net::SocketAddr) -> (RunningGateway, Channel) {
+    let list = vec![Backend {
+        id: "R".to_owned(),
+        addr: addr.to_string(),
+    }];
+    gateway_with(Config::for_tests(vec![]), list, &["R"]).await
 }
 
 /// Stops the gateway, then the instances.
@@ -668,15 +685,7 @@ async fn a_call_whose_only_instance_failed_is_told_why_not_only_that_none_is_lef
     // R says SERVING, then closes the connection of the first call: it is ejected, and the
     // retry finds no instance. The caller hears about the connection failure.
     let (closing, task, calls) = raw_instance(OnCall::Close).await;
-    let list = vec![Backend {
-        id: "R".to_owned(),
-        addr: closing.to_string(),
-    }];
-    let gateway = RunningGateway::start(Config::for_tests(vec![]), list, false)
-        .await
-        .unwrap();
-    let gw = channel(&gateway.uri()).await;
-    wait_serving(&gw, &["R"], PATIENCE).await;
+    let (gateway, gw) = gateway_over_r(closing).await;
     let status = reverse(&gw, "abc").await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     let message = status.message();
@@ -695,15 +704,7 @@ async fn a_call_whose_only_instance_failed_is_told_why_not_only_that_none_is_lef
 async fn an_instance_recycling_its_connections_with_goaway_loses_no_call_and_stays_in() {
     // R answers every call, and closes each connection gracefully after 3 calls on it.
     let (recycling, task, calls) = raw_instance(OnCall::GoAwayAfter { calls: 3 }).await;
-    let list = vec![Backend {
-        id: "R".to_owned(),
-        addr: recycling.to_string(),
-    }];
-    let gateway = RunningGateway::start(Config::for_tests(vec![]), list, false)
-        .await
-        .unwrap();
-    let gw = channel(&gateway.uri()).await;
-    wait_serving(&gw, &["R"], PATIENCE).await;
+    let (gateway, gw) = gateway_over_r(recycling).await;
     let before = stats(&gw).await.instances.remove(0);
     // Eight at a time, so that calls are in flight, and new ones start, as the GOAWAYs come.
     let report = bench::run(load(&gateway, 8, 600), Arc::new(Progress::default()))
@@ -737,15 +738,7 @@ async fn an_instance_that_closes_every_new_connection_at_once_is_ejected() {
         now: Arc::clone(&now),
     })
     .await;
-    let list = vec![Backend {
-        id: "R".to_owned(),
-        addr: closing.to_string(),
-    }];
-    let gateway = RunningGateway::start(Config::for_tests(vec![]), list, false)
-        .await
-        .unwrap();
-    let gw = channel(&gateway.uri()).await;
-    wait_serving(&gw, &["R"], PATIENCE).await;
+    let (gateway, gw) = gateway_over_r(closing).await;
     now.store(true, Ordering::Relaxed);
 
     // Each call tries R (up to 3 times); R is ejected once it has closed connections on
@@ -916,11 +909,7 @@ async fn calls_beside(
         id: "R".to_owned(),
         addr: resetting.to_string(),
     });
-    let gateway = RunningGateway::start(Config::for_tests(vec![]), list, false)
-        .await
-        .unwrap();
-    let gw = channel(&gateway.uri()).await;
-    wait_serving(&gw, &["B", "R"], PATIENCE).await;
+    let (gateway, gw) = gateway_with(Config::for_tests(vec![]), list, &["B", "R"]).await;
     let r_of = |s: dlb::proto::v1::StatsResponse| {
         s.instances.into_iter().find(|i| i.instance == "R").unwrap()
     };
