@@ -19,7 +19,7 @@ use std::time::Instant;
 use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::Channel;
 
-use crate::call::{Op, code_name};
+use crate::call::Op;
 use crate::proto::v1::operations_client::OperationsClient;
 
 /// Default connections opened to each address.
@@ -224,12 +224,7 @@ async fn send_one(client: &mut OperationsClient<Channel>, op: &Op, timeout: Dura
                 .map(str::to_owned),
         },
         Err(status) => Outcome {
-            // tonic reports its own client-side deadline as CANCELLED.
-            code: Some(if crate::call::expired_locally(&status) {
-                "DEADLINE_EXCEEDED"
-            } else {
-                code_name(status.code())
-            }),
+            code: Some(crate::call::failure_code(&status)),
             message: Some(crate::call::status_message(&status)),
             served_by: status
                 .metadata()

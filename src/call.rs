@@ -276,6 +276,16 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     message
 }
 
+/// The code name of a failed call as the caller should see it: tonic reports its own
+/// client-side deadline as CANCELLED, which is DEADLINE_EXCEEDED here.
+pub fn failure_code(status: &Status) -> &'static str {
+    if expired_locally(status) {
+        "DEADLINE_EXCEEDED"
+    } else {
+        code_name(status.code())
+    }
+}
+
 /// Did our own client give up because the call's deadline passed?
 pub fn expired_locally(status: &Status) -> bool {
     let mut source = std::error::Error::source(status);
@@ -356,12 +366,7 @@ pub async fn call(
             op: op.name(),
             result: None,
             error: Some(CallError {
-                code: if expired_locally(&status) {
-                    // tonic reports its own client-side deadline as CANCELLED.
-                    "DEADLINE_EXCEEDED"
-                } else {
-                    code_name(status.code())
-                },
+                code: failure_code(&status),
                 message: status_message(&status),
                 local: std::error::Error::source(&status).is_some(),
             }),

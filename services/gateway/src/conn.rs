@@ -157,7 +157,10 @@ impl Conn {
         }
         match response.await {
             Ok(answer) => {
-                live.answered.store(true, Ordering::Relaxed);
+                // Written once, not by every call (the flag is shared by all threads' calls).
+                if !live.answered.load(Ordering::Relaxed) {
+                    live.answered.store(true, Ordering::Relaxed);
+                }
                 Ok(answer)
             }
             Err(error) if went_away_gracefully(&error) => Err(self.went_away(&live, error)),
@@ -316,16 +319,9 @@ impl Conn {
 /// answered no call. Counted against the instance like a reset stream (see
 /// `EndpointService`): once now and then is a connection recycled early, every time is an
 /// instance that takes no calls.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct ClosedUnused(pub String);
-
-impl std::fmt::Display for ClosedUnused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ClosedUnused {}
 
 /// True for a stream the instance did not process because it is closing the connection
 /// gracefully (GOAWAY with NO_ERROR): the call can go again on a new connection, and the
