@@ -324,27 +324,68 @@ pub const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// unread data (a client's late WINDOW_UPDATE or PING) makes the kernel send a reset, and the
 /// client then loses the end of the last response it had not read yet: the tail of a 2 MB
 /// answer sent just before a drain ends. Await [`Incoming::closed`] after the server stops.
+///
+/// [`Incoming::limited`] also bounds the connections open at once (each holds a permit until
+/// its socket is closed, linger included): at the bound the server stops accepting, and new
+/// connections wait in the kernel's listen backlog, as HAProxy's `maxconn` makes them. And
+/// when the process runs out of file descriptors (or the kernel of memory for sockets), it
+/// waits [`ACCEPT_BACKOFF`] before accepting again, instead of retrying at once: the pending
+/// connection keeps the listener readable, so an immediate retry fails the same way, in a loop
+/// that takes a whole core.
 #[derive(Debug, Clone, Default)]
 pub struct Incoming {
     lingering: tokio_util::task::TaskTracker,
+    /// Connections that may be open at once (none: no bound).
+    limit: Option<(usize, std::sync::Arc<tokio::sync::Semaphore>)>,
 }
 
+/// This process's limit on open files (its soft `RLIMIT_NOFILE`), when it has one.
+pub fn open_file_limit() -> Option<u64> {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
+    getrlimit(Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+        .filter(|soft| *soft != RLIM_INFINITY)
+}
+
+/// How long accepting pauses after the process or the kernel ran out of descriptors or memory.
+pub const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl Incoming {
+    /// At most `max` connections open at once (see [`Incoming`]).
+    pub fn limited(max: usize) -> Self {
+        Self {
+            lingering: tokio_util::task::TaskTracker::new(),
+            limit: Some((max, std::sync::Arc::new(tokio::sync::Semaphore::new(max)))),
+        }
+    }
+
+    /// Connections open now (of a [`Incoming::limited`]; `None` without a bound).
+    pub fn open(&self) -> Option<usize> {
+        self.limit
+            .as_ref()
+            .map(|(max, permits)| max - permits.available_permits())
+    }
+
     /// `listener`'s connections (TCP_NODELAY on), each closed gently.
     pub fn accept(
         &self,
         listener: tokio::net::TcpListener,
     ) -> impl Stream<Item = std::io::Result<GentleClose>> + Send + 'static {
-        use tokio_stream::StreamExt;
-        let lingering = self.lingering.clone();
-        tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .map(move |accepted| {
-                accepted.map(|stream| GentleClose {
-                    stream: Some(stream),
-                    lingering: lingering.clone(),
-                })
-            })
+        Accepting {
+            listener: tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true)),
+            lingering: self.lingering.clone(),
+            limit: self.limit.as_ref().map(|(max, permits)| {
+                (
+                    *max,
+                    tokio_util::sync::PollSemaphore::new(std::sync::Arc::clone(permits)),
+                )
+            }),
+            permit: None,
+            full: false,
+            backoff: None,
+        }
     }
 
     /// Waits (at most [`LINGER`]) for connections being closed.
@@ -354,11 +395,90 @@ impl Incoming {
     }
 }
 
+/// The stream of [`Incoming::accept`].
+struct Accepting {
+    listener: tonic::transport::server::TcpIncoming,
+    lingering: tokio_util::task::TaskTracker,
+    limit: Option<(usize, tokio_util::sync::PollSemaphore)>,
+    /// The permit the next connection takes.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// At the bound (said once per time it is reached).
+    full: bool,
+    /// Accepting again after this.
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// Accepting failed for want of descriptors or memory: the connection waits in the backlog.
+fn out_of_resources(error: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    error.raw_os_error().is_some_and(|code| {
+        [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM]
+            .iter()
+            .any(|errno| *errno as i32 == code)
+    })
+}
+
+impl Stream for Accepting {
+    type Item = std::io::Result<GentleClose>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(backoff) = this.backoff.as_mut() {
+                std::task::ready!(backoff.as_mut().poll(cx));
+                this.backoff = None;
+            }
+            if let Some((max, permits)) = this.limit.as_mut()
+                && this.permit.is_none()
+            {
+                match permits.poll_acquire(cx) {
+                    Poll::Ready(Some(permit)) => {
+                        this.permit = Some(permit);
+                        this.full = false;
+                    }
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => {
+                        if !this.full {
+                            this.full = true;
+                            tracing::warn!(
+                                max = *max,
+                                "connection limit reached: new connections wait until one closes"
+                            );
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            match std::task::ready!(Pin::new(&mut this.listener).poll_next(cx)) {
+                None => return Poll::Ready(None),
+                Some(Ok(stream)) => {
+                    return Poll::Ready(Some(Ok(GentleClose {
+                        stream: Some(stream),
+                        lingering: this.lingering.clone(),
+                        permit: this.permit.take(),
+                    })));
+                }
+                Some(Err(error)) if out_of_resources(&error) => {
+                    tracing::warn!(
+                        %error,
+                        "cannot accept a connection; trying again in {} ms",
+                        ACCEPT_BACKOFF.as_millis()
+                    );
+                    this.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+            }
+        }
+    }
+}
+
 /// One accepted connection; see [`Incoming`].
 #[derive(Debug)]
 pub struct GentleClose {
     stream: Option<tokio::net::TcpStream>,
     lingering: tokio_util::task::TaskTracker,
+    /// Its place under the bound of [`Incoming::limited`], given back once the socket closes.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl GentleClose {
@@ -446,7 +566,9 @@ impl Drop for GentleClose {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
+        let permit = self.permit.take();
         self.lingering.spawn(async move {
+            let _permit = permit;
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let _ = stream.shutdown().await;
             let mut sink = [0u8; 4096];

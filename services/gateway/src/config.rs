@@ -24,6 +24,19 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 /// stream (10,000 open streams took 46 MB). NGINX allows 128, HAProxy 100, hyper 200.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 128;
 
+/// Descriptors the default `--max-connections` leaves to everything but callers' connections:
+/// instance connections (`--connections` per instance, and one per health monitor), Redis, the
+/// listeners, files.
+pub const RESERVED_FILES: u64 = 256;
+
+/// The default `--max-connections` under an open-file limit of `limit`: what the limit leaves
+/// after [`RESERVED_FILES`] (at least 16), or 65,536 without a limit.
+pub fn default_max_connections(limit: Option<u64>) -> usize {
+    limit.map_or(65_536, |limit| {
+        usize::try_from(limit.saturating_sub(RESERVED_FILES).max(16)).unwrap_or(usize::MAX)
+    })
+}
+
 /// Default instances tried per call (the first attempt plus retries).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
@@ -197,6 +210,12 @@ pub struct Config {
     )]
     pub max_concurrent_streams: u32,
 
+    /// Callers' connections open at once; past it the gateway stops accepting and new
+    /// connections wait in the listen backlog until one closes. Default: the open-file limit
+    /// (ulimit -n) less 256 kept for instance connections, Redis and files.
+    #[arg(long, env = "DLB_GATEWAY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
     /// Instances tried per call, counting the first (retries only on UNAVAILABLE or a
     /// connection failure, within the retry budget and the call's deadline).
     #[arg(long, env = "DLB_GATEWAY_MAX_ATTEMPTS", default_value_t = DEFAULT_MAX_ATTEMPTS)]
@@ -263,6 +282,7 @@ impl Config {
             policy: Policy::RoundRobin,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_connections: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             health_interval_ms: 200,
             probe_timeout_ms: DEFAULT_PROBE_TIMEOUT_MS,
@@ -275,6 +295,13 @@ impl Config {
             tls: dlb::tls::TlsArgs::default(),
             events: EventLogArgs::disabled(),
         }
+    }
+
+    /// Callers' connections open at once: `--max-connections`, or what the open-file limit
+    /// leaves (see [`default_max_connections`]).
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+            .unwrap_or_else(|| default_max_connections(dlb::server::open_file_limit()))
     }
 
     /// Worker threads to run: `--threads`, or one per CPU.
@@ -375,6 +402,10 @@ impl Config {
                 u64::from(self.max_concurrent_streams),
             ),
             ("--max-attempts", u64::from(self.max_attempts)),
+            (
+                "--max-connections",
+                self.max_connections.map_or(1, |max| max as u64),
+            ),
             ("--health-interval-ms", self.health_interval_ms),
             ("--probe-timeout-ms", self.probe_timeout_ms),
             ("--timeout-secs", self.timeout_secs),
@@ -405,6 +436,27 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_connection_bound_leaves_descriptors_for_the_rest() {
+        assert_eq!(default_max_connections(Some(1024)), 768);
+        assert_eq!(default_max_connections(Some(20_000)), 19_744);
+        // A tiny limit still lets some callers in; accepting backs off when it runs out.
+        assert_eq!(default_max_connections(Some(100)), 16);
+        assert_eq!(default_max_connections(None), 65_536);
+        let mut config = Config::for_tests(vec![]);
+        assert_eq!(
+            config.max_connections(),
+            default_max_connections(dlb::server::open_file_limit())
+        );
+        config.max_connections = Some(3);
+        assert_eq!(config.max_connections(), 3);
+        config.max_connections = Some(0);
+        assert_eq!(
+            config.validate().unwrap_err(),
+            "--max-connections must be at least 1"
+        );
+    }
 
     #[test]
     fn backends_parse_with_clear_errors() {

@@ -154,7 +154,18 @@ pub async fn run(
     let stop = CancellationToken::new();
     let builder =
         dlb::server::builder(&config.tls)?.max_concurrent_streams(config.max_concurrent_streams);
-    let connections = dlb::server::Incoming::default();
+    let max_connections = config.max_connections();
+    if let Some(limit) = dlb::server::open_file_limit()
+        && max_connections as u64 > limit.saturating_sub(config::RESERVED_FILES)
+    {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = limit,
+            "--max-connections is near or over the open-file limit (ulimit -n): past it, \
+             accepting pauses and connecting to instances can fail"
+        );
+    }
+    let connections = dlb::server::Incoming::limited(max_connections);
     if let Some(addr) = config.health_listen {
         tracker.spawn(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?);
     }
@@ -174,7 +185,11 @@ pub async fn run(
     tokio::pin!(server);
     events.lifecycle(
         "started",
-        &[("addr", &addr), ("policy", config.policy.name())],
+        &[
+            ("addr", &addr),
+            ("policy", config.policy.name()),
+            ("max_connections", &max_connections.to_string()),
+        ],
     );
 
     let served = tokio::select! {

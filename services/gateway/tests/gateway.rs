@@ -563,6 +563,114 @@ async fn calls_past_the_streams_a_connection_may_open_wait_and_are_all_served() 
     stop(gateway, computes).await;
 }
 
+#[tokio::test]
+async fn past_its_connection_limit_new_connections_wait_until_one_closes() {
+    let mut config = Config::for_tests(vec![]);
+    config.max_connections = Some(2);
+    // `gw` is the first connection, `second` the last the bound allows.
+    let (computes, gateway, gw) = gateway_over(&["A"], config).await;
+    let second = channel(&gateway.uri()).await;
+    assert_eq!(
+        reverse(&second, "ab").await.unwrap().into_inner().text,
+        "ba"
+    );
+
+    // A third connection is not accepted: its call waits (in the listen backlog), unanswered.
+    let uri = gateway.uri();
+    let waiting = tokio::spawn(async move { reverse(&channel(&uri).await, "abc").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a call over a connection past the bound was answered: {:?}",
+        waiting.await
+    );
+    // The connections within the bound are served meanwhile.
+    assert_eq!(reverse(&gw, "xy").await.unwrap().into_inner().text, "yx");
+
+    // Once one closes, the waiting connection is accepted and its call answered.
+    drop(second);
+    let answered = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .expect("the waiting call was answered once a connection closed")
+        .unwrap();
+    assert_eq!(answered.unwrap().into_inner().text, "cba");
+    stop(gateway, computes).await;
+}
+
+#[tokio::test]
+async fn a_gateway_out_of_file_descriptors_backs_off_and_serves_again() {
+    let computes = in_process(&["A"]).await;
+    // The gateway process may open 48 files; its connection bound is far above that.
+    let log = std::env::temp_dir().join(format!("dlb-gw-emfile-{}.log", std::process::id()));
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "ulimit -n 48 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_dlb-gateway"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "none"])
+        .args([
+            "--redis",
+            "none",
+            "--threads",
+            "1",
+            "--max-connections",
+            "1000",
+        ])
+        .arg("--backend")
+        .arg(format!("A={}", computes[0].addr))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let addr = dlb::testing::listening_addr(&mut child);
+    let gw = channel(&format!("http://{addr}")).await;
+    wait_serving(&gw, &["A"], PATIENCE).await;
+    // Its connections to A are opened now, while it has descriptors to spare.
+    for _ in 0..8 {
+        assert_eq!(reverse(&gw, "ab").await.unwrap().into_inner().text, "ba");
+    }
+
+    // More connections than it has descriptors: the rest wait in the listen backlog, and
+    // accepting them fails (EMFILE) until some close.
+    let mut flood = Vec::new();
+    for _ in 0..60 {
+        flood.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let said = std::fs::read_to_string(&log).unwrap();
+    let retries = said.matches("cannot accept a connection").count();
+    // It says so, and tries again every 100 ms rather than at once (an immediate retry fails
+    // the same way: a loop taking a whole core, and thousands of these lines).
+    assert!(
+        (1..=20).contains(&retries),
+        "{retries} accept retries in 1.5 s:\n{said}"
+    );
+    assert_eq!(reverse(&gw, "ab").await.unwrap().into_inner().text, "ba");
+
+    // Once they close, new connections are accepted and served.
+    drop(flood);
+    let fresh = tokio::time::timeout(PATIENCE, async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Ok(Ok(answer)) = tokio::time::timeout(
+                Duration::from_secs(1),
+                reverse(&channel(&format!("http://{addr}")).await, "abc"),
+            )
+            .await
+            {
+                break answer.into_inner().text;
+            }
+        }
+    })
+    .await
+    .expect("a new connection was served once the flood closed");
+    assert_eq!(fresh, "cba");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_file(&log);
+    for c in computes {
+        c.shutdown().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overload_is_shed_and_never_ejects_a_healthy_instance() {
     let _turn = heavy_turn().await;
