@@ -264,9 +264,11 @@ impl GatewayService {
                     let Some(previous) = previous else {
                         break Err(Error::NoHealthyInstance { summary });
                     };
-                    // This try reached no instance: it does not count, and the previous one's
-                    // outcome says more than "none left".
+                    // This try reached no instance: it does not count (not as an attempt,
+                    // nor as a retry made), and the previous one's outcome says more than
+                    // "none left".
                     attempts -= 1;
+                    inner.counters.retries.fetch_sub(1, Ordering::Relaxed);
                     break match previous {
                         Retry::Refused(answer) => Ok(answer),
                         Retry::Failed(last) => Err(Error::Unreachable {

@@ -804,6 +804,9 @@ async fn a_call_whose_only_instance_failed_is_told_why_not_only_that_none_is_lef
     );
     assert_eq!(status.metadata().get("x-attempts").unwrap(), "1");
     assert_eq!(calls.load(Ordering::Relaxed), 1);
+    // The retry that found no instance is not counted as one made.
+    let stats = stats(&gw).await;
+    assert_eq!((stats.requests, stats.retries), (1, 0));
     task.abort();
     gateway.shutdown().await.unwrap();
 }
