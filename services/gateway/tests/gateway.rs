@@ -602,6 +602,14 @@ async fn a_gateway_out_of_file_descriptors_backs_off_and_serves_again() {
     let computes = in_process(&["A"]).await;
     // The gateway process may open 48 files; its connection bound is far above that.
     let log = std::env::temp_dir().join(format!("dlb-gw-emfile-{}.log", std::process::id()));
+    /// Killed however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut child = std::process::Command::new("sh")
         .args(["-c", "ulimit -n 48 && exec \"$0\" \"$@\""])
         .arg(env!("CARGO_BIN_EXE_dlb-gateway"))
@@ -619,8 +627,9 @@ async fn a_gateway_out_of_file_descriptors_backs_off_and_serves_again() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(Killed)
         .unwrap();
-    let addr = dlb::testing::listening_addr(&mut child);
+    let addr = dlb::testing::listening_addr(&mut child.0);
     let gw = channel(&format!("http://{addr}")).await;
     wait_serving(&gw, &["A"], PATIENCE).await;
     // Its connections to A are opened now, while it has descriptors to spare.
@@ -663,8 +672,7 @@ async fn a_gateway_out_of_file_descriptors_backs_off_and_serves_again() {
     .await
     .expect("a new connection was served once the flood closed");
     assert_eq!(fresh, "cba");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     let _ = std::fs::remove_file(&log);
     for c in computes {
         c.shutdown().await.unwrap();
