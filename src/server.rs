@@ -263,8 +263,7 @@ pub async fn spawn_health_listener(
         .map_err(|e| RunError::Config(format!("--health-listen {addr}: cannot listen: {e}")))?;
     let service = health.service();
     Ok(tokio::spawn(async move {
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = Incoming::default().accept(listener);
         let _ = tonic::transport::Server::builder()
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
@@ -337,7 +336,15 @@ pub struct Incoming {
     lingering: tokio_util::task::TaskTracker,
     /// Connections that may be open at once (none: no bound).
     limit: Option<(usize, std::sync::Arc<tokio::sync::Semaphore>)>,
+    /// A connection that sends nothing this long after it is accepted is closed (none: the
+    /// default, [`FIRST_BYTE_TIMEOUT`]).
+    first_byte_timeout: Option<std::time::Duration>,
 }
+
+/// How long an accepted connection may stay silent before its first byte (an HTTP/2 preface or
+/// a TLS hello) before it is closed, freeing its place under [`Incoming::limited`]'s bound: a
+/// client that connects and never speaks would otherwise hold it for good.
+pub const FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// This process's limit on open files (its soft `RLIMIT_NOFILE`), when it has one.
 pub fn open_file_limit() -> Option<u64> {
@@ -357,14 +364,16 @@ impl Incoming {
         Self {
             lingering: tokio_util::task::TaskTracker::new(),
             limit: Some((max, std::sync::Arc::new(tokio::sync::Semaphore::new(max)))),
+            first_byte_timeout: None,
         }
     }
 
-    /// Connections open now (of a [`Incoming::limited`]; `None` without a bound).
-    pub fn open(&self) -> Option<usize> {
-        self.limit
-            .as_ref()
-            .map(|(max, permits)| max - permits.available_permits())
+    /// Closes connections silent for `timeout` after they are accepted, instead of
+    /// [`FIRST_BYTE_TIMEOUT`].
+    #[must_use]
+    pub fn with_first_byte_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.first_byte_timeout = Some(timeout);
+        self
     }
 
     /// `listener`'s connections (TCP_NODELAY on), each closed gently.
@@ -384,7 +393,9 @@ impl Incoming {
             }),
             permit: None,
             full: false,
+            warned: None,
             backoff: None,
+            first_byte_timeout: self.first_byte_timeout.unwrap_or(FIRST_BYTE_TIMEOUT),
         }
     }
 
@@ -402,14 +413,21 @@ struct Accepting {
     limit: Option<(usize, tokio_util::sync::PollSemaphore)>,
     /// The permit the next connection takes.
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// At the bound (said once per time it is reached).
+    /// At the bound now.
     full: bool,
+    /// When reaching the bound was last said (at most every [`LIMIT_WARNING_INTERVAL`]).
+    warned: Option<std::time::Instant>,
     /// Accepting again after this.
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+    first_byte_timeout: std::time::Duration,
 }
 
-/// Accepting failed for want of descriptors or memory: the connection waits in the backlog.
-fn out_of_resources(error: &std::io::Error) -> bool {
+/// How often reaching the connection bound is said at most.
+const LIMIT_WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Accepting failed for want of descriptors or memory: the connection waits in the backlog,
+/// and accepting again at once fails the same way (wait [`ACCEPT_BACKOFF`]).
+pub fn out_of_resources(error: &std::io::Error) -> bool {
     use nix::errno::Errno;
     error.raw_os_error().is_some_and(|code| {
         [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM]
@@ -438,13 +456,19 @@ impl Stream for Accepting {
                     }
                     Poll::Ready(None) => return Poll::Ready(None),
                     Poll::Pending => {
-                        if !this.full {
-                            this.full = true;
+                        let now = std::time::Instant::now();
+                        if !this.full
+                            && this
+                                .warned
+                                .is_none_or(|at| now.duration_since(at) >= LIMIT_WARNING_INTERVAL)
+                        {
+                            this.warned = Some(now);
                             tracing::warn!(
                                 max = *max,
                                 "connection limit reached: new connections wait until one closes"
                             );
                         }
+                        this.full = true;
                         return Poll::Pending;
                     }
                 }
@@ -456,6 +480,7 @@ impl Stream for Accepting {
                         stream: Some(stream),
                         lingering: this.lingering.clone(),
                         permit: this.permit.take(),
+                        silent_until: Some(Box::pin(tokio::time::sleep(this.first_byte_timeout))),
                     })));
                 }
                 Some(Err(error)) if out_of_resources(&error) => {
@@ -479,6 +504,8 @@ pub struct GentleClose {
     lingering: tokio_util::task::TaskTracker,
     /// Its place under the bound of [`Incoming::limited`], given back once the socket closes.
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Until its first byte: when it must have come (see [`FIRST_BYTE_TIMEOUT`]).
+    silent_until: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl GentleClose {
@@ -498,10 +525,25 @@ impl tokio::io::AsyncRead for GentleClose {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.stream() {
-            Ok(stream) => stream.poll_read(cx, buf),
-            Err(error) => Poll::Ready(Err(error)),
+        let this = self.get_mut();
+        let Some(stream) = this.stream.as_mut() else {
+            return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::NotConnected)));
+        };
+        let before = buf.filled().len();
+        let polled = Pin::new(stream).poll_read(cx, buf);
+        if let Some(deadline) = this.silent_until.as_mut() {
+            match &polled {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => this.silent_until = None,
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client sent nothing after connecting",
+                    )));
+                }
+                _ => {}
+            }
         }
+        polled
     }
 }
 
@@ -581,5 +623,61 @@ impl Drop for GentleClose {
             })
             .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_stream::StreamExt;
+
+    use super::Incoming;
+
+    /// Serves like hyper would: reads each accepted connection, echoing the first byte back.
+    async fn serve(incoming: Incoming, listener: tokio::net::TcpListener) {
+        let mut accepted = std::pin::pin!(incoming.accept(listener));
+        while let Some(connection) = accepted.next().await {
+            let mut connection = connection.unwrap();
+            tokio::spawn(async move {
+                let mut byte = [0u8; 1];
+                if let Ok(1) = connection.read(&mut byte).await {
+                    let _ = connection.write_all(&byte).await;
+                }
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_and_frees_its_place_under_the_bound() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = Incoming::limited(1).with_first_byte_timeout(Duration::from_millis(300));
+        let server = tokio::spawn(serve(incoming, listener));
+
+        // The one place goes to a client that never speaks; the next waits for it.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut next = tokio::net::TcpStream::connect(addr).await.unwrap();
+        next.write_all(b"x").await.unwrap();
+
+        // The silent one is closed (end of stream, not a reset)...
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut rest))
+            .await
+            .expect("the silent connection was closed");
+        assert_eq!(read.unwrap(), 0);
+        // ...and once it has closed its side too, the waiting one is served.
+        drop(silent);
+        let mut echo = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(10), next.read_exact(&mut echo))
+            .await
+            .expect("the waiting connection was served")
+            .unwrap();
+        assert_eq!(&echo, b"x");
+        server.abort();
     }
 }

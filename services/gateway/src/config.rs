@@ -417,6 +417,14 @@ impl Config {
                 return Err(format!("{flag} must be at least 1"));
             }
         }
+        if let Some(max) = self.max_connections
+            && max > tokio::sync::Semaphore::MAX_PERMITS
+        {
+            return Err(format!(
+                "--max-connections {max} is too large (at most {})",
+                tokio::sync::Semaphore::MAX_PERMITS
+            ));
+        }
         self.metrics_addr()?;
         self.tls.load()?;
         let events = self.events.config()?;
@@ -455,6 +463,12 @@ mod tests {
         assert_eq!(
             config.validate().unwrap_err(),
             "--max-connections must be at least 1"
+        );
+        config.max_connections = Some(usize::MAX);
+        assert!(
+            config.validate().unwrap_err().contains("is too large"),
+            "{:?}",
+            config.validate()
         );
     }
 

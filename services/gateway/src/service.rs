@@ -252,7 +252,12 @@ impl GatewayService {
                     attempts: attempts - 1,
                 });
             }
-            let retry = match self.attempt(&head, &message, remaining, budget).await {
+            let outcome = self.attempt(&head, &message, remaining, budget).await;
+            if previous.is_some() && !matches!(outcome, Attempt::NoInstance) {
+                // A retry counts as made once it reached an instance (as x-attempts does).
+                inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            let retry = match outcome {
                 Attempt::Answered(answer) if answer.status != Code::Unavailable => {
                     break Ok(answer);
                 }
@@ -268,7 +273,6 @@ impl GatewayService {
                     // nor as a retry made), and the previous one's outcome says more than
                     // "none left".
                     attempts -= 1;
-                    inner.counters.retries.fetch_sub(1, Ordering::Relaxed);
                     break match previous {
                         Retry::Refused(answer) => Ok(answer),
                         Retry::Failed(last) => Err(Error::Unreachable {
@@ -292,7 +296,6 @@ impl GatewayService {
                 Attempt::Failed(last) => Retry::Failed(last),
             };
             if attempts < inner.settings.max_attempts && inner.budget.withdraw() {
-                inner.counters.retries.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(op, attempts, "retrying on another instance");
                 previous = Some(retry);
                 continue;

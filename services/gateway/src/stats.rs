@@ -197,8 +197,14 @@ pub async fn serve_metrics(listener: TcpListener, source: StatsSource, cancel: C
             accepted = listener.accept() => accepted,
             () = cancel.cancelled() => return,
         };
-        let Ok((mut socket, _)) = accepted else {
-            continue;
+        let mut socket = match accepted {
+            Ok((socket, _)) => socket,
+            Err(error) if dlb::server::out_of_resources(&error) => {
+                tracing::warn!(%error, "/metrics: cannot accept a connection; trying again soon");
+                tokio::time::sleep(dlb::server::ACCEPT_BACKOFF).await;
+                continue;
+            }
+            Err(_) => continue,
         };
         let source = source.clone();
         tokio::spawn(async move {

@@ -624,6 +624,7 @@ async fn a_gateway_out_of_file_descriptors_backs_off_and_serves_again() {
         ])
         .arg("--backend")
         .arg(format!("A={}", computes[0].addr))
+        .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
