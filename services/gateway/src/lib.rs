@@ -165,6 +165,11 @@ pub async fn run(
              accepting pauses and connecting to instances can fail"
         );
     }
+    tracing::info!(
+        max_connections,
+        max_concurrent_streams = config.max_concurrent_streams,
+        "callers' connections accepted at once, and calls open on each"
+    );
     let connections = dlb::server::Incoming::limited(max_connections);
     if let Some(addr) = config.health_listen {
         tracker.spawn(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?);
