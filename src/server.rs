@@ -326,7 +326,9 @@ pub const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 ///
 /// [`Incoming::limited`] also bounds the connections open at once (each holds a permit until
 /// its socket is closed, linger included): at the bound the server stops accepting, and new
-/// connections wait in the kernel's listen backlog, as HAProxy's `maxconn` makes them. And
+/// connections wait in the kernel's listen backlog, as HAProxy's `maxconn` makes them. A
+/// connection that has not sent [`HANDSHAKE_BYTES`] within [`HANDSHAKE_TIMEOUT`] of being
+/// accepted is closed, so that clients which connect and never speak cannot hold the places. And
 /// when the process runs out of file descriptors (or the kernel of memory for sockets), it
 /// waits [`ACCEPT_BACKOFF`] before accepting again, instead of retrying at once: the pending
 /// connection keeps the listener readable, so an immediate retry fails the same way, in a loop
@@ -336,15 +338,19 @@ pub struct Incoming {
     lingering: tokio_util::task::TaskTracker,
     /// Connections that may be open at once (none: no bound).
     limit: Option<(usize, std::sync::Arc<tokio::sync::Semaphore>)>,
-    /// A connection that sends nothing this long after it is accepted is closed (none: the
-    /// default, [`FIRST_BYTE_TIMEOUT`]).
-    first_byte_timeout: Option<std::time::Duration>,
+    /// Connections open now, closing ones included.
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The handshake's time limit (none: [`HANDSHAKE_TIMEOUT`]).
+    handshake_timeout: Option<std::time::Duration>,
 }
 
-/// How long an accepted connection may stay silent before its first byte (an HTTP/2 preface or
-/// a TLS hello) before it is closed, freeing its place under [`Incoming::limited`]'s bound: a
-/// client that connects and never speaks would otherwise hold it for good.
-pub const FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long an accepted connection has to send its first [`HANDSHAKE_BYTES`] before it is
+/// closed, freeing its place under [`Incoming::limited`]'s bound.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What every client sends first, at least: the HTTP/2 connection preface (24 bytes) and the
+/// SETTINGS frame that must follow it (9 bytes at least); a TLS hello is longer.
+pub const HANDSHAKE_BYTES: usize = 33;
 
 /// This process's limit on open files (its soft `RLIMIT_NOFILE`), when it has one.
 pub fn open_file_limit() -> Option<u64> {
@@ -364,16 +370,20 @@ impl Incoming {
         Self {
             lingering: tokio_util::task::TaskTracker::new(),
             limit: Some((max, std::sync::Arc::new(tokio::sync::Semaphore::new(max)))),
-            first_byte_timeout: None,
+            ..Self::default()
         }
     }
 
-    /// Closes connections silent for `timeout` after they are accepted, instead of
-    /// [`FIRST_BYTE_TIMEOUT`].
+    /// Gives each connection `timeout` for its handshake instead of [`HANDSHAKE_TIMEOUT`].
     #[must_use]
-    pub fn with_first_byte_timeout(mut self, timeout: std::time::Duration) -> Self {
-        self.first_byte_timeout = Some(timeout);
+    pub fn with_handshake_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.handshake_timeout = Some(timeout);
         self
+    }
+
+    /// Connections open now (accepted and not yet closed, closing ones included).
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `listener`'s connections (TCP_NODELAY on), each closed gently.
@@ -394,8 +404,10 @@ impl Incoming {
             permit: None,
             full: false,
             warned: None,
+            said_full: false,
             backoff: None,
-            first_byte_timeout: self.first_byte_timeout.unwrap_or(FIRST_BYTE_TIMEOUT),
+            open: std::sync::Arc::clone(&self.open),
+            handshake_timeout: self.handshake_timeout.unwrap_or(HANDSHAKE_TIMEOUT),
         }
     }
 
@@ -417,9 +429,12 @@ struct Accepting {
     full: bool,
     /// When reaching the bound was last said (at most every [`LIMIT_WARNING_INTERVAL`]).
     warned: Option<std::time::Instant>,
+    /// That it was reached has been said, and not yet that accepting goes on.
+    said_full: bool,
     /// Accepting again after this.
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
-    first_byte_timeout: std::time::Duration,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    handshake_timeout: std::time::Duration,
 }
 
 /// How often reaching the connection bound is said at most.
@@ -453,6 +468,10 @@ impl Stream for Accepting {
                     Poll::Ready(Some(permit)) => {
                         this.permit = Some(permit);
                         this.full = false;
+                        if this.said_full {
+                            this.said_full = false;
+                            tracing::info!(max = *max, "a connection closed: accepting again");
+                        }
                     }
                     Poll::Ready(None) => return Poll::Ready(None),
                     Poll::Pending => {
@@ -463,6 +482,7 @@ impl Stream for Accepting {
                                 .is_none_or(|at| now.duration_since(at) >= LIMIT_WARNING_INTERVAL)
                         {
                             this.warned = Some(now);
+                            this.said_full = true;
                             tracing::warn!(
                                 max = *max,
                                 "connection limit reached: new connections wait until one closes"
@@ -476,11 +496,18 @@ impl Stream for Accepting {
             match std::task::ready!(Pin::new(&mut this.listener).poll_next(cx)) {
                 None => return Poll::Ready(None),
                 Some(Ok(stream)) => {
+                    this.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return Poll::Ready(Some(Ok(GentleClose {
                         stream: Some(stream),
                         lingering: this.lingering.clone(),
-                        permit: this.permit.take(),
-                        silent_until: Some(Box::pin(tokio::time::sleep(this.first_byte_timeout))),
+                        place: Some(Place {
+                            _permit: this.permit.take(),
+                            open: std::sync::Arc::clone(&this.open),
+                        }),
+                        handshake: Some((
+                            HANDSHAKE_BYTES,
+                            Box::pin(tokio::time::sleep(this.handshake_timeout)),
+                        )),
                     })));
                 }
                 Some(Err(error)) if out_of_resources(&error) => {
@@ -503,9 +530,24 @@ pub struct GentleClose {
     stream: Option<tokio::net::TcpStream>,
     lingering: tokio_util::task::TaskTracker,
     /// Its place under the bound of [`Incoming::limited`], given back once the socket closes.
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// Until its first byte: when it must have come (see [`FIRST_BYTE_TIMEOUT`]).
-    silent_until: Option<Pin<Box<tokio::time::Sleep>>>,
+    place: Option<Place>,
+    /// Until the handshake's bytes have come: how many are still due, and by when (see
+    /// [`HANDSHAKE_TIMEOUT`]).
+    handshake: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+/// A connection's place among those open: its permit under the bound (if any) and its count,
+/// both given back when the socket is closed.
+#[derive(Debug)]
+struct Place {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl GentleClose {
@@ -531,13 +573,18 @@ impl tokio::io::AsyncRead for GentleClose {
         };
         let before = buf.filled().len();
         let polled = Pin::new(stream).poll_read(cx, buf);
-        if let Some(deadline) = this.silent_until.as_mut() {
+        if let Some((due, deadline)) = this.handshake.as_mut() {
             match &polled {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => this.silent_until = None,
+                Poll::Ready(Ok(())) => {
+                    *due = due.saturating_sub(buf.filled().len() - before);
+                    if *due == 0 {
+                        this.handshake = None;
+                    }
+                }
                 Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
                     return Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        "the client sent nothing after connecting",
+                        "the client did not complete its handshake in time",
                     )));
                 }
                 _ => {}
@@ -608,9 +655,9 @@ impl Drop for GentleClose {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        let permit = self.permit.take();
+        let place = self.place.take();
         self.lingering.spawn(async move {
-            let _permit = permit;
+            let _place = place;
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let _ = stream.shutdown().await;
             let mut sink = [0u8; 4096];
@@ -635,49 +682,52 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_stream::StreamExt;
 
-    use super::Incoming;
+    use super::{HANDSHAKE_BYTES, Incoming};
 
-    /// Serves like hyper would: reads each accepted connection, echoing the first byte back.
+    /// Serves like hyper would: reads a handshake from each accepted connection, then answers
+    /// "ok".
     async fn serve(incoming: Incoming, listener: tokio::net::TcpListener) {
         let mut accepted = std::pin::pin!(incoming.accept(listener));
         while let Some(connection) = accepted.next().await {
             let mut connection = connection.unwrap();
             tokio::spawn(async move {
-                let mut byte = [0u8; 1];
-                if let Ok(1) = connection.read(&mut byte).await {
-                    let _ = connection.write_all(&byte).await;
+                let mut handshake = [0u8; HANDSHAKE_BYTES];
+                if connection.read_exact(&mut handshake).await.is_ok() {
+                    let _ = connection.write_all(b"ok").await;
                 }
             });
         }
     }
 
     #[tokio::test]
-    async fn a_silent_connection_is_closed_and_frees_its_place_under_the_bound() {
+    async fn a_client_that_stops_before_its_handshake_is_closed_and_frees_its_place() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let incoming = Incoming::limited(1).with_first_byte_timeout(Duration::from_millis(300));
-        let server = tokio::spawn(serve(incoming, listener));
+        let incoming = Incoming::limited(1).with_handshake_timeout(Duration::from_millis(300));
+        let server = tokio::spawn(serve(incoming.clone(), listener));
 
-        // The one place goes to a client that never speaks; the next waits for it.
-        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The one place goes to a client that sends one byte and stops; the next waits for it.
+        let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stalled.write_all(b"P").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(incoming.open(), 1);
         let mut next = tokio::net::TcpStream::connect(addr).await.unwrap();
-        next.write_all(b"x").await.unwrap();
+        next.write_all(&[b'x'; HANDSHAKE_BYTES]).await.unwrap();
 
-        // The silent one is closed (end of stream, not a reset)...
+        // The stalled one is closed (end of stream, not a reset)...
         let mut rest = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut rest))
+        let read = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut rest))
             .await
-            .expect("the silent connection was closed");
+            .expect("the stalled connection was closed");
         assert_eq!(read.unwrap(), 0);
         // ...and once it has closed its side too, the waiting one is served.
-        drop(silent);
-        let mut echo = [0u8; 1];
-        tokio::time::timeout(Duration::from_secs(10), next.read_exact(&mut echo))
+        drop(stalled);
+        let mut answer = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(10), next.read_exact(&mut answer))
             .await
             .expect("the waiting connection was served")
             .unwrap();
-        assert_eq!(&echo, b"x");
+        assert_eq!(&answer, b"ok");
         server.abort();
     }
 }

@@ -29,11 +29,17 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 128;
 /// listeners, files.
 pub const RESERVED_FILES: u64 = 256;
 
+/// The largest `--max-connections`.
+pub const MAX_CONNECTIONS: usize = 10_000_000;
+
 /// The default `--max-connections` under an open-file limit of `limit`: what the limit leaves
-/// after [`RESERVED_FILES`] (at least 16), or 65,536 without a limit.
+/// after [`RESERVED_FILES`] (at least 16, at most [`MAX_CONNECTIONS`]), or 65,536 without a
+/// limit.
 pub fn default_max_connections(limit: Option<u64>) -> usize {
     limit.map_or(65_536, |limit| {
-        usize::try_from(limit.saturating_sub(RESERVED_FILES).max(16)).unwrap_or(usize::MAX)
+        usize::try_from(limit.saturating_sub(RESERVED_FILES).max(16))
+            .unwrap_or(MAX_CONNECTIONS)
+            .min(MAX_CONNECTIONS)
     })
 }
 
@@ -212,7 +218,7 @@ pub struct Config {
 
     /// Callers' connections open at once; past it the gateway stops accepting and new
     /// connections wait in the listen backlog until one closes. Default: the open-file limit
-    /// (ulimit -n) less 256 kept for instance connections, Redis and files.
+    /// (ulimit -n) less 256 kept for instance connections, Redis and files (at least 16).
     #[arg(long, env = "DLB_GATEWAY_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
@@ -418,11 +424,10 @@ impl Config {
             }
         }
         if let Some(max) = self.max_connections
-            && max > tokio::sync::Semaphore::MAX_PERMITS
+            && max > MAX_CONNECTIONS
         {
             return Err(format!(
-                "--max-connections {max} is too large (at most {})",
-                tokio::sync::Semaphore::MAX_PERMITS
+                "--max-connections {max} is too large (at most {MAX_CONNECTIONS})"
             ));
         }
         self.metrics_addr()?;
@@ -452,6 +457,7 @@ mod tests {
         // A tiny limit still lets some callers in; accepting backs off when it runs out.
         assert_eq!(default_max_connections(Some(100)), 16);
         assert_eq!(default_max_connections(None), 65_536);
+        assert_eq!(default_max_connections(Some(u64::MAX - 1)), MAX_CONNECTIONS);
         let mut config = Config::for_tests(vec![]);
         assert_eq!(
             config.max_connections(),

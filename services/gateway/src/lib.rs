@@ -126,6 +126,24 @@ pub async fn run(
         Arc::clone(&counters),
         config.id.clone(),
     );
+    let max_connections = config.max_connections();
+    if let Some(limit) = dlb::server::open_file_limit()
+        && config.max_connections.is_some()
+        && max_connections as u64 > limit.saturating_sub(config::RESERVED_FILES)
+    {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = limit,
+            "--max-connections is near or over the open-file limit (ulimit -n): past it, \
+             accepting pauses and connecting to instances can fail"
+        );
+    }
+    tracing::info!(
+        "accepting up to {max_connections} connections from callers at once \
+         (--max-connections), each with up to {} calls open (--max-concurrent-streams)",
+        config.max_concurrent_streams
+    );
+    let connections = dlb::server::Incoming::limited(max_connections);
     let source = StatsSource {
         table: Arc::clone(&table),
         counters,
@@ -135,6 +153,8 @@ pub async fn run(
         max_in_flight: config.max_in_flight,
         health_interval_ms: config.health_interval_ms,
         probe_timeout_ms: config.probe_timeout_ms,
+        connections: connections.clone(),
+        max_connections,
     };
     if let Some(metrics) = metrics {
         tracker.spawn(stats::serve_metrics(
@@ -154,23 +174,6 @@ pub async fn run(
     let stop = CancellationToken::new();
     let builder =
         dlb::server::builder(&config.tls)?.max_concurrent_streams(config.max_concurrent_streams);
-    let max_connections = config.max_connections();
-    if let Some(limit) = dlb::server::open_file_limit()
-        && max_connections as u64 > limit.saturating_sub(config::RESERVED_FILES)
-    {
-        tracing::warn!(
-            max_connections,
-            open_file_limit = limit,
-            "--max-connections is near or over the open-file limit (ulimit -n): past it, \
-             accepting pauses and connecting to instances can fail"
-        );
-    }
-    tracing::info!(
-        max_connections,
-        max_concurrent_streams = config.max_concurrent_streams,
-        "callers' connections accepted at once, and calls open on each"
-    );
-    let connections = dlb::server::Incoming::limited(max_connections);
     if let Some(addr) = config.health_listen {
         tracker.spawn(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?);
     }

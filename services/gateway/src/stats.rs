@@ -31,6 +31,10 @@ pub struct StatsSource {
     pub max_in_flight: usize,
     /// Health probe interval, ms.
     pub health_interval_ms: u64,
+    /// The callers' connections (for how many are open).
+    pub connections: dlb::server::Incoming,
+    /// Bound on them (`--max-connections`).
+    pub max_connections: usize,
     /// Probe timeout, ms.
     pub probe_timeout_ms: u64,
 }
@@ -156,6 +160,18 @@ impl StatsSource {
             "gauge",
             "Calls being served.",
             one(s.in_flight),
+        );
+        metric(
+            "dlb_gateway_connections",
+            "gauge",
+            "Callers' connections open (closing ones included).",
+            one(self.connections.open() as u64),
+        );
+        metric(
+            "dlb_gateway_max_connections",
+            "gauge",
+            "Callers' connections accepted at once (--max-connections).",
+            one(self.max_connections as u64),
         );
         metric(
             "dlb_gateway_events_written_total",

@@ -567,8 +567,13 @@ async fn calls_past_the_streams_a_connection_may_open_wait_and_are_all_served() 
 async fn past_its_connection_limit_new_connections_wait_until_one_closes() {
     let mut config = Config::for_tests(vec![]);
     config.max_connections = Some(2);
+    let computes = in_process(&["A"]).await;
+    let gateway = RunningGateway::start(config, backends(&computes, &["A"]), true)
+        .await
+        .unwrap();
     // `gw` is the first connection, `second` the last the bound allows.
-    let (computes, gateway, gw) = gateway_over(&["A"], config).await;
+    let gw = channel(&gateway.uri()).await;
+    wait_serving(&gw, &["A"], PATIENCE).await;
     let second = channel(&gateway.uri()).await;
     assert_eq!(
         reverse(&second, "ab").await.unwrap().into_inner().text,
@@ -584,8 +589,14 @@ async fn past_its_connection_limit_new_connections_wait_until_one_closes() {
         "a call over a connection past the bound was answered: {:?}",
         waiting.await
     );
-    // The connections within the bound are served meanwhile.
+    // The connections within the bound are served meanwhile, and /metrics shows them.
     assert_eq!(reverse(&gw, "xy").await.unwrap().into_inner().text, "yx");
+    let metrics = http_get(gateway.metrics_addr.unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("\ndlb_gateway_connections 2\n")
+            && metrics.contains("\ndlb_gateway_max_connections 2\n"),
+        "{metrics}"
+    );
 
     // Once one closes, the waiting connection is accepted and its call answered.
     drop(second);
