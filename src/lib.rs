@@ -10,6 +10,7 @@
 //! - [`events`]: the centralized event log in Redis (writer and reader).
 //! - [`health`]: `grpc.health.v1.Health` whose `Watch` streams end when a server drains.
 //! - [`server`]: reflection and the shutdown signal every server shares.
+//! - [`status`]: the exact gRPC statuses every server answers where tonic's are wrong or mute.
 //! - [`telemetry`]: the tracing subscriber that binaries install.
 //! - [`call`] and [`bench`]: what `dlb call` and `dlb bench` run, usable from tests.
 //! - [`up`]: `dlb up` and `dlb down`, the whole mesh with one command.
@@ -24,6 +25,7 @@ pub mod health;
 pub mod metadata;
 pub mod registry;
 pub mod server;
+pub mod status;
 pub mod suite;
 pub mod telemetry;
 #[cfg(feature = "test-fixtures")]

@@ -7,7 +7,6 @@ use std::task::{Context, Poll};
 
 use tokio_stream::Stream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tonic::codegen::http::{self, HeaderValue};
 use tonic_reflection::server::Error as ReflectionError;
 
 /// Server reflection in both protocol versions (v1, and v1alpha for grpcurl 1.8 and other older
@@ -107,62 +106,6 @@ impl<S: Stream + Unpin> Stream for UntilCancelled<S> {
         }
         Pin::new(&mut self.inner).poll_next(cx)
     }
-}
-
-/// tonic answers a request over the decoding limit with OUT_OF_RANGE; gRPC's convention (and
-/// our contract) is RESOURCE_EXHAUSTED, with a message naming the limit and the flag. Our
-/// handlers never use OUT_OF_RANGE, so any such trailers-only status is this case. Every dlb
-/// server applies this to its responses.
-pub fn oversize_is_resource_exhausted(headers: &mut http::HeaderMap) {
-    const OUT_OF_RANGE: &str = "11";
-    if headers.get("grpc-status").and_then(|v| v.to_str().ok()) != Some(OUT_OF_RANGE) {
-        return;
-    }
-    let original = percent_decode(
-        headers
-            .get("grpc-message")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default(),
-    );
-    // tonic's text: "Error, decoded message length too large: found N bytes, the limit is: M bytes"
-    let numbers: Vec<&str> = original
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .collect();
-    let message = match numbers.as_slice() {
-        [found, limit] => format!(
-            "request message is {found} bytes, over the limit of {limit} bytes (--max-message-bytes)"
-        ),
-        _ => "request message is over the size limit (--max-message-bytes)".to_owned(),
-    };
-    headers.insert("grpc-status", HeaderValue::from_static("8"));
-    if let Ok(value) = HeaderValue::from_str(&message) {
-        headers.insert("grpc-message", value);
-    }
-}
-
-/// Decodes the percent-encoding of a `grpc-message` header.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Failures that stop a dlb server's `run`.
@@ -297,14 +240,22 @@ pub fn warn_if_exposed(program: &str, addr: std::net::SocketAddr, tls: &crate::t
     tracing::warn!(%addr, "listening beyond loopback without TLS");
 }
 
+/// The gRPC server builder of every dlb server (see [`builder`]).
+pub type Builder = tonic::transport::Server<
+    tower::layer::util::Stack<crate::status::StatusLayer, tower::layer::util::Identity>,
+>;
+
 /// The gRPC server builder every dlb server starts from: TLS from `tls` (mutual with a CA),
-/// and the large HTTP/2 windows (see [`crate::endpoint::STREAM_WINDOW_BYTES`]).
+/// the large HTTP/2 windows (see [`crate::endpoint::STREAM_WINDOW_BYTES`]), and
+/// [`crate::status::StatusLayer`] in front of every service (exact statuses where tonic's are
+/// wrong or mute).
 ///
 /// # Errors
 ///
 /// [`RunError::Config`] for unreadable TLS files, [`RunError::Serve`] when tonic refuses them.
-pub fn builder(tls: &crate::tls::TlsArgs) -> Result<tonic::transport::Server, RunError> {
+pub fn builder(tls: &crate::tls::TlsArgs) -> Result<Builder, RunError> {
     let mut builder = tonic::transport::Server::builder()
+        .layer(crate::status::StatusLayer)
         .initial_stream_window_size(crate::endpoint::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(crate::endpoint::CONNECTION_WINDOW_BYTES)
         .max_frame_size(crate::endpoint::MAX_FRAME_BYTES);

@@ -27,6 +27,7 @@ use dlb::proto::v1::{load_server::LoadServer, operations_server::OperationsServe
 use dlb::registry::{Entry, Registry, RegistryError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
 use tonic::codegen::http::{self, HeaderValue};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tower::util::MapResponseLayer;
@@ -96,7 +97,6 @@ pub async fn run(
                 response
                     .headers_mut()
                     .insert(dlb::metadata::SERVED_BY, served_by.clone());
-                dlb::server::oversize_is_resource_exhausted(response.headers_mut());
                 response
             },
         ))
@@ -105,6 +105,10 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(
             OperationsServer::new(operations)
+                // gzip either way (identity always); answers are compressed only for callers
+                // whose grpc-accept-encoding names gzip.
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip)
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(usize::MAX),
         )

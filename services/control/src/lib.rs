@@ -21,6 +21,7 @@ use dlb::proto::v1::control_server::ControlServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::codec::CompressionEncoding;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 pub use config::Config;
@@ -62,10 +63,14 @@ pub async fn run(
         .add_service(health.service())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(ControlServer::new(ControlService {
-            supervisor: supervisor.clone(),
-            closing: closing.clone(),
-        }))
+        .add_service(
+            ControlServer::new(ControlService {
+                supervisor: supervisor.clone(),
+                closing: closing.clone(),
+            })
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip),
+        )
         .serve_with_incoming_shutdown(connections.accept(listener), stop.clone().cancelled_owned());
     tokio::pin!(server);
 

@@ -172,18 +172,12 @@ pub async fn run(
         .local_addr()
         .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
     let stop = CancellationToken::new();
-    let builder =
+    let mut builder =
         dlb::server::builder(&config.tls)?.max_concurrent_streams(config.max_concurrent_streams);
     if let Some(addr) = config.health_listen {
         tracker.spawn(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?);
     }
     let server = builder
-        .layer(tower::util::MapResponseLayer::new(
-            |mut response: tonic::codegen::http::Response<tonic::body::Body>| {
-                dlb::server::oversize_is_resource_exhausted(response.headers_mut());
-                response
-            },
-        ))
         .add_service(health.service())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

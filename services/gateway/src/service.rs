@@ -194,11 +194,9 @@ impl GatewayService {
             .and_then(|m| METHODS.iter().find(|known| **known == m))
             .copied()
         else {
-            let status = Status::unimplemented(format!(
-                "unknown method {} (dlb.v1.Operations has {})",
-                request.uri().path(),
-                METHODS.join(", ")
-            ));
+            // The words of every dlb server (dlb::status), so a caller reads the same here
+            // as from an instance.
+            let status = Status::unimplemented(dlb::status::unknown_method(request.uri().path()));
             return status.into_http();
         };
         let Ok(_permit) = inner.permits.try_acquire() else {
@@ -214,7 +212,11 @@ impl GatewayService {
         let (head, body) = request.into_parts();
         let message = match tokio::time::timeout(
             timeout,
-            read_request(body, inner.settings.max_message_bytes),
+            read_request(
+                body,
+                inner.settings.max_message_bytes,
+                may_be_compressed(&head.headers),
+            ),
         )
         .await
         {
@@ -404,6 +406,14 @@ impl GatewayService {
             dlb::call::code_name(status),
         );
         add_headers(&mut head.headers, served_by.as_deref(), attempts);
+        if data.is_empty() && trailers.is_none() {
+            // Trailers-Only (the status in the headers, nothing after them): an empty body
+            // makes hyper end the stream on the HEADERS frame itself. A body that only turns
+            // out empty would add a DATA frame with END_STREAM and no trailers, which the
+            // protocol does not allow: C-core and grpc-js then report UNKNOWN or INTERNAL
+            // instead of the instance's status.
+            return http::Response::from_parts(head, Body::empty());
+        }
         let mut frames: Vec<Result<_, Status>> = Vec::with_capacity(data.len() + 1);
         frames.extend(data.into_iter().map(|chunk| Ok(Frame::data(chunk))));
         if let Some(trailers) = trailers {
@@ -465,11 +475,13 @@ impl GatewayService {
     }
 }
 
-/// Bad input is the caller's mistake, not the instance's: not counted against it.
+/// Bad input is the caller's mistake, not the instance's: not counted against it. So is a
+/// method or an encoding the instance does not have (UNIMPLEMENTED).
 fn callers_fault(code: Code) -> bool {
     matches!(
         code,
         Code::InvalidArgument
+            | Code::Unimplemented
             | Code::NotFound
             | Code::OutOfRange
             | Code::FailedPrecondition
@@ -508,9 +520,20 @@ fn add_headers(headers: &mut http::HeaderMap, served_by: Option<&str>, attempts:
     headers.insert(dlb::metadata::ATTEMPTS, http::HeaderValue::from(attempts));
 }
 
+/// Whether the request's `grpc-encoding` allows compressed messages (names anything but
+/// identity). Which encodings the instance takes is the instance's to say.
+fn may_be_compressed(headers: &http::HeaderMap) -> bool {
+    headers
+        .get("grpc-encoding")
+        .is_some_and(|encoding| encoding != "identity")
+}
+
 /// Reads a unary request whole: one gRPC message with its 5-byte prefix, as received. A
-/// message over `limit` is refused as soon as its prefix says so.
-async fn read_request(mut body: Body, limit: usize) -> Result<Chunks, Status> {
+/// message over `limit` is refused as soon as its prefix says so, and so is one whose prefix
+/// breaks the protocol: the compressed flag without a `grpc-encoding` (INTERNAL, as the gRPC
+/// compression spec says), or a flag that is neither 0 nor 1. Such a request is the caller's
+/// fault and never reaches an instance, where it would count as the instance's failure.
+async fn read_request(mut body: Body, limit: usize, compressed_ok: bool) -> Result<Chunks, Status> {
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut total = 0usize;
     let mut declared: Option<usize> = None;
@@ -525,6 +548,22 @@ async fn read_request(mut body: Body, limit: usize) -> Result<Chunks, Status> {
         if declared.is_none() && total >= FRAME_HEADER {
             let mut prefix = [0u8; FRAME_HEADER];
             copy_prefix(&chunks, &mut prefix);
+            match prefix[0] {
+                0 => {}
+                1 if compressed_ok => {}
+                1 => {
+                    return Err(Status::internal(
+                        "protocol error: received message with compressed-flag but no \
+                         grpc-encoding was specified",
+                    ));
+                }
+                flag => {
+                    return Err(Status::internal(format!(
+                        "protocol error: received message with invalid compression flag: \
+                         {flag} (valid flags are 0 and 1)"
+                    )));
+                }
+            }
             let length = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
             if length > limit {
                 return Err(oversize(length, limit));
@@ -550,9 +589,7 @@ async fn read_request(mut body: Body, limit: usize) -> Result<Chunks, Status> {
 }
 
 fn oversize(found: usize, limit: usize) -> Status {
-    Status::resource_exhausted(format!(
-        "request message is {found} bytes, over the limit of {limit} bytes (--max-message-bytes)"
-    ))
+    Status::resource_exhausted(dlb::status::oversize_message(found, limit))
 }
 
 fn copy_prefix(chunks: &[Bytes], out: &mut [u8]) {
