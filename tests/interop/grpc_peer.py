@@ -26,16 +26,6 @@ UNLIMITED = [
     ("grpc.max_receive_message_length", -1),
 ]
 
-# The gateway PINGs each instance connection every health interval (1 s). C-core servers (and
-# grpc-go's) allow one PING per 5 minutes without data by default and close the connection with
-# GOAWAY ENHANCE_YOUR_CALM "too_many_pings" after two more: this instance permits them.
-PERMIT_GATEWAY_PINGS = [
-    ("grpc.http2.min_ping_interval_without_data_ms", 100),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_ping_strikes", 0),
-]
-
-
 
 def metadata_out(pairs):
     out = []
@@ -109,9 +99,9 @@ def server():
 
     methods = ["IsPrime", "IsPalindrome", "Reverse", "Fibonacci", "WordCount"]
     handlers = {m: grpc.unary_unary_rpc_method_handler(echo) for m in methods}
-    srv = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8), options=UNLIMITED + PERMIT_GATEWAY_PINGS
-    )
+    # C-core's defaults otherwise, keepalive enforcement included (a connection pinged more
+    # often than every 5 minutes without data is closed with GOAWAY ENHANCE_YOUR_CALM).
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=UNLIMITED)
     srv.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("dlb.v1.Operations", handlers),)
     )

@@ -1,8 +1,10 @@
 //! One HTTP/2 connection to an instance for relayed calls, on the h2 crate directly: a call
 //! hands its frames to the connection from its own task (no buffer task in between, as a
 //! tonic `Channel` has), and the connection's driver task only writes and reads. It connects
-//! on first use and again after it closed; HTTP/2 PINGs every keepalive interval close it when
-//! the peer stops answering.
+//! on first use and again after it closed. It sends no HTTP/2 PINGs of its own: C-core and
+//! grpc-go servers allow one PING per 5 minutes on a connection without data by default and
+//! close a connection pinged more often (GOAWAY ENHANCE_YOUR_CALM "too_many_pings"). A peer
+//! that stops answering is found by the health monitor's probes instead (see `health`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,10 +24,6 @@ use crate::endpoint::lock;
 pub struct ConnSettings {
     /// Bound on TCP connect plus TLS and HTTP/2 handshakes.
     pub connect_timeout: Duration,
-    /// Time between PINGs.
-    pub keepalive_interval: Duration,
-    /// How long a PING may go unanswered before the connection is closed.
-    pub keepalive_timeout: Duration,
     /// TLS towards the instance, if on.
     pub tls: Option<dlb::tls::ClientTls>,
 }
@@ -254,27 +252,18 @@ impl Conn {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (sender, mut connection) = h2::client::Builder::new()
+        let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(dlb::endpoint::STREAM_WINDOW_BYTES)
             .initial_connection_window_size(dlb::endpoint::CONNECTION_WINDOW_BYTES)
             .max_frame_size(dlb::endpoint::MAX_FRAME_BYTES)
             .handshake::<_, Bytes>(io)
             .await?;
         let closed = Arc::new(AtomicBool::new(false));
-        let settings = self.shared.settings.clone();
         let addr = self.shared.addr.clone();
-        let ping = connection.ping_pong();
         let ended = Arc::clone(&closed);
         tokio::spawn(async move {
-            tokio::select! {
-                result = &mut connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%addr, %error, "connection to instance ended");
-                    }
-                }
-                () = keepalive(ping, &settings) => {
-                    tracing::debug!(%addr, "instance stopped answering PINGs; connection closed");
-                }
+            if let Err(error) = connection.await {
+                tracing::debug!(%addr, %error, "connection to instance ended");
             }
             ended.store(true, Ordering::Release);
         });
@@ -330,20 +319,4 @@ pub fn went_away_gracefully(error: &(dyn std::error::Error + 'static)) -> bool {
     error.downcast_ref::<h2::Error>().is_some_and(|e| {
         e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR)
     })
-}
-
-/// PINGs every interval; returns when one goes unanswered past the timeout.
-async fn keepalive(ping: Option<h2::PingPong>, settings: &ConnSettings) {
-    let Some(mut ping) = ping else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(settings.keepalive_interval).await;
-        match tokio::time::timeout(settings.keepalive_timeout, ping.ping(h2::Ping::opaque())).await
-        {
-            Ok(Ok(_)) => {}
-            // The connection ended (the driver sees that too) or the PING went unanswered.
-            Ok(Err(_)) | Err(_) => return,
-        }
-    }
 }

@@ -2,7 +2,11 @@
 //!
 //! The task watches `grpc.health.v1.Health/Watch` (the instance pushes every change), falls back
 //! to `Check` every interval when `Watch` is UNIMPLEMENTED, and bounds every probe by a
-//! timeout. HTTP/2 keepalive on the connection catches a peer that vanished silently. A
+//! timeout. Beside `Watch`, a `Check` every interval on the same connection catches a peer that
+//! vanished silently (a quiet `Watch` looks the same as a dead link). These probes are calls,
+//! not HTTP/2 PINGs: C-core and grpc-go servers close a connection that is pinged more often
+//! than every 5 minutes without data (GOAWAY ENHANCE_YOUR_CALM "too_many_pings"), and a call's
+//! answer is data, so an instance of any stack accepts a probe a second. A
 //! connection failure of a real call ([`EndpointService`] wakes `eject`) takes the endpoint out at
 //! once. The endpoint is in the balancer's ring exactly while its state is `Serving`, and it
 //! comes back by itself when its health says SERVING again: nothing is evicted forever.
@@ -56,7 +60,7 @@ pub struct Monitor {
 /// How monitors are set up.
 #[derive(Debug, Clone)]
 pub struct MonitorSettings {
-    /// Check polling interval, keepalive interval.
+    /// Check polling interval, and the interval of the liveness `Check` beside `Watch`.
     pub interval: Duration,
     /// Bound on each probe and connection attempt.
     pub probe_timeout: Duration,
@@ -75,14 +79,9 @@ pub fn connect(addr: &str, settings: &MonitorSettings) -> Option<(Channel, Vec<C
     let channel = dlb::endpoint::endpoint_tls(addr, settings.tls.as_ref())
         .ok()?
         .connect_timeout(settings.probe_timeout)
-        .http2_keep_alive_interval(settings.interval)
-        .keep_alive_timeout(settings.probe_timeout)
-        .keep_alive_while_idle(true)
         .connect_lazy();
     let conn_settings = ConnSettings {
         connect_timeout: settings.probe_timeout,
-        keepalive_interval: settings.interval,
-        keepalive_timeout: settings.probe_timeout,
         tls: settings.tls.clone(),
     };
     let conns = (0..settings.connections.max(1))
@@ -290,12 +289,26 @@ impl<'a> Watcher<'a> {
             _ => return self.unreachable(),
         };
         let mut stall_tick = stall_ticker(m.settings.stall_timeout);
+        let mut alive_tick = liveness_ticker(m.settings.interval);
         loop {
             tokio::select! {
                 message = stream.message() => match message {
                     Ok(Some(reply)) => self.set(state_of(reply.status())),
                     Ok(None) | Err(_) => return self.unreachable(),
                 },
+                _ = alive_tick.tick() => {
+                    // Any answer will do (Watch says what the status is); none in time means
+                    // the link or the instance is gone.
+                    let request = HealthCheckRequest { service: String::new() };
+                    let answered = tokio::select! {
+                        answered = tokio::time::timeout(m.settings.probe_timeout, client.check(request)) => answered,
+                        () = m.cancel.cancelled() => return,
+                    };
+                    if !matches!(answered, Ok(Ok(_))) {
+                        tracing::debug!(instance = %m.stats.id, "liveness probe unanswered");
+                        return self.unreachable();
+                    }
+                }
                 _ = stall_tick.tick() => {
                     if let Stall::Dead = self.check_stall().await {
                         return;
@@ -344,6 +357,13 @@ impl<'a> Watcher<'a> {
             _ => self.cut_off(),
         }
     }
+}
+
+/// Ticks every `interval` after the first, skipping missed ticks.
+fn liveness_ticker(interval: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tick
 }
 
 /// Ticks four times per stall timeout, skipping missed ticks.

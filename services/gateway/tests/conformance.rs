@@ -22,7 +22,7 @@ use dlb_gateway::Config;
 use dlb_gateway::config::Backend;
 use dlb_gateway::testing::RunningGateway;
 use prost::Message;
-use support::interop::{Call, Outcome, Stack, hex, workspace_file};
+use support::interop::{Call, Outcome, RawCodec, Stack, hex, workspace_file};
 use support::{PATIENCE, channel, wait_serving};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -565,7 +565,7 @@ async fn an_instance_in_another_stack_is_relayed_exactly() {
     peer.stop().await;
 }
 
-/// `tests/interop/grpc_peer.py server`: an instance in Python grpcio.
+/// `tests/interop/grpc_peer.py server`: an instance in Python grpcio at C-core's defaults.
 struct PythonInstance {
     child: tokio::process::Child,
     addr: String,
@@ -604,6 +604,52 @@ impl PythonInstance {
         drop(self.child.stdin.take());
         let _ = tokio::time::timeout(PATIENCE, self.child.wait()).await;
     }
+}
+
+/// A grpcio instance at C-core's defaults, which close a connection pinged more often than
+/// every 5 minutes without data (GOAWAY ENHANCE_YOUR_CALM "too_many_pings", on the third such
+/// PING), stays in the gateway's rotation and serves every call while the gateway watches its
+/// health, at the gateway's default health interval (1 s) and at the tests' (200 ms). The
+/// gateway once PINGed every interval and lost such an instance every few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_at_grpcio_defaults_is_never_dropped_for_pinging() {
+    let peer = PythonInstance::start().await;
+    for interval in [dlb_gateway::config::DEFAULT_HEALTH_INTERVAL_MS, 200] {
+        let mut config = Config::for_tests(vec![]);
+        config.health_interval_ms = interval;
+        let gateway = RunningGateway::start(config, vec![backend("Y", &peer.addr)], false)
+            .await
+            .unwrap();
+        let gw = channel(&gateway.uri()).await;
+        wait_serving(&gw, &["Y"], PATIENCE).await;
+        // Past five health intervals (C-core closes on the third PING within 5 minutes): a
+        // call every 100 ms or so, each answered by Y, which stays serving throughout.
+        let mut client = tonic::client::Grpc::new(gw.clone());
+        let calls = (interval * 5 / 100).max(40);
+        for i in 0..calls {
+            client.ready().await.unwrap();
+            let path = REVERSE.parse().unwrap();
+            let answer = client
+                .unary(tonic::Request::new(vec![0x0a, 1, b'x']), path, RawCodec)
+                .await;
+            let answer = answer.unwrap_or_else(|status| {
+                panic!("call {i} at a {interval} ms health interval: {status:?}")
+            });
+            let by = answer
+                .metadata()
+                .get("x-served-by")
+                .map(|v| v.to_str().unwrap());
+            assert_eq!(by, Some("Y"), "call {i}");
+            assert_eq!(
+                support::state_of(&gw, "Y").await,
+                "serving",
+                "after call {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        gateway.shutdown().await.unwrap();
+    }
+    peer.stop().await;
 }
 
 /// An instance's Trailers-Only answer leaves the gateway as one HEADERS frame with END_STREAM

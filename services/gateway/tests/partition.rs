@@ -174,8 +174,8 @@ async fn a_cut_link_under_load_fails_no_call_and_the_host_returns_when_the_link_
         })
         .collect();
 
-    // The gateway with its default health settings: 1 s keepalive and probe timeout, 250 ms
-    // stall timeout.
+    // The gateway with its default health settings: 1 s health interval and probe timeout,
+    // 250 ms stall timeout.
     let mut config = Config::for_tests(vec![]);
     config.discover = Some(Discover::Redis);
     config.events.redis = redis.url();
@@ -219,8 +219,8 @@ async fn a_cut_link_under_load_fails_no_call_and_the_host_returns_when_the_link_
     network.set_link(1, false);
     let cut = Instant::now();
     // Within 2 s as asked; in fact within the stall timeout plus one probe timeout (1.25 s, plus
-    // scheduling): HTTP/2 keepalive alone would take about 2 s (a ping 1 s after the last
-    // read, then 1 s for its answer), so this bound shows the stall check did it.
+    // scheduling): the liveness probe alone would take about 2 s (a Check up to 1 s after the
+    // last, then 1 s for its answer), so this bound shows the stall check did it.
     let ejected = tokio::time::timeout(Duration::from_secs(2), async {
         while state_of(&gw, "h2").await == "serving" {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -288,6 +288,24 @@ async fn a_cut_link_under_load_fails_no_call_and_the_host_returns_when_the_link_
     eprintln!("link restored -> h2 serving in {:?}", restored.elapsed());
     let counts = served_by(&gw, 9).await;
     assert_eq!(counts.get("h2"), Some(&3), "{counts:?}");
+
+    // Cut again with no call in flight: nothing stalls, so the health monitor's liveness
+    // probe (a Check every 1 s, 1 s to answer; the gateway sends no HTTP/2 PINGs) finds it.
+    network.set_link(1, false);
+    let cut = Instant::now();
+    let ejected = tokio::time::timeout(Duration::from_secs(4), async {
+        while state_of(&gw, "h2").await == "serving" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cut.elapsed()
+    })
+    .await
+    .expect("an idle h2 out of rotation within 4 s of the cut");
+    eprintln!("idle link cut -> h2 out of rotation in {ejected:?}");
+    let counts = served_by(&gw, 6).await;
+    assert_eq!(counts.get("h2"), None, "{counts:?}");
+    network.set_link(1, true);
+    wait_serving(&gw, &ids, Duration::from_secs(3)).await;
 
     gateway.shutdown().await.unwrap();
     drop(computes);
