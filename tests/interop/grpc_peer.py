@@ -8,7 +8,8 @@ client: reads {"target": "HOST:PORT", "cases": [...]} as JSON on stdin, makes ea
         response (hex), initial and trailing metadata ([[key, value]], -bin values in hex).
 server: an instance of dlb.v1.Operations written in another stack, for the gateway to balance
         over. It serves grpc.health.v1 and, for every Operations method, echoes the request
-        message; request metadata x-echo-* comes back as initial metadata, and x-want-code,
+        message; request metadata x-echo-* comes back as initial metadata, what is left of the
+        call's deadline as trailing metadata x-time-remaining-ms, and x-want-code,
         x-want-message (UTF-8 in hex) and x-want-details-bin make it answer that error instead,
         with nothing before its status. It prints
         "dlb-peer listening on 127.0.0.1:PORT" when ready and serves until stdin closes.
@@ -90,7 +91,12 @@ def echo(request, context):
     context.send_initial_metadata(
         [(key, value) for key, value in received if key.startswith("x-echo-")]
     )
-    context.set_trailing_metadata([("x-peer-trailer", "trailing")])
+    trailing = [("x-peer-trailer", "trailing")]
+    remaining = context.time_remaining()
+    if remaining is not None:
+        # What is left of the deadline as this instance received it (grpc-timeout).
+        trailing.append(("x-time-remaining-ms", str(int(remaining * 1000))))
+    context.set_trailing_metadata(trailing)
     return request
 
 

@@ -511,10 +511,27 @@ async fn an_instance_in_another_stack_is_relayed_exactly() {
         ("x-want-message".into(), hex(message.as_bytes())),
         ("x-want-details-bin".into(), details.clone()),
     ];
-    let calls = [echo, error];
+    let mut deadline = Call::new("deadline", REVERSE, raw.clone(), None);
+    deadline.timeout = Some(Duration::from_secs(5));
+    let calls = [echo, error, deadline];
     for stack in [Stack::Python, Stack::Node, Stack::Tonic] {
         let straight = stack.run(&addr, &calls).await;
         let relayed = stack.run(&gateway.addr.to_string(), &calls).await;
+        // grpc-timeout reaches the instance as what is left of the caller's deadline: about
+        // 5 s (C-core rounds the timeout it sends up, here to 5,009 ms), and less, but not
+        // by much, through the gateway (the margin here is generous, for a loaded machine).
+        for (via, outcomes) in [("direct", &straight), ("via gateway", &relayed)] {
+            let left: u64 = outcomes[2]
+                .1
+                .metadata("x-time-remaining-ms")
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(
+                (3_000..=5_100).contains(&left),
+                "{stack:?} {via}: {left} ms left of 5 s"
+            );
+        }
         for ((call, direct), (_, relayed)) in straight.iter().zip(&relayed) {
             let case = format!("{stack:?} {:?}", call.name);
             assert_eq!(direct.code, relayed.code, "{case}: {direct:?} {relayed:?}");
