@@ -6,6 +6,12 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 addr := env_var_or_default("DLB_ADDR", "127.0.0.1:12000")
 # Where the grpcurl recipes find control.
 control_addr := env_var_or_default("DLB_CONTROL_ADDR", "127.0.0.1:12001")
+# The dlb CLI that `call` and `load` run: the release build (made first when missing), or
+# DLB_BIN (then nothing is built).
+dlb := env_var_or_default("DLB_BIN", "target/release/dlb")
+# grpcurl: the one the quick start installs into .venv, else the one on PATH, so the recipes
+# work in a fresh shell.
+grpcurl := if path_exists(".venv/bin/grpcurl") == "true" { ".venv/bin/grpcurl" } else { "grpcurl" }
 
 # Show the recipes
 default:
@@ -53,16 +59,21 @@ ui *args: build
     target/release/dlb-ui "$@"
 
 # Call one operation (e.g. `just call prime 97`, `just call fib 1000`)
-call *args: build
-    target/release/dlb call --addr {{addr}} "$@"
+call *args: cli
+    {{dlb}} call --addr {{addr}} "$@"
 
 # The benchmark suite: direct vs dlb-gateway vs NGINX vs HAProxy; report in target/bench/
 bench *args: build
     target/release/dlb bench-suite "$@"
 
 # Load test one address with dlb bench (e.g. `just load -c 64 -d 10`, `just load --rate 5000`)
-load *args: build
-    target/release/dlb bench --addr {{addr}} "$@"
+load *args: cli
+    {{dlb}} bench --addr {{addr}} "$@"
+
+# The release build, unless DLB_BIN names the dlb binary to use
+[private]
+cli:
+    [ -n "${DLB_BIN:-}" ] || cargo build --workspace --release --locked
 
 # Operation benchmarks (criterion) against GMP and `wc -w`, with ratios
 bench-ops:
@@ -70,36 +81,36 @@ bench-ops:
 
 # grpcurl: list the gateway's services
 list:
-    grpcurl -plaintext {{addr}} list
+    {{grpcurl}} -plaintext {{addr}} list
 
 # grpcurl: the gateway's health
 health:
-    grpcurl -plaintext {{addr}} grpc.health.v1.Health/Check
+    {{grpcurl}} -plaintext {{addr}} grpc.health.v1.Health/Check
 
 # grpcurl: is NUMBER prime? (e.g. `just prime 97`)
 prime number:
-    grpcurl -plaintext -d "$(python3 -c 'import json, sys; print(json.dumps({"number": sys.argv[1]}))' "$1")" {{addr}} dlb.v1.Operations/IsPrime
+    {{grpcurl}} -plaintext -d "$(python3 -c 'import json, sys; print(json.dumps({"number": sys.argv[1]}))' "$1")" {{addr}} dlb.v1.Operations/IsPrime
 
 # grpcurl: is TEXT a palindrome, ignoring case, spaces and punctuation?
 palindrome text:
-    grpcurl -plaintext -d "$(python3 -c 'import json, sys; print(json.dumps({"text": sys.argv[1], "normalize": True}))' "$1")" {{addr}} dlb.v1.Operations/IsPalindrome
+    {{grpcurl}} -plaintext -d "$(python3 -c 'import json, sys; print(json.dumps({"text": sys.argv[1], "normalize": True}))' "$1")" {{addr}} dlb.v1.Operations/IsPalindrome
 
 # grpcurl: TEXT reversed
 reverse text:
-    grpcurl -plaintext -d "$(python3 -c 'import json, sys; print(json.dumps({"text": sys.argv[1]}))' "$1")" {{addr}} dlb.v1.Operations/Reverse
+    {{grpcurl}} -plaintext -d "$(python3 -c 'import json, sys; print(json.dumps({"text": sys.argv[1]}))' "$1")" {{addr}} dlb.v1.Operations/Reverse
 
 # grpcurl: the N-th Fibonacci number
 fib n:
-    grpcurl -plaintext -d "{\"n\": \"$1\"}" {{addr}} dlb.v1.Operations/Fibonacci
+    {{grpcurl}} -plaintext -d "{\"n\": \"$1\"}" {{addr}} dlb.v1.Operations/Fibonacci
 
 # grpcurl: words of TEXT and the 3 most frequent
 wc text:
-    grpcurl -plaintext -d "$(python3 -c 'import json, sys; print(json.dumps({"text": sys.argv[1], "top": 3}))' "$1")" {{addr}} dlb.v1.Operations/WordCount
+    {{grpcurl}} -plaintext -d "$(python3 -c 'import json, sys; print(json.dumps({"text": sys.argv[1], "top": 3}))' "$1")" {{addr}} dlb.v1.Operations/WordCount
 
 # grpcurl: the gateway's per-instance stats
 stats:
-    grpcurl -plaintext {{addr}} dlb.v1.Gateway/Stats
+    {{grpcurl}} -plaintext {{addr}} dlb.v1.Gateway/Stats
 
 # grpcurl: control's instances
 instances:
-    grpcurl -plaintext {{control_addr}} dlb.v1.Control/ListInstances
+    {{grpcurl}} -plaintext {{control_addr}} dlb.v1.Control/ListInstances

@@ -281,9 +281,29 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 pub fn failure_code(status: &Status) -> &'static str {
     if expired_locally(status) {
         "DEADLINE_EXCEEDED"
+    } else if matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unknown)
+        && below_grpc(status)
+    {
+        // tonic says CANCELLED or UNKNOWN when the connection failed under the call (a server
+        // refusing this client's certificate during or after the handshake, a server gone):
+        // nobody cancelled, and no server answered UNKNOWN; the server was unavailable, as
+        // other gRPC clients report it.
+        "UNAVAILABLE"
     } else {
         code_name(status.code())
     }
+}
+
+/// Did the call fail in the transport (the connection), rather than get a status answered?
+fn below_grpc(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.downcast_ref::<tonic::transport::Error>().is_some() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// Did our own client give up because the call's deadline passed?
@@ -381,13 +401,6 @@ pub async fn call(
 impl CallOutcome {
     /// The human-readable rendering: the result, then who served it and how fast.
     pub fn human(&self, op: &Op) -> String {
-        let mut out = String::new();
-        if let Some(error) = &self.error {
-            out.push_str(&format!("error: {}: {}\n", error.code, error.message));
-        } else if let Some(result) = &self.result {
-            out.push_str(&render_result(op, result));
-            out.push('\n');
-        }
         let mut trailer = Vec::new();
         if let Some(served_by) = &self.served_by {
             trailer.push(format!("served by {served_by}"));
@@ -396,8 +409,13 @@ impl CallOutcome {
             trailer.push(format!("attempts {attempts}"));
         }
         trailer.push(format!("{:.3} ms", self.latency_us as f64 / 1000.0));
-        out.push_str(&trailer.join(", "));
-        out
+        let trailer = trailer.join(", ");
+        match (&self.error, &self.result) {
+            // One line, so that a hint printed after it follows the error it explains.
+            (Some(error), _) => format!("error: {}: {} ({trailer})", error.code, error.message),
+            (None, Some(result)) => format!("{}\n{trailer}", render_result(op, result)),
+            (None, None) => trailer,
+        }
     }
 }
 

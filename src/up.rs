@@ -189,6 +189,34 @@ fn check_ports(needs: &[PortNeed]) -> Result<(), String> {
 
 // === binaries ===
 
+/// This program as a shell word: its absolute path (quoted when it needs to be), so the
+/// commands `dlb up` prints paste into any shell, whatever its directory and `PATH`.
+fn this_program() -> String {
+    std::env::current_exe().map_or_else(|_| "dlb".to_owned(), |exe| shell_word(&exe))
+}
+
+/// grpcurl as a shell word: the one the quick start installs into the checkout's `.venv`,
+/// when there is one, else `grpcurl` (from `PATH`).
+fn grpcurl_program() -> String {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/grpcurl");
+    if venv.exists() {
+        shell_word(&venv)
+    } else {
+        "grpcurl".to_owned()
+    }
+}
+
+/// `path` as one shell word: as it is when it is made of safe characters only, else quoted.
+fn shell_word(path: &Path) -> String {
+    let text = path.display().to_string();
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+:@%".contains(c);
+    if text.chars().all(safe) {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
 /// Finds the service binaries, building them with cargo when some are missing and this `dlb`
 /// was built from a checkout that is still there.
 pub(crate) fn service_binaries(bin_dir: Option<&Path>) -> Result<PathBuf, String> {
@@ -229,6 +257,15 @@ pub(crate) fn service_binaries(bin_dir: Option<&Path>) -> Result<PathBuf, String
     ));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut build = std::process::Command::new(&cargo);
+    // Under `cargo run`, this process has the variables cargo sets for the program it runs
+    // (CARGO_MANIFEST_DIR, CARGO_PKG_NAME, ...). Some build scripts (ring's) are rerun when
+    // one of them changes, so handing them down would compile ring and all that depends on
+    // it a second time; the build then sees the environment a shell's `cargo build` does.
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(cargo_run_variable) {
+            build.env_remove(&name);
+        }
+    }
     build
         .current_dir(checkout)
         .arg("build")
@@ -253,6 +290,16 @@ pub(crate) fn service_binaries(bin_dir: Option<&Path>) -> Result<PathBuf, String
         return Err(format!("building the services failed ({status})"));
     }
     Ok(dir)
+}
+
+/// Whether `name` is one of the variables `cargo run` sets for the program it runs.
+fn cargo_run_variable(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_MANIFEST_")
+        || matches!(
+            name,
+            "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "OUT_DIR"
+        )
 }
 
 // === children ===
@@ -871,6 +918,17 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
     ]
     .into_iter()
     .chain(tls_args("control"))
+    // Its instances present compute.pem, not control's certificate.
+    .chain(certs.as_ref().map_or_else(Vec::new, |dir| {
+        let compute = crate::tls::args_for(dir, "compute");
+        let path = |p: Option<PathBuf>| p.map(|p| p.display().to_string()).unwrap_or_default();
+        vec![
+            "--instance-tls-cert".to_owned(),
+            path(compute.tls_cert),
+            "--instance-tls-key".to_owned(),
+            path(compute.tls_key),
+        ]
+    }))
     .collect::<Vec<_>>();
     started.push(Service::spawn(
         "control",
@@ -970,14 +1028,15 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
         "  control    {control_addr} (gRPC)   instances {instances}"
     );
     let _ = writeln!(summary, "  event log  {redis_note}");
-    let _ = writeln!(summary, "Try:");
+    let _ = writeln!(summary, "Try (from any shell):");
+    let (dlb, grpcurl) = (this_program(), grpcurl_program());
     match &certs {
         None => {
             let _ = writeln!(
                 summary,
-                "  grpcurl -plaintext -d '{{\"number\": \"97\"}}' {gateway_addr} dlb.v1.Operations/IsPrime"
+                "  {grpcurl} -plaintext -d '{{\"number\": \"97\"}}' {gateway_addr} dlb.v1.Operations/IsPrime"
             );
-            let _ = write!(summary, "  dlb call --addr {gateway_addr} fib 90");
+            let _ = write!(summary, "  {dlb} call --addr {gateway_addr} fib 90");
         }
         Some(dir) => {
             let d = dir.display();
@@ -987,11 +1046,11 @@ async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Result<String, 
             );
             let _ = writeln!(
                 summary,
-                "  grpcurl -cacert {d}/ca.pem -cert {d}/client.pem -key {d}/client.key -d '{{\"number\": \"97\"}}' {gateway_addr} dlb.v1.Operations/IsPrime"
+                "  {grpcurl} -cacert {d}/ca.pem -cert {d}/client.pem -key {d}/client.key -d '{{\"number\": \"97\"}}' {gateway_addr} dlb.v1.Operations/IsPrime"
             );
             let _ = write!(
                 summary,
-                "  dlb call --tls-ca {d}/ca.pem --tls-cert {d}/client.pem --tls-key {d}/client.key --addr {gateway_addr} fib 90"
+                "  {dlb} call --tls-ca {d}/ca.pem --tls-cert {d}/client.pem --tls-key {d}/client.key --addr {gateway_addr} fib 90"
             );
         }
     }

@@ -342,10 +342,9 @@ fn shell_words(line: &str) -> Vec<String> {
     words
 }
 
-/// Every `grpcurl` (and `curl`) line inside the README's ```sh blocks.
-fn readme_grpcurl_commands() -> Vec<String> {
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+/// Every command line inside the README's ```sh blocks (comments and blank lines left out).
+fn readme_commands() -> Vec<String> {
+    let readme = std::fs::read_to_string(checkout().join("README.md")).unwrap();
     let mut in_sh = false;
     let mut commands = Vec::new();
     for line in readme.lines() {
@@ -354,11 +353,105 @@ fn readme_grpcurl_commands() -> Vec<String> {
             in_sh = trimmed == "```sh";
             continue;
         }
-        if in_sh && (trimmed.starts_with("grpcurl ") || trimmed.starts_with("curl ")) {
+        if in_sh && !trimmed.is_empty() && !trimmed.starts_with('#') {
             commands.push(trimmed.to_owned());
         }
     }
     commands
+}
+
+/// Every `grpcurl` (and `curl`) line inside the README's ```sh blocks.
+fn readme_grpcurl_commands() -> Vec<String> {
+    readme_commands()
+        .into_iter()
+        .filter(|c| c.starts_with("grpcurl ") || c.starts_with("curl "))
+        .collect()
+}
+
+/// The checkout (where README's commands are meant to be pasted).
+fn checkout() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `line` as a user pastes it: `bash -c` in the checkout, with `env` added; its output
+/// when it exits 0 within a minute.
+fn run_shell(line: &str, env: &[(&str, String)]) -> Result<String, String> {
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(line)
+        .current_dir(checkout())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run bash: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("still running after 60 s".to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "{}: {stdout}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// The certificate (DER) the TLS server at `addr` presents to a client with the `client`
+/// certificate of `certs`.
+fn presented_certificate(addr: &str, certs: &Path) -> Vec<u8> {
+    let tls = dlb::tls::args_for(certs, "client")
+        .load()
+        .unwrap()
+        .and_then(|tls| tls.client())
+        .unwrap();
+    let (host, _) = addr.rsplit_once(':').unwrap();
+    let (connector, name) = tls.rustls_connector(host).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let stream = connector.connect(name, tcp).await.unwrap();
+        let presented = stream.get_ref().1.peer_certificates().unwrap();
+        presented[0].as_ref().to_vec()
+    })
+}
+
+/// The first certificate of a PEM file, as DER.
+fn pem_certificate(path: &Path) -> Vec<u8> {
+    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
+    CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+/// The commands `dlb up` printed under "Try", as printed.
+fn printed_commands(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .skip_while(|l| !l.starts_with("Try"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.starts_with("mutual TLS"))
+        .collect()
 }
 
 #[test]
@@ -434,6 +527,73 @@ fn every_grpcurl_command_in_the_readme_works_against_dlb_up() {
         assert!(!out.trim().is_empty(), "{command}: no output");
         println!("ok: {command}");
     }
+
+    // Every `dlb` and `just` line too, pasted into bash in the checkout as it is written, with
+    // this test's dlb binary at target/release/dlb's place and the mesh's ports.
+    let instance_b = instances(&up.ports.control())
+        .into_iter()
+        .find(|i| i["id"] == "B")
+        .and_then(|i| i["address"].as_str().map(str::to_owned))
+        .unwrap();
+    let dlb = workspace_binary("dlb").display().to_string();
+    let env = [
+        ("DLB_ADDR", up.ports.gateway()),
+        ("DLB_CONTROL_ADDR", up.ports.control()),
+        // `just call` and `just load` run it instead of building the release binaries.
+        ("DLB_BIN", dlb.clone()),
+        // `dlb certs init ~/...` writes here.
+        (
+            "HOME",
+            up.ports.state_dir.join("home").display().to_string(),
+        ),
+    ];
+    let mut ran = 0;
+    for command in readme_commands() {
+        if command.starts_with("grpcurl ") || command.starts_with("curl ") {
+            continue; // above
+        }
+        if command.starts_with("s=$(command -v sudo); ") || command.starts_with("cargo ") {
+            continue; // installs and builds: what .ci/run does before this test
+        }
+        if command.starts_with("target/release/dlb-") {
+            // Services on other hosts (the several-machines example).
+            assert!(
+                command.contains("10.0.0."),
+                "README: untested command {command}"
+            );
+            continue;
+        }
+        if command.starts_with("target/release/dlb up") {
+            continue; // what Up::start runs, on free ports
+        }
+        assert!(
+            command.starts_with("target/release/dlb ") || command.starts_with(".venv/bin/just "),
+            "README: untested command {command}"
+        );
+        let line = command
+            .replacen("target/release/dlb ", &format!("{dlb} "), 1)
+            .replace("127.0.0.1:12000", &up.ports.gateway())
+            .replace("127.0.0.1:12001", &up.ports.control())
+            .replace("127.0.0.1:13001", &instance_a)
+            .replace("127.0.0.1:13002", &instance_b)
+            // Shorter loads than the README's.
+            .replace(" -d 10", " -d 1 --warmup 0")
+            .replace(" -n 100000", " -n 300 --warmup 0");
+        let out = run_shell(&line, &env).unwrap_or_else(|e| panic!("{command}\nfailed: {e}"));
+        assert!(!out.trim().is_empty(), "{command}: no output");
+        println!("ok: {command}");
+        ran += 1;
+    }
+    assert!(ran >= 12, "README's dlb and just commands: {ran} run");
+
+    // And the commands dlb up printed, as printed.
+    let printed = printed_commands(&up.output());
+    assert_eq!(printed.len(), 2, "{}", up.output());
+    for command in printed {
+        let out = run_shell(&command, &[]).unwrap_or_else(|e| panic!("{command}\nfailed: {e}"));
+        assert!(!out.trim().is_empty(), "{command}: no output");
+        println!("ok: {command}");
+    }
     assert!(up.interrupt().success());
 }
 
@@ -469,6 +629,79 @@ fn the_readme_mutual_tls_commands_work_against_dlb_up_tls_and_strangers_are_refu
         assert!(!out.trim().is_empty(), "{command}: no output");
         println!("ok: {command}");
     }
+    // The commands dlb up --tls printed, as printed.
+    let printed = printed_commands(&up.output());
+    assert_eq!(printed.len(), 2, "{}", up.output());
+    for command in printed {
+        assert!(command.contains("client.pem"), "{command}");
+        let out = run_shell(&command, &[]).unwrap_or_else(|e| panic!("{command}\nfailed: {e}"));
+        assert!(!out.trim().is_empty(), "{command}: no output");
+        println!("ok: {command}");
+    }
+    // Each service presents its own certificate: the gateway gateway.pem, control
+    // control.pem, and the instances control starts compute.pem.
+    let client_flags = |args: &[&str]| -> Vec<String> {
+        let mut all: Vec<String> = [
+            "-cacert",
+            "ca.pem",
+            "-cert",
+            "client.pem",
+            "-key",
+            "client.key",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            if i % 2 == 1 {
+                certs.join(a).display().to_string()
+            } else {
+                (*a).to_owned()
+            }
+        })
+        .collect();
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        all
+    };
+    let listed = client_flags(&[&up.ports.control(), "dlb.v1.Control/ListInstances"]);
+    let listed: Vec<&str> = listed.iter().map(String::as_str).collect();
+    let list: Value = serde_json::from_str(&run_grpcurl(&listed).unwrap()).unwrap();
+    let instance = list["instances"][0]["address"].as_str().unwrap().to_owned();
+    for (addr, own) in [
+        (up.ports.gateway(), "gateway.pem"),
+        (up.ports.control(), "control.pem"),
+        (instance, "compute.pem"),
+    ] {
+        assert!(
+            presented_certificate(&addr, &certs) == pem_certificate(&certs.join(own)),
+            "{addr} does not present {own}"
+        );
+    }
+    // The gateway says it follows control over https.
+    assert!(
+        up.output().contains("following control addr=https://"),
+        "{}",
+        up.output()
+    );
+    // `dlb call` refused for want of a client certificate: the error (with its latency) on one
+    // line, the hint on the next.
+    let refused = Command::new(workspace_binary("dlb"))
+        .args(["call", "--addr", &up.ports.gateway(), "--tls-ca"])
+        .arg(certs.join("ca.pem"))
+        .args(["fib", "5"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(!refused.status.success(), "{stderr}");
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[0].starts_with("error: UNAVAILABLE: ") && lines[0].ends_with(" ms)"),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].starts_with("hint: ") && lines[1].contains("client certificate"),
+        "{stderr}"
+    );
     // The dashboard reaches control and the gateway over mutual TLS.
     let deadline = Instant::now() + PATIENCE;
     loop {

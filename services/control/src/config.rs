@@ -88,9 +88,27 @@ pub struct Config {
     pub health_listen: Option<SocketAddr>,
 
     /// TLS: served (mutual with --tls-ca), used towards the instances, and given to every
-    /// instance it starts (they serve with the same certificate).
+    /// instance it starts (they serve with --instance-tls-cert when given, else with the same
+    /// certificate).
     #[command(flatten)]
     pub tls: dlb::tls::TlsArgs,
+
+    /// PEM certificate the instances it starts serve with, instead of control's own
+    /// --tls-cert (`dlb up --tls` gives them compute.pem).
+    #[arg(
+        long,
+        env = "DLB_CONTROL_INSTANCE_TLS_CERT",
+        requires = "instance_tls_key"
+    )]
+    pub instance_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --instance-tls-cert.
+    #[arg(
+        long,
+        env = "DLB_CONTROL_INSTANCE_TLS_KEY",
+        requires = "instance_tls_cert"
+    )]
+    pub instance_tls_key: Option<PathBuf>,
 
     /// Where events go (the Redis event log); instances log to the same Redis.
     #[command(flatten)]
@@ -115,6 +133,8 @@ impl Config {
             advertise_host: None,
             health_listen: None,
             tls: dlb::tls::TlsArgs::default(),
+            instance_tls_cert: None,
+            instance_tls_key: None,
             events: EventLogArgs::disabled(),
         }
     }
@@ -164,6 +184,15 @@ impl Config {
                     .to_owned(),
             );
         }
+        if self.instance_tls_cert.is_some() {
+            if self.tls.tls_cert.is_none() {
+                return Err(
+                    "--instance-tls-cert without --tls-cert/--tls-key: TLS is off, the instances serve plaintext"
+                        .to_owned(),
+                );
+            }
+            self.instance_tls().load()?;
+        }
         if !self.id_prefix.is_empty() {
             dlb::metadata::validate_instance_id(&format!("{}A", self.id_prefix))
                 .map_err(|e| format!("--id-prefix: {e}"))?;
@@ -190,9 +219,20 @@ impl Config {
         Ok(())
     }
 
+    /// The TLS settings of the instances it starts: control's own, with --instance-tls-cert
+    /// and --instance-tls-key in place of its certificate when given.
+    pub fn instance_tls(&self) -> dlb::tls::TlsArgs {
+        let mut tls = self.tls.clone();
+        if let (Some(cert), Some(key)) = (&self.instance_tls_cert, &self.instance_tls_key) {
+            tls.tls_cert = Some(cert.clone());
+            tls.tls_key = Some(key.clone());
+        }
+        tls
+    }
+
     /// Arguments every spawned instance gets beyond its id, address and Redis.
     pub fn instance_args(&self) -> Vec<String> {
-        let mut args = self.tls.to_args();
+        let mut args = self.instance_tls().to_args();
         if self.register {
             args.push("--register".to_owned());
             if let Some(host) = &self.advertise_host {
@@ -237,5 +277,43 @@ mod tests {
         assert_eq!(instance_id(26), "AA");
         assert_eq!(instance_id(27), "AB");
         assert_eq!(instance_id(26 + 26 * 26 - 1), "ZZ");
+    }
+
+    #[test]
+    fn instances_present_their_own_certificate_when_given() {
+        let mut config = Config::for_tests(PathBuf::from("dlb-compute"), 0);
+        config.tls.tls_cert = Some(PathBuf::from("/certs/control.pem"));
+        config.tls.tls_key = Some(PathBuf::from("/certs/control.key"));
+        config.tls.tls_ca = Some(PathBuf::from("/certs/ca.pem"));
+        let args = config.instance_args();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--tls-cert", "/certs/control.pem"]),
+            "{args:?}"
+        );
+        config.instance_tls_cert = Some(PathBuf::from("/certs/compute.pem"));
+        config.instance_tls_key = Some(PathBuf::from("/certs/compute.key"));
+        let args = config.instance_args();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--tls-cert", "/certs/compute.pem"]),
+            "{args:?}"
+        );
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--tls-key", "/certs/compute.key"]),
+            "{args:?}"
+        );
+        assert!(
+            args.windows(2).any(|w| w == ["--tls-ca", "/certs/ca.pem"]),
+            "{args:?}"
+        );
+        // Without TLS on, a certificate for the instances is a mistake, said so.
+        config.tls = dlb::tls::TlsArgs::default();
+        let error = config.validate().unwrap_err();
+        assert!(
+            error.contains("--instance-tls-cert without --tls-cert"),
+            "{error}"
+        );
     }
 }

@@ -584,7 +584,11 @@ impl Supervisor {
                 self.publish(&slots).await;
                 return Ok(snapshot);
             }
-            slot.state = InstanceState::Draining;
+            if !force {
+                // A kill does not drain: the instance stays as it is until it is gone (then
+                // stopped), so nobody reads a kill as a drain.
+                slot.state = InstanceState::Draining;
+            }
             let out = (slot.pid, slot.generation, slot.listen.clone());
             self.publish(&slots).await;
             out

@@ -139,6 +139,20 @@ impl EndpointStats {
         }
     }
 
+    /// A new endpoint in state `Connecting` whose totals (calls, errors, latencies) go on
+    /// from `earlier`'s: the same instance back, or at a new address.
+    pub fn continuing(earlier: &EndpointStats, id: &str, addr: &str) -> Self {
+        let stats = Self::new(id, addr);
+        stats
+            .requests
+            .store(earlier.requests.load(Ordering::Relaxed), Ordering::Relaxed);
+        stats
+            .errors
+            .store(earlier.errors.load(Ordering::Relaxed), Ordering::Relaxed);
+        *lock(&stats.latency_us) = lock(&earlier.latency_us).clone();
+        stats
+    }
+
     /// Sets the state; returns the previous one.
     pub fn set_state(&self, state: State) -> State {
         let mut guard = lock(&self.state);
@@ -231,13 +245,34 @@ impl EndpointStats {
     }
 }
 
-/// Every endpoint the gateway knows, by id.
+/// Removed endpoints whose totals are kept, for an instance that comes back under its id.
+const RETIRED_MAX: usize = 1_024;
+
+/// Every endpoint the gateway knows, by id, and the totals of removed ones: an instance that
+/// is stopped and started again (same id) goes on counting where it stopped, so per-instance
+/// totals add up to the gateway's own over restarts (and Prometheus counters never go back).
 #[derive(Debug, Default)]
 pub struct EndpointTable {
     endpoints: RwLock<BTreeMap<String, Arc<EndpointStats>>>,
+    /// Removed endpoints, oldest removal first, at most [`RETIRED_MAX`].
+    retired: Mutex<VecDeque<Arc<EndpointStats>>>,
 }
 
 impl EndpointTable {
+    /// The stats of a member `id` at `addr` joining: new, with the totals of the endpoint it
+    /// replaces or of a removed one with the same id.
+    pub fn join(&self, id: &str, addr: &str) -> Arc<EndpointStats> {
+        let earlier = self.get(id).or_else(|| {
+            let mut retired = lock(&self.retired);
+            let at = retired.iter().position(|e| &*e.id == id)?;
+            retired.remove(at)
+        });
+        Arc::new(match earlier {
+            Some(earlier) => EndpointStats::continuing(&earlier, id, addr),
+            None => EndpointStats::new(id, addr),
+        })
+    }
+
     /// Adds or replaces an endpoint.
     pub fn insert(&self, stats: Arc<EndpointStats>) {
         self.endpoints
@@ -246,12 +281,21 @@ impl EndpointTable {
             .insert(stats.id.to_string(), stats);
     }
 
-    /// Removes an endpoint.
+    /// Removes an endpoint (its totals are kept for its return, see [`EndpointTable::join`]).
     pub fn remove(&self, id: &str) {
-        self.endpoints
+        let removed = self
+            .endpoints
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);
+        if let Some(removed) = removed {
+            let mut retired = lock(&self.retired);
+            retired.retain(|e| e.id != removed.id);
+            if retired.len() == RETIRED_MAX {
+                retired.pop_front();
+            }
+            retired.push_back(removed);
+        }
     }
 
     /// The endpoint with this id.
@@ -500,5 +544,48 @@ pub async fn sample_rates(table: Arc<EndpointTable>, cancel: tokio_util::sync::C
         for endpoint in table.all() {
             endpoint.sample_rate(now);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_back_under_its_id_goes_on_counting() {
+        let table = EndpointTable::default();
+        let a = table.join("A", "127.0.0.1:13001");
+        table.insert(Arc::clone(&a));
+        a.requests.fetch_add(7, Ordering::Relaxed);
+        a.record_error();
+        table.remove("A");
+        assert!(table.get("A").is_none());
+
+        // Stopped and started again: a fresh endpoint (connecting, new address) whose totals
+        // go on from where they were.
+        let again = table.join("A", "127.0.0.1:13005");
+        table.insert(Arc::clone(&again));
+        let snapshot = again.snapshot();
+        assert_eq!((snapshot.requests, snapshot.errors), (7, 1));
+        assert_eq!(snapshot.addr, "127.0.0.1:13005");
+        assert_eq!(snapshot.state, State::Connecting);
+        // Another id starts from nothing.
+        assert_eq!(table.join("B", "127.0.0.1:13002").snapshot().requests, 0);
+    }
+
+    #[test]
+    fn removed_totals_are_bounded() {
+        let table = EndpointTable::default();
+        for n in 0..RETIRED_MAX + 10 {
+            let id = format!("i{n}");
+            let stats = table.join(&id, "127.0.0.1:1");
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            table.insert(stats);
+            table.remove(&id);
+        }
+        assert_eq!(lock(&table.retired).len(), RETIRED_MAX);
+        // The oldest went first.
+        assert_eq!(table.join("i0", "127.0.0.1:1").snapshot().requests, 0);
+        assert_eq!(table.join("i20", "127.0.0.1:1").snapshot().requests, 1);
     }
 }

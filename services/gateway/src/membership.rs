@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Backend;
-use crate::endpoint::{EndpointStats, EndpointTable};
+use crate::endpoint::EndpointTable;
 pub use crate::health::MonitorSettings;
 use crate::health::{BalancerChanges, Monitor, connect};
 
@@ -88,7 +88,7 @@ pub async fn supervise(
                     tracing::error!(instance = %backend.id, addr = %backend.addr, "invalid backend address");
                     continue;
                 }
-                let stats = Arc::new(EndpointStats::new(&backend.id, &backend.addr));
+                let stats = table.join(&backend.id, &backend.addr);
                 table.insert(Arc::clone(&stats));
                 let token = cancel.child_token();
                 monitors.insert(backend.id.clone(), (backend.addr.clone(), token.clone()));
@@ -148,20 +148,23 @@ async fn follow_control(
     let mut members: HashMap<String, String> = HashMap::new();
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
+    let endpoint = match dlb::endpoint::endpoint_tls(&addr, tls.as_ref()) {
+        Ok(endpoint) => endpoint,
+        Err(error) => {
+            tracing::error!(%addr, %error, "invalid --control address");
+            return;
+        }
+    };
+    // As dialled: https when TLS is on, whatever --control says.
+    let addr = endpoint.uri().to_string();
     while !tx.is_closed() {
-        let stream = match dlb::endpoint::endpoint_tls(&addr, tls.as_ref()) {
-            Ok(endpoint) => match endpoint.connect().await {
-                Ok(channel) => ControlClient::new(channel)
-                    .watch_instances(WatchInstancesRequest {})
-                    .await
-                    .map(tonic::Response::into_inner)
-                    .ok(),
-                Err(_) => None,
-            },
-            Err(error) => {
-                tracing::error!(%addr, %error, "invalid --control address");
-                return;
-            }
+        let stream = match endpoint.connect().await {
+            Ok(channel) => ControlClient::new(channel)
+                .watch_instances(WatchInstancesRequest {})
+                .await
+                .map(tonic::Response::into_inner)
+                .ok(),
+            Err(_) => None,
         };
         if stream.is_none() && !warned {
             warned = true;

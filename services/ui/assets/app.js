@@ -12,6 +12,8 @@ const adminRequired = document.querySelector('meta[name="admin-required"]').cont
 let snapshot = null;
 let events = [];
 let history = {};
+let historyLoaded = false;
+let eventsLoaded = false;
 let streamUp = false;
 let redisWasOk = null;
 const pendingActions = new Set();
@@ -131,10 +133,16 @@ function renderSettings() {
     $('gateway-settings').textContent = 'gateway: no data';
     return;
   }
+  // The rows count what each instance answered (its errors: its own failures); the header
+  // counts every call the gateway answered, those it answered itself (no instance, bad
+  // request) and callers' bad input among the failed: each number says which it is.
+  const byInstances = snapshot.instances.reduce((n, i) => n + i.requests, 0);
   $('gateway-settings').textContent =
     `policy ${g.policy} · health probe every ${g.health_interval_ms} ms (timeout ${g.probe_timeout_ms} ms)` +
     ` · in flight ${g.in_flight}/${g.max_in_flight} · ${g.requests.toLocaleString()} calls` +
-    ` · ${g.retries.toLocaleString()} retries · ${g.failures.toLocaleString()} failed`;
+    ` (${byInstances.toLocaleString()} by the instances below)` +
+    ` · ${g.retries.toLocaleString()} retries` +
+    ` · ${g.failures.toLocaleString()} failed (any status but OK, callers' bad input included)`;
 }
 
 // --- instances ------------------------------------------------------------------------------
@@ -285,9 +293,11 @@ function recordRates() {
     }
   }
   const horizon = snapshot.at_ms - HISTORY_MS;
+  const known = new Set(snapshot.instances.map((i) => i.id));
   for (const id of Object.keys(history)) {
     history[id] = history[id].filter((p) => p.at_ms >= horizon);
-    if (history[id].length === 0) delete history[id];
+    // A removed instance leaves the chart (a stopped one stays until its line ages out).
+    if (history[id].length === 0 || !known.has(id)) delete history[id];
   }
 }
 
@@ -347,6 +357,9 @@ function drawChart() {
     legend.push(el('span', {}, swatch, `${id} ${fmtRate(last ? last.rate : 0)}/s`));
   }
   ctx.restore();
+  if (legend.length === 0) {
+    legend.push(el('span', { class: 'muted', text: historyLoaded ? 'No calls in the last five minutes.' : 'Loading throughput…' }));
+  }
   $('legend').replaceChildren(...legend);
 }
 
@@ -428,7 +441,7 @@ function summary(e) {
 }
 
 function eventNode(e) {
-  return el('li', { 'data-kind': e.kind },
+  return el('li', { 'data-kind': e.kind, 'data-ts': String(e.ts_ms) },
     el('span', { class: 'time', text: fmtTime(e.ts_ms), title: e.ts }),
     el('span', { class: 'who', text: `${e.service}/${e.instance}` }),
     el('span', { class: `kind kind-${e.kind}`, text: e.kind }),
@@ -444,9 +457,12 @@ function renderEventsEmpty() {
   const redis = snapshot ? snapshot.sources.redis.state : 'connecting';
   $('events-empty').textContent = redis === 'down'
     ? 'The event log is unreachable; events appear again when it is back.'
-    : 'No events yet.';
+    : eventsLoaded ? 'No events yet.' : 'Loading events…';
   $('events-empty').hidden = $('events').children.length > 0;
 }
+
+// Newest first, strictly: events from several services arrive in batches, not in time order.
+const newestFirst = (a, b) => b.ts_ms - a.ts_ms;
 
 let eventsRequest = 0;
 let arrivedWhileLoading = null;
@@ -462,13 +478,16 @@ async function loadEvents() {
     // Events that arrived live during the read and are not in it go on top.
     const known = new Set(data.events.map(eventKey));
     const fresh = arrivedWhileLoading.filter((e) => !known.has(eventKey(e)));
-    events = [...fresh, ...data.events].slice(0, MAX_EVENTS);
+    events = [...fresh, ...data.events].sort(newestFirst).slice(0, MAX_EVENTS);
   } catch (_) {
     if (request !== eventsRequest) return;
     // Never show events of another kind under this filter; the banner says why.
     events = [];
   } finally {
-    if (request === eventsRequest) arrivedWhileLoading = null;
+    if (request === eventsRequest) {
+      arrivedWhileLoading = null;
+      eventsLoaded = true;
+    }
   }
   renderEvents();
 }
@@ -480,10 +499,15 @@ function addEvent(e) {
     arrivedWhileLoading.unshift(e);
     return;
   }
-  events.unshift(e);
+  // Its place by time (nearly always the top).
+  let at = 0;
+  while (at < events.length && events[at].ts_ms > e.ts_ms) at++;
+  if (at >= MAX_EVENTS) return;
+  events.splice(at, 0, e);
   events.length = Math.min(events.length, MAX_EVENTS);
-  $('events').prepend(eventNode(e));
-  while ($('events').children.length > MAX_EVENTS) $('events').lastChild.remove();
+  const list = $('events');
+  list.insertBefore(eventNode(e), list.children[at] || null);
+  while (list.children.length > MAX_EVENTS) list.lastChild.remove();
   renderEventsEmpty();
 }
 
@@ -521,8 +545,10 @@ function connect() {
     loadEvents();
     try {
       history = await getJson('/api/history');
-      drawChart();
     } catch (_) { /* the next snapshots rebuild it */ }
+    historyLoaded = true;
+    recordRates();
+    drawChart();
   });
   source.addEventListener('error', () => {
     streamUp = false;

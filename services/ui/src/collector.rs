@@ -10,7 +10,7 @@
 //! and the rest keeps working. Every change publishes a new [`Snapshot`] on a watch channel,
 //! which the pages' event streams follow.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -206,6 +206,11 @@ struct Model {
     stats: Option<StatsResponse>,
     trails: BTreeMap<String, VecDeque<Transition>>,
     history: BTreeMap<String, VecDeque<RatePoint>>,
+    /// The gateway's last totals (requests, errors) of each instance control lists, kept
+    /// while the gateway does not list it (stopped): its row keeps its totals.
+    last_counts: BTreeMap<String, (u64, u64)>,
+    /// Instances this dashboard asked control to kill: their next `stopped` is `killed`.
+    killing: BTreeSet<String>,
 }
 
 impl Model {
@@ -244,6 +249,13 @@ impl Model {
             if let Some(trail) = self.trails.get(id) {
                 view.trail = trail.iter().cloned().collect();
             }
+            if view.health.is_none()
+                && let Some((requests, errors)) = self.last_counts.get(id)
+            {
+                // Not in the gateway's membership now (stopped): what it served until then.
+                view.requests = *requests;
+                view.errors = *errors;
+            }
         }
         Snapshot {
             at_ms: now_ms(),
@@ -269,22 +281,52 @@ impl Model {
     fn set_instances(&mut self, instances: Vec<Instance>) {
         let at_ms = now_ms();
         for instance in &instances {
-            let state = state_name(instance.state);
+            let mut state = state_name(instance.state);
+            if state == "stopped" && self.killing.remove(&instance.id) {
+                state = "killed".to_owned();
+            }
             let trail = self.trails.entry(instance.id.clone()).or_default();
-            if trail.back().is_none_or(|last| last.state != state) {
+            // A killed instance is stopped: later snapshots that say so add nothing.
+            let same = |last: &Transition| {
+                last.state == state || (last.state == "killed" && state == "stopped")
+            };
+            if trail.back().is_none_or(|last| !same(last)) {
                 trail.push_back(Transition { state, at_ms });
                 if trail.len() > TRAIL_LEN {
                     trail.pop_front();
                 }
             }
         }
-        self.trails
-            .retain(|id, _| instances.iter().any(|i| &i.id == id));
+        let listed = |id: &String| instances.iter().any(|i| &i.id == id);
+        self.trails.retain(|id, _| listed(id));
+        self.last_counts.retain(|id, _| listed(id));
+        // A removed instance leaves the chart too.
+        let in_gateway = self.gateway_ids();
+        self.history
+            .retain(|id, _| listed(id) || in_gateway.contains(id));
         self.instances = instances;
+    }
+
+    /// The ids the gateway's last stats list.
+    fn gateway_ids(&self) -> BTreeSet<String> {
+        self.stats
+            .iter()
+            .flat_map(|s| s.instances.iter().map(|i| i.instance.clone()))
+            .collect()
     }
 
     fn set_stats(&mut self, stats: Option<StatsResponse>) {
         if let Some(stats) = &stats {
+            for s in &stats.instances {
+                self.last_counts
+                    .insert(s.instance.clone(), (s.requests, s.errors));
+            }
+            // Kept for instances the gateway or control lists, no others.
+            let instances = &self.instances;
+            self.last_counts.retain(|id, _| {
+                stats.instances.iter().any(|i| &i.instance == id)
+                    || instances.iter().any(|i| &i.id == id)
+            });
             let at_ms = now_ms();
             let horizon = at_ms.saturating_sub(HISTORY_MS);
             for s in &stats.instances {
@@ -349,6 +391,8 @@ impl Collector {
             stats: None,
             trails: BTreeMap::new(),
             history: BTreeMap::new(),
+            last_counts: BTreeMap::new(),
+            killing: BTreeSet::new(),
         };
         let (snapshots, _) = watch::channel(Arc::new(model.snapshot()));
         let (live, _) = broadcast::channel(1024);
@@ -396,6 +440,17 @@ impl Collector {
             .iter()
             .map(|(id, h)| (id.clone(), h.iter().copied().collect()))
             .collect()
+    }
+
+    /// Notes that this dashboard asked control to kill `id`: its next `stopped` shows as
+    /// `killed` in its trail.
+    pub fn killing(&self, id: &str) {
+        self.model().killing.insert(id.to_owned());
+    }
+
+    /// Takes back [`Collector::killing`] (control refused the kill).
+    pub fn not_killing(&self, id: &str) {
+        self.model().killing.remove(id);
     }
 
     /// Marks Redis down from a failed read in a route.

@@ -297,18 +297,26 @@ async fn lifecycle(state: AppState, id: String, action: Action) -> Result<Respon
             .start_instance(with_timeout(InstanceRequest { id: id.clone() }))
             .await
             .map(|r| json!({ "instance": instance_json(&r.into_inner()) })),
-        Action::Stop | Action::Kill => client
-            .stop_instance(with_timeout(StopInstanceRequest {
-                id: id.clone(),
-                force: action == Action::Kill,
-            }))
-            .await
-            .map(|r| json!({ "instance": instance_json(&r.into_inner()) })),
+        Action::Stop | Action::Kill => {
+            if action == Action::Kill {
+                state.inner.collector.killing(&id);
+            }
+            client
+                .stop_instance(with_timeout(StopInstanceRequest {
+                    id: id.clone(),
+                    force: action == Action::Kill,
+                }))
+                .await
+                .map(|r| json!({ "instance": instance_json(&r.into_inner()) }))
+        }
         Action::Remove => client
             .remove_instance(with_timeout(InstanceRequest { id: id.clone() }))
             .await
             .map(|_| json!({ "removed": id })),
     };
+    if result.is_err() && action == Action::Kill {
+        state.inner.collector.not_killing(&id);
+    }
     result
         .map(|body| Json(body).into_response())
         .map_err(|status| AppError::from_control(&status, &addr))

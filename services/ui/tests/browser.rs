@@ -90,6 +90,53 @@ async fn wait_event(browser: &Browser, needle: &str) -> String {
         .to_owned()
 }
 
+/// The requests cell of instance `id`'s row.
+async fn requests_of(browser: &Browser, id: &str) -> u64 {
+    let text = browser
+        .eval(
+            "const td = document.querySelector(`#instances tr[data-id=\"${arguments[0]}\"] td.requests`);
+             return td ? td.textContent : '';",
+            json!([id]),
+        )
+        .await;
+    text.as_str()
+        .unwrap()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// The header's text and the sum of the rows' requests cells, read at once.
+async fn header_and_rows(browser: &Browser) -> (String, u64) {
+    let read = browser
+        .eval(
+            "return [document.getElementById('gateway-settings').textContent,
+                     [...document.querySelectorAll('#instances td.requests')]
+                         .reduce((n, td) => n + Number(td.textContent.replace(/[^0-9]/g, '')), 0)];",
+            json!([]),
+        )
+        .await;
+    (
+        read[0].as_str().unwrap().to_owned(),
+        read[1].as_u64().unwrap(),
+    )
+}
+
+/// `n` as the page writes counts (`toLocaleString`, en-US in the test browser).
+fn fmt_count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_runs_the_mesh_in_a_real_browser() {
     let mut mesh = TestMesh::start(3).await;
@@ -122,6 +169,18 @@ async fn the_dashboard_runs_the_mesh_in_a_real_browser() {
     // A budget, not a speed claim: the page stays small enough to keep open all day.
     let bytes = weight["bytes"].as_u64().unwrap();
     assert!(bytes > 0 && bytes < 100_000, "page weight {bytes} bytes");
+
+    // Until its first data arrive the page says it is loading, not that there is nothing.
+    let first_paint = browser
+        .eval(
+            "return fetch('/').then((r) => r.text()).then((html) => {
+                 const page = new DOMParser().parseFromString(html, 'text/html');
+                 return page.getElementById('events-empty').textContent;
+             });",
+            json!([]),
+        )
+        .await;
+    assert_eq!(first_paint, "Loading events…");
 
     // A, B and C serving, as control and the gateway see them.
     for id in ["A", "B", "C"] {
@@ -244,11 +303,29 @@ async fn the_dashboard_runs_the_mesh_in_a_real_browser() {
     assert_eq!(dom, json!({ "imgs": 0, "scripts": ["/assets/app.js"] }));
     assert_eq!(browser.alert_text().await, None, "no script ran");
 
+    // The events panel: strictly newest first.
+    let times = browser
+        .eval(
+            "return [...document.querySelectorAll('#events li')].map((li) => Number(li.dataset.ts));",
+            json!([]),
+        )
+        .await;
+    let times: Vec<u64> = serde_json::from_value(times).unwrap();
+    assert!(times.len() >= 10, "{times:?}");
+    assert!(
+        times.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {times:?}"
+    );
+
     // Stop B: draining, then stopped; out of the gateway's rotation; calls go to A and C.
+    let b_before = requests_of(&browser, "B").await;
+    assert!(b_before > 0);
     browser
         .click("#instances tr[data-id=\"B\"] button[data-action=\"stop\"]")
         .await;
     let b = wait_row(&browser, "B", "stopped", "not in rotation").await;
+    // Stopped, it keeps what it served.
+    assert_eq!(requests_of(&browser, "B").await, b_before);
     let trail: Vec<&str> = b["trail"]
         .as_array()
         .unwrap()
@@ -285,6 +362,28 @@ async fn the_dashboard_runs_the_mesh_in_a_real_browser() {
         );
     }
     assert!(served.contains("B"), "{served:?}");
+    // Started again (same id), it goes on counting from there.
+    let b_after = browser
+        .wait_for(
+            "B's total to go on from before its stop",
+            "const td = document.querySelector('#instances tr[data-id=\"B\"] td.requests');
+             const n = td ? Number(td.textContent.replace(/[^0-9]/g, '')) : 0;
+             return n > arguments[0] ? n : null;",
+            json!([b_before]),
+            PATIENCE,
+        )
+        .await;
+    println!("B served {b_before} calls before its stop, {b_after} in all after its start");
+    // The header's call count says how many the instances in the rows answered: their sum.
+    let (header, rows) = header_and_rows(&browser).await;
+    assert!(
+        header.contains(&format!("({} by the instances below)", fmt_count(rows))),
+        "{header} / {rows}"
+    );
+    assert!(
+        header.contains("failed (any status but OK, callers' bad input included)"),
+        "{header}"
+    );
 
     // Let the chart gather a few points, then save what the page looks like.
     browser
@@ -297,6 +396,36 @@ async fn the_dashboard_runs_the_mesh_in_a_real_browser() {
         .await;
     let shot = browser.save_screenshot("dashboard").await;
     println!("screenshot: {}", shot.display());
+
+    // Kill C: it shows as killed, not as a drain.
+    browser
+        .eval("window.confirm = () => true;", json!([]))
+        .await;
+    browser
+        .click("#instances tr[data-id=\"C\"] button[data-action=\"kill\"]")
+        .await;
+    let c = wait_row(&browser, "C", "stopped", "not in rotation").await;
+    let trail: Vec<&str> = c["trail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(trail[trail.len() - 2..], ["serving", "killed"], "{trail:?}");
+    // Removed, it leaves the table and the chart's legend.
+    browser
+        .click("#instances tr[data-id=\"C\"] button[data-action=\"remove\"]")
+        .await;
+    browser
+        .wait_for(
+            "C gone from the table and the legend",
+            "const row = document.querySelector('#instances tr[data-id=\"C\"]');
+             const legend = [...document.querySelectorAll('#legend span')].map((s) => s.textContent);
+             return !row && legend.length > 0 && !legend.some((t) => t.startsWith('C ')) ? legend : null;",
+            json!([]),
+            PATIENCE,
+        )
+        .await;
 
     // Redis stopped: the page still loads, shows the banner, and the rest works.
     mesh.redis.stop();

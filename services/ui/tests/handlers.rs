@@ -555,6 +555,21 @@ async fn lifecycle_routes_drive_control_and_unknown_ids_get_404() {
     assert_error(response, StatusCode::BAD_REQUEST, "instance id").await;
 
     let patience = Duration::from_secs(30);
+    // Once the dashboard follows control's stream, it sees every transition.
+    tokio::time::timeout(patience, async {
+        while !ui
+            .state
+            .collector()
+            .snapshot()
+            .instances
+            .iter()
+            .any(|i| i.id == "A" && i.state.as_deref() == Some("serving"))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
     let stop = ui.send(ui.post("/api/instances/A/stop", None));
     let body = json_body(tokio::time::timeout(patience, stop).await.unwrap()).await;
     assert_eq!(body["instance"]["state"], "stopped", "{body}");
@@ -593,8 +608,13 @@ async fn lifecycle_routes_drive_control_and_unknown_ids_get_404() {
     })
     .await
     .unwrap();
-    assert_eq!(trail.last().map(String::as_str), Some("stopped"));
-    assert!(trail.iter().any(|s| s == "draining"), "{trail:?}");
+    // Stopped (drained), started, killed: a kill shows as such, not as a drain.
+    let tail: Vec<&str> = trail.iter().map(String::as_str).collect();
+    assert_eq!(
+        tail[tail.len() - 5..],
+        ["draining", "stopped", "starting", "serving", "killed"],
+        "{trail:?}"
+    );
 
     drop(ui);
     control.shutdown().await.unwrap();
