@@ -108,7 +108,7 @@ fn name_unknown_method(headers: &mut http::HeaderMap, path: &str) {
 /// tonic answers a request over the decoding limit with OUT_OF_RANGE; our handlers never use
 /// OUT_OF_RANGE, so any such Trailers-Only status is this case: it becomes RESOURCE_EXHAUSTED
 /// with a message naming the limit and the flag.
-pub fn oversize_is_resource_exhausted(headers: &mut http::HeaderMap) {
+fn oversize_is_resource_exhausted(headers: &mut http::HeaderMap) {
     if headers.get("grpc-status").and_then(|v| v.to_str().ok()) != Some(OUT_OF_RANGE) {
         return;
     }
@@ -143,7 +143,7 @@ pub fn oversize_message(found: impl std::fmt::Display, limit: impl std::fmt::Dis
 
 /// Encodes a `grpc-message` value as the gRPC over HTTP/2 protocol says: every byte outside
 /// printable ASCII, and `%` itself, as `%XX` of its UTF-8 bytes.
-pub fn percent_encode(text: &str) -> String {
+fn percent_encode(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for byte in text.bytes() {
         if (0x20..=0x7e).contains(&byte) && byte != b'%' {
