@@ -1,6 +1,10 @@
 //! dlb: a distributed load balancer built as a Rust gRPC microservice mesh.
 //!
-//! This root package is the shared library of every dlb service and the home of the `dlb` CLI:
+//! This root package holds the library every dlb service links (below) and the `dlb` CLI (the
+//! binary, `src/cli/`). The layering: services use only this library; the library never uses
+//! the CLI; nothing but the binary uses the CLI's modules (`up`, `suite`, the certificate
+//! commands, its process handling and report printing), so changing them rebuilds the `dlb`
+//! binary alone.
 //!
 //! - [`proto`]: the generated `dlb.v1` protobuf and gRPC code, plus the descriptor set that every
 //!   server registers for reflection.
@@ -11,13 +15,15 @@
 //! - [`health`]: `grpc.health.v1.Health` whose `Watch` streams end when a server drains.
 //! - [`server`]: reflection and the shutdown signal every server shares.
 //! - [`status`]: the exact gRPC statuses every server answers where tonic's are wrong or mute.
+//! - [`registry`]: the Redis registry where instances announce themselves (`--register`) and
+//!   gateways find them (`--discover`).
+//! - [`tls`]: certificates, mutual TLS for servers and clients, and the hints for TLS errors.
 //! - [`telemetry`]: the tracing subscriber that binaries install.
-//! - [`call`] and [`bench`]: what `dlb call` and `dlb bench` run, usable from tests.
-//! - [`up`]: `dlb up` and `dlb down`, the whole mesh with one command.
-//! - [`suite`]: `dlb bench-suite`, the gateway against direct calls, NGINX and HAProxy.
+//! - `testing` (feature `test-fixtures`, for tests only): a private `redis-server`.
+//! - [`client`]: one call and the load generator, as `dlb call`, `dlb bench`, the dashboard and
+//!   tests send them.
 
-pub mod bench;
-pub mod call;
+pub mod client;
 pub mod deadline;
 pub mod endpoint;
 pub mod events;
@@ -26,12 +32,10 @@ pub mod metadata;
 pub mod registry;
 pub mod server;
 pub mod status;
-pub mod suite;
 pub mod telemetry;
 #[cfg(feature = "test-fixtures")]
 pub mod testing;
 pub mod tls;
-pub mod up;
 
 /// Generated protobuf and gRPC code for package `dlb.v1`.
 pub mod proto {

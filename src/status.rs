@@ -1,5 +1,5 @@
 //! The statuses every dlb server answers where tonic's own would be wrong or mute, applied as
-//! one layer ([`StatusLayer`]) that [`crate::server::builder`] puts in front of every service.
+//! one layer ([`StatusLayer`]) that [`crate::server::Scaffold`] puts in front of every service.
 //!
 //! - A request over the decoding limit: tonic says OUT_OF_RANGE; gRPC's convention (and our
 //!   contract) is RESOURCE_EXHAUSTED, with a message naming the limit and the flag.
@@ -9,6 +9,9 @@
 //!
 //! Both are Trailers-Only answers (the status in the response headers, no body), so the layer
 //! looks at headers only and leaves every other answer as it is.
+//!
+//! Also here, for servers and clients alike: [`code_name`] and [`error_chain`], how dlb writes
+//! a status code and an error in messages and logs.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,27 +19,81 @@ use std::task::{Context, Poll};
 
 use tonic::codegen::http::{self, HeaderValue};
 
+/// The canonical upper-case name of a gRPC status code.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Ok => "OK",
+        tonic::Code::Cancelled => "CANCELLED",
+        tonic::Code::Unknown => "UNKNOWN",
+        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        tonic::Code::NotFound => "NOT_FOUND",
+        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+        tonic::Code::Aborted => "ABORTED",
+        tonic::Code::OutOfRange => "OUT_OF_RANGE",
+        tonic::Code::Unimplemented => "UNIMPLEMENTED",
+        tonic::Code::Internal => "INTERNAL",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        tonic::Code::DataLoss => "DATA_LOSS",
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// An error followed by its sources, e.g. "transport error: Connection refused (os error 111)".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = inner.source();
+    }
+    message
+}
+
 /// The message of UNIMPLEMENTED for a path no service here serves.
 pub fn unknown_method(path: &str) -> String {
     format!("unknown method {path}: not served here")
 }
 
 /// The [`tower::Layer`] of [`StatusService`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StatusLayer;
+#[derive(Debug, Clone, Default)]
+pub struct StatusLayer {
+    served_by: Option<HeaderValue>,
+}
+
+impl StatusLayer {
+    /// Also puts `x-served-by: id` on every answer (what a compute instance does).
+    pub fn serving_as(id: HeaderValue) -> Self {
+        Self {
+            served_by: Some(id),
+        }
+    }
+}
 
 impl<S> tower::Layer<S> for StatusLayer {
     type Service = StatusService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        StatusService { inner }
+        StatusService {
+            inner,
+            served_by: self.served_by.clone(),
+        }
     }
 }
 
-/// Rewrites tonic's oversize and unknown-method answers (see the module docs).
+/// Rewrites tonic's oversize and unknown-method answers (see the module docs), and names the
+/// instance that answered when it was given one.
 #[derive(Debug, Clone)]
 pub struct StatusService<S> {
     inner: S,
+    served_by: Option<HeaderValue>,
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for StatusService<S>
@@ -58,6 +115,7 @@ where
         StatusFuture {
             inner: self.inner.call(request),
             uri,
+            served_by: self.served_by.clone(),
         }
     }
 }
@@ -69,6 +127,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         uri: http::Uri,
+        served_by: Option<HeaderValue>,
     }
 }
 
@@ -84,6 +143,9 @@ where
         let headers = response.headers_mut();
         oversize_is_resource_exhausted(headers);
         name_unknown_method(headers, this.uri.path());
+        if let Some(id) = this.served_by.take() {
+            headers.insert(crate::metadata::SERVED_BY, id);
+        }
         Poll::Ready(Ok(response))
     }
 }

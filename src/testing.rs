@@ -1,11 +1,14 @@
-//! Test fixtures (feature `test-fixtures`): a private `redis-server` on a free port.
+//! Test fixtures (feature `test-fixtures`): a private `redis-server` on a free port, and
+//! [`InProcess`], a service running on the test's own runtime.
 //!
 //! Tests need the real thing, so a missing `redis-server` is a test failure with the install
 //! command, never a skip.
 
+use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -293,4 +296,70 @@ pub fn listening_addr(child: &mut Child) -> String {
         .next()
         .unwrap_or_default()
         .to_owned()
+}
+
+/// A service running on this process's tokio runtime, stopped through the `shutdown` future
+/// its `run` was given: the one in-process shape of every dlb service's test fixture (`E` is
+/// the error its `run` returns).
+#[derive(Debug)]
+pub struct InProcess<E = crate::server::RunError> {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), E>>,
+}
+
+impl<E> InProcess<E> {
+    /// Binds `listen` (use port 0) and spawns `run(listener, shutdown)`; the listener is bound
+    /// before this returns, so calls can be made at once.
+    ///
+    /// # Errors
+    ///
+    /// The bind error.
+    pub async fn start<F, Fut>(listen: std::net::SocketAddr, run: F) -> std::io::Result<Self>
+    where
+        F: FnOnce(tokio::net::TcpListener, Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(
+            listener,
+            Box::pin(async {
+                let _ = stopped.await;
+            }),
+        ));
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// `http://` URI of the server.
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts the drain (as SIGTERM does) without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Drains and waits for `run` to return; a panic in it is passed on.
+    ///
+    /// # Errors
+    ///
+    /// What `run` returned.
+    pub async fn shutdown(mut self) -> Result<(), E> {
+        self.begin_shutdown();
+        match self.task.await {
+            Ok(result) => result,
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+    }
 }

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use dlb::testing::{free_port, grpcurl, process_gone, processes_mentioning, workspace_binary};
 use serde_json::Value;
 
+/// The state file `dlb up` writes in its state directory (what `dlb down` reads).
+const STATE_FILE: &str = "up.json";
+
 const PATIENCE: Duration = Duration::from_secs(90);
 
 /// Every port and directory of one `dlb up`.
@@ -139,7 +142,7 @@ impl Up {
     /// Every process the mesh consists of: what the state file lists and control's instances.
     fn pids(&self) -> Vec<(String, u32)> {
         let state: Value = serde_json::from_str(
-            &std::fs::read_to_string(self.ports.state_dir.join(dlb::up::STATE_FILE)).unwrap(),
+            &std::fs::read_to_string(self.ports.state_dir.join(STATE_FILE)).unwrap(),
         )
         .unwrap();
         let mut pids: Vec<(String, u32)> = state["processes"]
@@ -296,7 +299,7 @@ fn up_runs_the_whole_mesh_and_ctrl_c_leaves_no_process_behind() {
         processes_mentioning(&up.ports.control()),
         Vec::<String>::new()
     );
-    assert!(!up.ports.state_dir.join(dlb::up::STATE_FILE).exists());
+    assert!(!up.ports.state_dir.join(STATE_FILE).exists());
     let output = up.output();
     let order: Vec<usize> = [
         "stopping dashboard",
@@ -775,7 +778,7 @@ fn a_taken_gateway_port_is_named_with_its_flag_and_nothing_starts() {
         processes_mentioning(&format!("127.0.0.1:{}", ports.control)),
         Vec::<String>::new()
     );
-    assert!(!ports.state_dir.join(dlb::up::STATE_FILE).exists());
+    assert!(!ports.state_dir.join(STATE_FILE).exists());
     let _ = std::fs::remove_dir_all(&ports.state_dir);
     drop(taken);
 }
@@ -876,7 +879,7 @@ fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 }
 
 fn state_pids(state_dir: &Path) -> Vec<u32> {
-    std::fs::read_to_string(state_dir.join(dlb::up::STATE_FILE))
+    std::fs::read_to_string(state_dir.join(STATE_FILE))
         .ok()
         .and_then(|text| serde_json::from_str::<Value>(&text).ok())
         .map(|state| {

@@ -15,22 +15,21 @@ pub mod load;
 pub mod ops;
 pub mod pool;
 pub mod service;
+#[cfg(feature = "test-fixtures")]
+#[cfg(feature = "test-fixtures")]
 pub mod testing;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use dlb::events::EventLog;
-use dlb::health::HealthState;
 use dlb::proto::v1::{load_server::LoadServer, operations_server::OperationsServer};
 use dlb::registry::{Entry, Registry, RegistryError};
+use dlb::server::{Incoming, Scaffold, Spec};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
-use tonic::codegen::http::{self, HeaderValue};
-use tonic_health::pb::health_check_response::ServingStatus;
-use tower::util::MapResponseLayer;
+use tonic::codegen::http::HeaderValue;
 
 pub use config::Config;
 pub use dlb::server::RunError;
@@ -38,11 +37,6 @@ pub use dlb::server::RunError;
 use crate::load::LoadService;
 use crate::pool::CpuPool;
 use crate::service::{CallStats, Limits, OperationsService};
-
-/// How long the server may take to close connections once drained: the last responses'
-/// bodies are still being sent (a 2 MB Fibonacci value takes many flow-control round trips on
-/// a loaded machine), so this is a bound, not a wait; it ends as soon as connections close.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves on `listener` until `shutdown` resolves, then drains and returns.
 ///
@@ -76,45 +70,30 @@ pub async fn run(
     );
     let load = LoadService::new(config.id.clone(), Arc::clone(&calls), pool);
 
-    let health = HealthState::new(&["dlb.v1.Operations"]);
-
-    let (reflection_v1, reflection_v1alpha) =
-        dlb::server::reflection(&["dlb.v1.Operations", "dlb.v1.Load"])?;
-
-    let stop = CancellationToken::new();
     let local = listener.local_addr().unwrap_or(config.listen);
     let addr = local.to_string();
-    let connections = dlb::server::Incoming::default();
-    let incoming = connections.accept(listener);
-    let builder = dlb::server::builder(&config.tls)?;
-    let health_listener = match config.health_listen {
-        Some(addr) => Some(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?),
-        None => None,
-    };
-    let server = builder
-        .layer(MapResponseLayer::new(
-            move |mut response: http::Response<tonic::body::Body>| {
-                response
-                    .headers_mut()
-                    .insert(dlb::metadata::SERVED_BY, served_by.clone());
-                response
-            },
-        ))
-        .add_service(health.service())
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            OperationsServer::new(operations)
-                // gzip either way (identity always); answers are compressed only for callers
-                // whose grpc-accept-encoding names gzip.
-                .accept_compressed(CompressionEncoding::Gzip)
-                .send_compressed(CompressionEncoding::Gzip)
-                .max_decoding_message_size(config.max_message_bytes)
-                .max_encoding_message_size(usize::MAX),
-        )
-        .add_service(LoadServer::new(load))
-        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
-    tokio::pin!(server);
+    let scaffold = Scaffold::new(Spec {
+        services: &["dlb.v1.Operations", "dlb.v1.Load"],
+        tls: &config.tls,
+        health_listen: config.health_listen,
+        connections: Incoming::default(),
+        served_by: Some(served_by),
+        max_concurrent_streams: None,
+    })
+    .await?;
+    let mut serving = scaffold.serve(listener, |router| {
+        router
+            .add_service(
+                OperationsServer::new(operations)
+                    // gzip either way (identity always); answers are compressed only for
+                    // callers whose grpc-accept-encoding names gzip.
+                    .accept_compressed(CompressionEncoding::Gzip)
+                    .send_compressed(CompressionEncoding::Gzip)
+                    .max_decoding_message_size(config.max_message_bytes)
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .add_service(LoadServer::new(load))
+    })?;
     events.lifecycle("started", &[("addr", &addr)]);
 
     // Registration runs beside the server (Redis may be slow or away); it ends on its own only
@@ -122,8 +101,7 @@ pub async fn run(
     let mut registration = match register(&config, local, &events) {
         Ok(registration) => registration,
         Err(message) => {
-            stop.cancel();
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await;
+            let _ = serving.close().await;
             writer_stop.cancel();
             let _ = writer.await;
             return Err(RunError::Config(message));
@@ -139,23 +117,28 @@ pub async fn run(
             None => std::future::pending::<String>().await,
         }
     };
-    let failed = tokio::select! {
-        message = refused => Some(Err(RunError::Registry(message))),
-        result = &mut server => Some(result.map_err(RunError::from)),
-        () = shutdown => None,
+    let ended = serving
+        .until(async {
+            tokio::select! {
+                message = refused => Some(message),
+                () = shutdown => None,
+            }
+        })
+        .await;
+    let failed = match ended {
+        Ok(None) => None,
+        Ok(Some(message)) => Some(RunError::Registry(message)),
+        Err(error) => Some(error),
     };
     if let Some(failed) = failed {
-        stop.cancel();
         if let Some(heartbeat_stop) = heartbeat_stop {
             heartbeat_stop.cancel();
         }
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await;
-        if let Err(error) = &failed {
-            events.error("stopped", &[("error", &error.to_string())]);
-        }
+        let _ = serving.close().await;
+        events.error("stopped", &[("error", &failed.to_string())]);
         writer_stop.cancel();
         let _ = writer.await;
-        return failed;
+        return Err(failed);
     }
 
     // Out of the registry first, so gateways stop choosing it; then drain.
@@ -166,12 +149,8 @@ pub async fn run(
     tracing::info!(instance = %config.id, in_flight = calls.in_flight(), "draining");
     events.lifecycle("draining", &[("in_flight", &calls.in_flight().to_string())]);
     calls.start_draining();
-    health.set(ServingStatus::NotServing);
     let grace = config.grace_period();
-    if tokio::time::timeout(grace, calls.wait_idle())
-        .await
-        .is_err()
-    {
+    if !serving.drain(calls.wait_idle(), grace).await? {
         tracing::warn!(
             instance = %config.id,
             in_flight = calls.in_flight(),
@@ -179,18 +158,7 @@ pub async fn run(
             "grace period over with calls in flight"
         );
     }
-    // Watchers have seen NOT_SERVING; end their streams so connections can close.
-    health.close();
-    stop.cancel();
-    match tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await {
-        Ok(result) => result?,
-        Err(_) => tracing::debug!(instance = %config.id, "closing connections with open streams"),
-    }
-    if let Some(task) = health_listener {
-        let _ = task.await;
-    }
-    // Let clients read the last bytes before the process exits.
-    connections.closed().await;
+    serving.closed().await;
     tracing::info!(instance = %config.id, "stopped");
     events.lifecycle("stopped", &[]);
     // The writer makes one bounded attempt to flush what is queued, then ends.

@@ -1,6 +1,6 @@
 //! Starting a compute instance in-process for tests: port 0 on loopback, a handle to stop it.
 
-use dlb::server::InProcess;
+use dlb::testing::InProcess;
 
 use crate::{Config, run};
 

@@ -10,19 +10,20 @@ pub mod config;
 pub mod process;
 pub mod service;
 pub mod supervisor;
+#[cfg(feature = "test-fixtures")]
+#[cfg(feature = "test-fixtures")]
 pub mod testing;
 
 use std::future::Future;
 use std::time::Duration;
 
 use dlb::events::EventLog;
-use dlb::health::HealthState;
 use dlb::proto::v1::control_server::ControlServer;
+use dlb::server::{CLOSE_TIMEOUT, Incoming, Scaffold, Spec};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::codec::CompressionEncoding;
-use tonic_health::pb::health_check_response::ServingStatus;
 
 pub use config::Config;
 pub use dlb::server::RunError;
@@ -50,20 +51,18 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let supervisor = Supervisor::new(&config, events.clone(), cancel.clone(), tracker.clone());
 
-    let health = HealthState::new(&["dlb.v1.Control"]);
-    let (reflection_v1, reflection_v1alpha) = dlb::server::reflection(&["dlb.v1.Control"])?;
-    let stop = CancellationToken::new();
     let closing = CancellationToken::new();
-    let mut builder = dlb::server::builder(&config.tls)?;
-    let connections = dlb::server::Incoming::default();
-    if let Some(addr) = config.health_listen {
-        tracker.spawn(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?);
-    }
-    let server = builder
-        .add_service(health.service())
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
+    let scaffold = Scaffold::new(Spec {
+        services: &["dlb.v1.Control"],
+        tls: &config.tls,
+        health_listen: config.health_listen,
+        connections: Incoming::default(),
+        served_by: None,
+        max_concurrent_streams: None,
+    })
+    .await?;
+    let mut serving = scaffold.serve(listener, |router| {
+        router.add_service(
             ControlServer::new(ControlService {
                 supervisor: supervisor.clone(),
                 closing: closing.clone(),
@@ -71,8 +70,7 @@ pub async fn run(
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip),
         )
-        .serve_with_incoming_shutdown(connections.accept(listener), stop.clone().cancelled_owned());
-    tokio::pin!(server);
+    })?;
 
     // Start the initial instances while already answering List/Watch.
     let initial = {
@@ -107,28 +105,23 @@ pub async fn run(
     };
     events.lifecycle("started", &[]);
 
-    let served = tokio::select! {
-        result = &mut server => Some(result),
-        () = shutdown => None,
-    };
+    let served = serving.until(shutdown).await;
     tracing::info!("stopping every instance");
     initial.abort();
-    health.set(ServingStatus::NotServing);
-    supervisor.stop_all().await;
-    health.close();
-    closing.cancel();
-    stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(1), &mut server).await;
+    // Each instance's own grace period bounds its stop; the drain waits for all of them.
+    let stopped = async {
+        supervisor.stop_all().await;
+        // WatchInstances streams end, so the connections can close.
+        closing.cancel();
+    };
+    let _ = serving.drain(stopped, Duration::MAX).await;
     cancel.cancel();
     sampler.abort();
     tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
-    connections.closed().await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, tracker.wait()).await;
+    serving.closed().await;
     events.lifecycle("stopped", &[]);
     writer_stop.cancel();
     let _ = writer.await;
-    match served {
-        Some(result) => result.map_err(RunError::from),
-        None => Ok(()),
-    }
+    served
 }

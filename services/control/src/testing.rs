@@ -1,6 +1,6 @@
 //! Starting the control service in-process for tests (its instances are real processes).
 
-use dlb::server::InProcess;
+use dlb::testing::InProcess;
 
 use crate::{Config, run};
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use dlb::bench::{self, BenchConfig, Progress};
-use dlb::call::Op;
+use dlb::client::Op;
+use dlb::client::bench::{self, BenchConfig, Progress};
 use dlb::events::EventLogArgs;
 use dlb::proto::v1::{
     FibonacciRequest, GetLoadRequest, Instance, InstanceRequest, InstanceState,

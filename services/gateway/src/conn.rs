@@ -208,7 +208,7 @@ impl Conn {
             Ok(Err(error)) => Err(format!(
                 "cannot connect to {}: {}",
                 self.shared.addr,
-                dlb::call::error_chain(error.as_ref())
+                dlb::status::error_chain(error.as_ref())
             )),
             Err(_) => Err(format!(
                 "connecting to {} timed out after {timeout:?}",

@@ -465,7 +465,7 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
                     if reset && in_a_row < RESETS_BEFORE_EJECTION {
                         tracing::debug!(
                             instance = %shared.stats.id,
-                            error = %dlb::call::error_chain(error.as_ref()),
+                            error = %dlb::status::error_chain(error.as_ref()),
                             in_a_row,
                             "instance reset the call's stream"
                         );
@@ -474,7 +474,7 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
                     shared.stats.resets_in_a_row.store(0, Ordering::Relaxed);
                     tracing::debug!(
                         instance = %shared.stats.id,
-                        error = %dlb::call::error_chain(error.as_ref()),
+                        error = %dlb::status::error_chain(error.as_ref()),
                         "call failed below gRPC; ejecting"
                     );
                     // Passive health: a connection failure (or the last of too many resets)

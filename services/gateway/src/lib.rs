@@ -18,6 +18,8 @@ pub mod health;
 pub mod membership;
 pub mod service;
 pub mod stats;
+#[cfg(feature = "test-fixtures")]
+#[cfg(feature = "test-fixtures")]
 pub mod testing;
 
 use std::future::Future;
@@ -25,14 +27,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dlb::events::EventLog;
-use dlb::health::HealthState;
 use dlb::proto::v1::gateway_server::GatewayServer;
+use dlb::server::{CLOSE_TIMEOUT, Incoming, Scaffold, Spec};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic_health::pb::health_check_response::ServingStatus;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 
@@ -48,9 +49,6 @@ use crate::stats::{GatewayStatsService, StatsSource};
 
 /// How long shutdown waits for calls in flight.
 pub const GRACE_PERIOD: Duration = Duration::from_secs(10);
-
-/// How long the server may take to close connections once drained.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn build_balancer(policy: Policy, discover: membership::Discovered) -> Balanced {
     match policy {
@@ -143,7 +141,15 @@ pub async fn run(
          (--max-connections), each with up to {} calls open (--max-concurrent-streams)",
         config.max_concurrent_streams
     );
-    let connections = dlb::server::Incoming::limited(max_connections);
+    let scaffold = Scaffold::new(Spec {
+        services: &["dlb.v1.Operations", "dlb.v1.Gateway"],
+        tls: &config.tls,
+        health_listen: config.health_listen,
+        connections: Incoming::limited(max_connections),
+        served_by: None,
+        max_concurrent_streams: Some(config.max_concurrent_streams),
+    })
+    .await?;
     let source = StatsSource {
         table: Arc::clone(&table),
         counters,
@@ -153,7 +159,7 @@ pub async fn run(
         max_in_flight: config.max_in_flight,
         health_interval_ms: config.health_interval_ms,
         probe_timeout_ms: config.probe_timeout_ms,
-        connections: connections.clone(),
+        connections: scaffold.connections().clone(),
         max_connections,
     };
     if let Some(metrics) = metrics {
@@ -164,27 +170,14 @@ pub async fn run(
         ));
     }
 
-    let health = HealthState::new(&["dlb.v1.Operations", "dlb.v1.Gateway"]);
-    let (reflection_v1, reflection_v1alpha) =
-        dlb::server::reflection(&["dlb.v1.Operations", "dlb.v1.Gateway"])?;
-
     let addr = listener
         .local_addr()
         .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
-    let stop = CancellationToken::new();
-    let mut builder =
-        dlb::server::builder(&config.tls)?.max_concurrent_streams(config.max_concurrent_streams);
-    if let Some(addr) = config.health_listen {
-        tracker.spawn(dlb::server::spawn_health_listener(addr, &health, stop.clone()).await?);
-    }
-    let server = builder
-        .add_service(health.service())
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(service.clone())
-        .add_service(GatewayServer::new(GatewayStatsService(source)))
-        .serve_with_incoming_shutdown(connections.accept(listener), stop.clone().cancelled_owned());
-    tokio::pin!(server);
+    let mut serving = scaffold.serve(listener, |router| {
+        router
+            .add_service(service.clone())
+            .add_service(GatewayServer::new(GatewayStatsService(source)))
+    })?;
     events.lifecycle(
         "started",
         &[
@@ -194,34 +187,26 @@ pub async fn run(
         ],
     );
 
-    let served = tokio::select! {
-        result = &mut server => Some(result),
-        () = shutdown => None,
-    };
-    if served.is_none() {
+    let served = serving.until(shutdown).await;
+    if served.is_ok() {
         tracing::info!(in_flight = service.in_flight(), "draining");
         events.lifecycle("draining", &[]);
-        health.set(ServingStatus::NotServing);
-        let _ = tokio::time::timeout(GRACE_PERIOD, async {
+        let idle = async {
             while service.in_flight() > 0 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-        })
-        .await;
-        health.close();
-        stop.cancel();
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await;
+        };
+        let _ = serving.drain(idle, GRACE_PERIOD).await;
+    } else {
+        let _ = serving.close().await;
     }
     cancel.cancel();
     tracker.close();
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, tracker.wait()).await;
     // Let callers read the last bytes before the process exits.
-    connections.closed().await;
+    serving.closed().await;
     events.lifecycle("stopped", &[]);
     writer_stop.cancel();
     let _ = writer.await;
-    match served {
-        Some(result) => result.map_err(RunError::from),
-        None => Ok(()),
-    }
+    served
 }

@@ -334,7 +334,7 @@ impl GatewayService {
                 Err(ForwardError(error)) if is_balance_error_source(error.as_ref()) => {
                     return Attempt::NoInstance;
                 }
-                Err(error) => return Attempt::Failed(dlb::call::error_chain(&error)),
+                Err(error) => return Attempt::Failed(dlb::status::error_chain(&error)),
             };
             let served_by = response
                 .extensions()
@@ -403,7 +403,7 @@ impl GatewayService {
             start,
             attempts,
             served_by.as_deref(),
-            dlb::call::code_name(status),
+            dlb::status::code_name(status),
         );
         add_headers(&mut head.headers, served_by.as_deref(), attempts);
         if data.is_empty() && trailers.is_none() {
@@ -438,7 +438,7 @@ impl GatewayService {
             start,
             attempts,
             served_by,
-            dlb::call::code_name(status.code()),
+            dlb::status::code_name(status.code()),
         );
         let mut metadata = MetadataMap::new();
         if let Some(value) = served_by.and_then(|s| MetadataValue::try_from(s).ok()) {
@@ -620,7 +620,7 @@ async fn read_answer(
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut total = 0usize;
     while let Some(data) = body.data().await {
-        let data = data.map_err(|e| ReadAnswerError::Failed(dlb::call::error_chain(&e)))?;
+        let data = data.map_err(|e| ReadAnswerError::Failed(dlb::status::error_chain(&e)))?;
         // Read, so the instance may send more (HTTP/2 flow control).
         let _ = body.flow_control().release_capacity(data.len());
         total += data.len();
@@ -632,7 +632,7 @@ async fn read_answer(
     let trailers = body
         .trailers()
         .await
-        .map_err(|e| ReadAnswerError::Failed(dlb::call::error_chain(&e)))?;
+        .map_err(|e| ReadAnswerError::Failed(dlb::status::error_chain(&e)))?;
     Ok((chunks, trailers))
 }
 

@@ -2,27 +2,31 @@
 
 use std::net::SocketAddr;
 
+use dlb::testing::InProcess;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 use crate::config::Backend;
 use crate::{Config, RunError, run};
 
-/// A gateway running on this process's runtime.
+/// A gateway running on this process's runtime: [`InProcess`] and where it serves `/metrics`.
 #[derive(Debug)]
 pub struct RunningGateway {
-    /// Where it serves gRPC.
-    pub addr: SocketAddr,
+    server: InProcess,
     /// Where it serves `/metrics`, if asked for.
     pub metrics_addr: Option<SocketAddr>,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), RunError>>,
+}
+
+impl std::ops::Deref for RunningGateway {
+    type Target = InProcess;
+
+    fn deref(&self) -> &InProcess {
+        &self.server
+    }
 }
 
 impl RunningGateway {
     /// Starts a gateway over a static list of `backends` (and `config.control`, if set) with
-    /// `config` (use port 0).
+    /// `config` (use port 0), and `/metrics` on a port of its own when `metrics`.
     ///
     /// # Errors
     ///
@@ -32,45 +36,30 @@ impl RunningGateway {
         backends: Vec<Backend>,
         metrics: bool,
     ) -> std::io::Result<Self> {
-        config.backends = backends.clone();
-        let listener = TcpListener::bind(config.listen).await?;
-        let addr = listener.local_addr()?;
+        config.backends = backends;
         let metrics = if metrics {
             Some(TcpListener::bind("127.0.0.1:0").await?)
         } else {
             None
         };
         let metrics_addr = metrics.as_ref().map(TcpListener::local_addr).transpose()?;
-        let (stop, stopped) = oneshot::channel::<()>();
         let membership = config.membership();
-        let task = tokio::spawn(run(listener, metrics, config, membership, async {
-            let _ = stopped.await;
-        }));
+        let server = InProcess::start(config.listen, move |listener, shutdown| {
+            run(listener, metrics, config, membership, shutdown)
+        })
+        .await?;
         Ok(Self {
-            addr,
+            server,
             metrics_addr,
-            stop: Some(stop),
-            task,
         })
     }
 
-    /// `http://` URI of the gateway.
-    pub fn uri(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Drains and waits for [`run`] to return.
+    /// Drains and waits for [`run`] to return; a panic in it is passed on.
     ///
     /// # Errors
     ///
     /// What `run` returned.
-    pub async fn shutdown(mut self) -> Result<(), RunError> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.task.await {
-            Ok(result) => result,
-            Err(join) => Err(RunError::Config(format!("gateway task failed: {join}"))),
-        }
+    pub async fn shutdown(self) -> Result<(), RunError> {
+        self.server.shutdown().await
     }
 }

@@ -829,7 +829,7 @@ async fn malformed_requests_get_the_protocol_status_and_the_connection_serves_on
         for (name, encoding, body, code) in &cases {
             let (status, message, headers) = h2_call(&client, REVERSE, *encoding, body).await;
             let case = format!("{via} {name}");
-            assert_eq!(dlb::call::code_name(status), *code, "{case}: {message}");
+            assert_eq!(dlb::status::code_name(status), *code, "{case}: {message}");
             assert!(!message.is_empty(), "{case}: a message");
             if *code == "UNIMPLEMENTED" {
                 // The spec: the server says which encodings it accepts.

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use dlb::bench::{self, BenchConfig, Progress};
-use dlb::call::Op;
+use dlb::client::Op;
+use dlb::client::bench::{self, BenchConfig, Progress};
 use dlb::events::EventLogArgs;
 use dlb::proto::v1::{
     FibonacciRequest, GetLoadRequest, ReverseRequest, load_client::LoadClient,
@@ -800,10 +800,10 @@ async fn dlb_clients_send_a_call_again_when_its_stream_was_refused_unprocessed()
     let mut client = OperationsClient::new(channel(&format!("http://{refusing}")).await);
     let status = abc.send(&mut client, Some(PATIENCE)).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(dlb::call::refused_unprocessed(&status), "{status:?}");
+    assert!(dlb::client::refused_unprocessed(&status), "{status:?}");
     assert_eq!(
         calls.load(Ordering::Relaxed),
-        dlb::call::REFUSED_STREAM_TRIES as usize
+        dlb::client::REFUSED_STREAM_TRIES as usize
     );
     task.abort();
 }

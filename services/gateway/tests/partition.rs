@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use dlb::bench::{self, BenchConfig, Progress};
-use dlb::call::Op;
+use dlb::client::Op;
+use dlb::client::bench::{self, BenchConfig, Progress};
 use dlb::testing::RedisServer;
 use dlb_gateway::Config;
 use dlb_gateway::config::Discover;

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use dlb::bench::{self, BenchConfig, Progress};
-use dlb::call::Op;
+use dlb::client::Op;
+use dlb::client::bench::{self, BenchConfig, Progress};
 use dlb::proto::v1::{
     ListInstancesRequest, ReverseRequest, control_client::ControlClient,
     operations_client::OperationsClient,
@@ -68,7 +68,7 @@ async fn check(channel: Channel) -> Result<(), String> {
     .await
     {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(status)) => Err(dlb::call::status_message(&status)),
+        Ok(Err(status)) => Err(dlb::client::status_message(&status)),
         Err(_) => Err("no answer within 5 s".to_owned()),
     }
 }

@@ -487,7 +487,7 @@ pub async fn poll_gateway(
             Err(status) => {
                 m.sources
                     .gateway
-                    .set("down", Some(dlb::call::status_message(&status)));
+                    .set("down", Some(dlb::client::status_message(&status)));
                 m.set_stats(None);
             }
         });
@@ -517,7 +517,7 @@ pub async fn watch_control(collector: Arc<Collector>, channel: Channel, cancel: 
             () = cancel.cancelled() => return,
             result = followed => match result {
                 Ok(()) => continue,
-                Err(status) => dlb::call::status_message(&status),
+                Err(status) => dlb::client::status_message(&status),
             },
         };
         collector.update(|m| {
@@ -568,7 +568,7 @@ pub async fn tail_events(
                 }
                 "connection to Redis lost".to_owned()
             }
-            Err(error) => dlb::call::error_chain(&error),
+            Err(error) => dlb::status::error_chain(&error),
         };
         collector.update(|m| {
             if m.sources.redis.set("down", Some(error)) {

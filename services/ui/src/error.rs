@@ -69,7 +69,7 @@ impl AppError {
     /// connection failed): control is unreachable. Without one it is control's own answer,
     /// whose messages are written for users (they name the id and the known ones).
     pub fn from_control(status: &tonic::Status, control: &str) -> Self {
-        let message = dlb::call::status_message(status);
+        let message = dlb::client::status_message(status);
         if std::error::Error::source(status).is_some() {
             return AppError::Unavailable(format!(
                 "control at {control} is unreachable: {message}"

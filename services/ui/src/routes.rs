@@ -23,7 +23,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use dlb::call::Op;
+use dlb::client::Op;
 use dlb::events::Kind;
 use dlb::proto::v1::{AddInstanceRequest, InstanceRequest, StopInstanceRequest};
 use serde::Deserialize;
@@ -154,7 +154,7 @@ pub async fn events(
     let events = match reader.recent(scan).await {
         Ok(events) => events,
         Err(error) => {
-            let message = dlb::call::error_chain(&error);
+            let message = dlb::status::error_chain(&error);
             state.inner.collector.redis_failed(message.clone());
             return Err(AppError::Unavailable(format!(
                 "event log unavailable: {message}"
@@ -222,7 +222,7 @@ pub async fn call(
         _ => {}
     }
     let mut client = state.inner.operations.clone();
-    let mut outcome = dlb::call::call(&mut client, &op, Some(state.inner.call_timeout)).await;
+    let mut outcome = dlb::client::call(&mut client, &op, Some(state.inner.call_timeout)).await;
     if let Some(Value::Object(result)) = &mut outcome.result
         && let Some(Value::String(value)) = result.get_mut("value")
         && value.len() > MAX_SHOWN_DIGITS

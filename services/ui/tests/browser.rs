@@ -141,7 +141,7 @@ fn fmt_count(n: u64) -> String {
 async fn the_dashboard_runs_the_mesh_in_a_real_browser() {
     let mut mesh = TestMesh::start(3).await;
     let browser = Browser::start().await;
-    let url = mesh.ui.url();
+    let url = mesh.ui.uri();
     browser.goto(&url).await;
 
     // Page weight of a full load: the document and every asset (the event stream stays open

@@ -420,7 +420,7 @@ fn metadata_pairs(metadata: &tonic::metadata::MetadataMap) -> Vec<(String, Strin
 
 /// The protocol's name of `code` (`INVALID_ARGUMENT`).
 pub fn code_name(code: Code) -> String {
-    dlb::call::code_name(code).to_owned()
+    dlb::status::code_name(code).to_owned()
 }
 
 /// Messages as raw bytes, for tonic's generic client.

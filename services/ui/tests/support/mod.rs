@@ -4,7 +4,7 @@
 
 pub mod webdriver;
 
-use dlb::server::InProcess;
+use dlb::testing::InProcess;
 use dlb::testing::{RedisServer, workspace_binary};
 use dlb_gateway::testing::RunningGateway;
 use dlb_ui::testing::RunningUi;
@@ -35,7 +35,7 @@ impl TestMesh {
         let mut ui_config =
             dlb_ui::Config::for_tests(&gateway.addr.to_string(), Some(&control.addr.to_string()));
         ui_config.events.redis = redis.url();
-        let ui = RunningUi::start(ui_config).await.unwrap();
+        let ui = dlb_ui::testing::start(ui_config).await.unwrap();
         Self {
             redis,
             control,

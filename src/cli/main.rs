@@ -1,5 +1,14 @@
 //! The `dlb` CLI: `dlb up`/`dlb down` run the whole mesh, `dlb call` runs one operation,
 //! `dlb bench` measures throughput and latency.
+//!
+//! Its modules are the binary's own: no service links them (services use the `dlb` library
+//! only), so changing one rebuilds this binary alone.
+
+mod certs;
+mod process;
+mod report;
+mod suite;
+mod up;
 
 use std::io::Read;
 use std::process::ExitCode;
@@ -8,8 +17,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use dlb::bench::{self, BenchConfig, Progress};
-use dlb::call::{self, Op};
+use dlb::client::bench::{self, BenchConfig, Progress};
+use dlb::client::{self, Op};
 use dlb::proto::v1::operations_client::OperationsClient;
 
 /// The gateway's default address: where users send work.
@@ -30,20 +39,20 @@ struct Cli {
 enum Command {
     /// Start the whole mesh (Redis, control with compute instances, gateway, dashboard) and
     /// stop it all on Ctrl-C.
-    Up(dlb::up::UpArgs),
+    Up(up::UpArgs),
     /// Stop a mesh started with `dlb up --detach`.
-    Down(dlb::up::DownArgs),
+    Down(up::DownArgs),
     /// Run one operation and print its result, the instance that served it and the latency.
     Call(CallArgs),
     /// Measure throughput and latency against one or more addresses.
     Bench(BenchArgs),
     /// The benchmark suite: direct, dlb-gateway, NGINX and HAProxy in one run, with a report.
-    BenchSuite(dlb::suite::SuiteArgs),
+    BenchSuite(suite::SuiteArgs),
     /// Ask a service's grpc.health.v1 Check; exit 0 only when it answers SERVING (for
     /// container health checks and scripts).
     Health(HealthArgs),
     /// Certificates for mutual TLS (`dlb certs init DIR`).
-    Certs(CertsArgs),
+    Certs(certs::CertsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -60,25 +69,6 @@ struct HealthArgs {
     /// TLS towards --addr.
     #[command(flatten)]
     tls: dlb::tls::TlsArgs,
-}
-
-#[derive(Debug, Args)]
-struct CertsArgs {
-    #[command(subcommand)]
-    command: CertsCommand,
-}
-
-#[derive(Debug, Subcommand)]
-enum CertsCommand {
-    /// Make a private CA and a certificate for each service (gateway, compute, control, ui,
-    /// client) in DIR, valid for localhost, 127.0.0.1 and ::1 (and each --host), for mutual TLS.
-    Init {
-        /// Where to write them (created if missing; existing files are never overwritten).
-        dir: std::path::PathBuf,
-        /// Another name or address the certificates are valid for (repeat for several).
-        #[arg(long = "host")]
-        hosts: Vec<String>,
-    },
 }
 
 #[derive(Debug, Args)]
@@ -194,13 +184,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Up(args) => Ok(dlb::up::up(args).await),
-            Command::Down(args) => Ok(dlb::up::down(args).await),
+            Command::Up(args) => Ok(up::up(args).await),
+            Command::Down(args) => Ok(up::down(args).await),
             Command::Call(args) => run_call(args).await,
             Command::Bench(args) => run_bench(args).await,
-            Command::BenchSuite(args) => Ok(dlb::suite::suite(args).await),
+            Command::BenchSuite(args) => Ok(suite::suite(args).await),
             Command::Health(args) => run_health(args).await,
-            Command::Certs(args) => run_certs(args),
+            Command::Certs(args) => certs::run(args),
         }
     });
     match result {
@@ -208,23 +198,6 @@ fn main() -> ExitCode {
         Err(message) => {
             eprintln!("dlb: {message}");
             ExitCode::from(2)
-        }
-    }
-}
-
-fn run_certs(args: CertsArgs) -> Result<ExitCode, String> {
-    match args.command {
-        CertsCommand::Init { dir, hosts } => {
-            let files = dlb::tls::init(&dir, &hosts)?;
-            println!("wrote {} files to {}:", files.len(), dir.display());
-            for file in &files {
-                println!("  {}", file.display());
-            }
-            let d = dir.display();
-            println!(
-                "\nmutual TLS, for example:\n  dlb-compute --tls-cert {d}/compute.pem --tls-key {d}/compute.key --tls-ca {d}/ca.pem\n  dlb-gateway --tls-cert {d}/gateway.pem --tls-key {d}/gateway.key --tls-ca {d}/ca.pem --backend A=127.0.0.1:13001\n  dlb call --tls-cert {d}/client.pem --tls-key {d}/client.key --tls-ca {d}/ca.pem reverse hello\nKeep ca.key private: whoever has it can mint certificates every service trusts."
-            );
-            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -258,7 +231,7 @@ async fn run_health(args: HealthArgs) -> Result<ExitCode, String> {
             false,
         ),
         Ok(Err(status)) => {
-            let message = dlb::call::status_message(&status);
+            let message = dlb::client::status_message(&status);
             let hint = dlb::tls::hint(&message, tls)
                 .filter(|_| std::error::Error::source(&status).is_some())
                 .map(|h| format!("\nhint: {h}"))
@@ -321,7 +294,7 @@ async fn run_call(args: CallArgs) -> Result<ExitCode, String> {
         .connect_lazy();
     let mut client =
         OperationsClient::new(channel).max_decoding_message_size(dlb::endpoint::MAX_RESPONSE_BYTES);
-    let outcome = call::call(&mut client, &op, Some(timeout)).await;
+    let outcome = client::call(&mut client, &op, Some(timeout)).await;
     if args.json {
         println!(
             "{}",
@@ -398,7 +371,7 @@ async fn run_bench(args: BenchArgs) -> Result<ExitCode, String> {
             serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
         );
     } else {
-        print!("{}", report.human());
+        print!("{}", report::human(&report));
     }
     // A run where nothing succeeded measured nothing: say so in the exit status too.
     Ok(if report.requests > 0 && report.ok == 0 {

@@ -1,5 +1,6 @@
-//! `dlb call`: one operation against a gateway or a compute instance, with its result, the
-//! instance that served it and the latency.
+//! One operation against a gateway or a compute instance, with its result, the instance that
+//! served it and the latency (what `dlb call` and the dashboard's form send), and how a failed
+//! call's status reads to the person who made it.
 
 use std::time::{Duration, Instant};
 
@@ -7,12 +8,13 @@ use serde::Serialize;
 use serde_json::json;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Request, Status};
 
 use crate::proto::v1::{
     Certainty, FibonacciRequest, IsPalindromeRequest, IsPrimeRequest, ReverseRequest,
     WordCountRequest, operations_client::OperationsClient,
 };
+use crate::status::code_name;
 
 /// One of the five operations with its input.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,44 +238,6 @@ pub struct CallError {
     /// The failure happened on this client's own connection (not answered by a server).
     #[serde(skip)]
     pub local: bool,
-}
-
-/// The canonical upper-case name of a gRPC status code.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-/// An error followed by its sources, e.g. "transport error: Connection refused (os error 111)".
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        let text = inner.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = inner.source();
-    }
-    message
 }
 
 /// The code name of a failed call as the caller should see it: tonic reports its own

@@ -1,4 +1,4 @@
-//! `dlb bench`: the load generator every dlb performance claim is measured with.
+//! The load generator behind `dlb bench`: every dlb performance claim is measured with.
 //!
 //! Two modes over any list of addresses, with several HTTP/2 connections per address:
 //! - closed loop: `concurrency` workers each send the next request as soon as the last returns;
@@ -19,7 +19,7 @@ use std::time::Instant;
 use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::Channel;
 
-use crate::call::Op;
+use crate::client::Op;
 use crate::proto::v1::operations_client::OperationsClient;
 
 /// Default connections opened to each address.
@@ -73,7 +73,7 @@ pub enum BenchError {
     #[error(transparent)]
     Addr(#[from] crate::endpoint::AddrError),
     /// A connection could not be opened.
-    #[error("cannot connect to {addr}: {}", crate::call::error_chain(source))]
+    #[error("cannot connect to {addr}: {}", crate::status::error_chain(source))]
     Connect {
         /// The address.
         addr: String,
@@ -224,8 +224,8 @@ async fn send_one(client: &mut OperationsClient<Channel>, op: &Op, timeout: Dura
                 .map(str::to_owned),
         },
         Err(status) => Outcome {
-            code: Some(crate::call::failure_code(&status)),
-            message: Some(crate::call::status_message(&status)),
+            code: Some(crate::client::failure_code(&status)),
+            message: Some(crate::client::status_message(&status)),
             served_by: status
                 .metadata()
                 .get(crate::metadata::SERVED_BY)
@@ -510,60 +510,4 @@ async fn open_loop(
     let (tally, end) = collector.await.unwrap_or_else(|_| (Tally::new(), None));
     let end = end.unwrap_or(measure_from);
     (tally, end.saturating_duration_since(measure_from))
-}
-
-impl BenchReport {
-    /// The human-readable report.
-    pub fn human(&self) -> String {
-        let ms = |us: f64| format!("{:.3} ms", us / 1000.0);
-        let mut out = String::new();
-        let shape = match (self.mode, self.concurrency, self.rate) {
-            ("closed", Some(c), _) => format!("closed loop, concurrency {c}"),
-            (_, _, Some(r)) => format!("open loop, {r} req/s"),
-            _ => self.mode.to_owned(),
-        };
-        out.push_str(&format!(
-            "{} over {} address(es), {} connection(s): {}\n",
-            self.op,
-            self.addrs.len(),
-            self.connections,
-            shape
-        ));
-        out.push_str(&format!(
-            "requests    {} in {:.2} s (ok {}, errors {})\n",
-            self.requests,
-            self.elapsed_secs,
-            self.ok,
-            self.requests - self.ok
-        ));
-        out.push_str(&format!("throughput  {:.1} req/s\n", self.throughput));
-        let l = &self.latency;
-        out.push_str(&format!(
-            "latency     p50 {}  p90 {}  p99 {}  p99.9 {}  max {}\n",
-            ms(l.p50_us),
-            ms(l.p90_us),
-            ms(l.p99_us),
-            ms(l.p999_us),
-            ms(l.max_us)
-        ));
-        let total: u64 = self.per_instance.values().sum();
-        let split: Vec<String> = self
-            .per_instance
-            .iter()
-            .map(|(id, n)| format!("{id} {n} ({:.1}%)", 100.0 * *n as f64 / total.max(1) as f64))
-            .collect();
-        out.push_str(&format!("instances   {}\n", split.join("  ")));
-        if !self.errors.is_empty() {
-            let errors: Vec<String> = self
-                .errors
-                .iter()
-                .map(|(code, n)| format!("{code} {n}"))
-                .collect();
-            out.push_str(&format!("errors      {}\n", errors.join("  ")));
-            for (code, message) in &self.error_samples {
-                out.push_str(&format!("  first {code}: {message}\n"));
-            }
-        }
-        out
-    }
 }

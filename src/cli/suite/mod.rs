@@ -1,0 +1,580 @@
+//! `dlb bench-suite` (`just bench`): dlb's gateway against direct calls, NGINX `grpc_pass` and
+//! HAProxy in HTTP/2 mode, measured in one run on this machine.
+//!
+//! Three compute instances are started, then each path in front of them: direct (the load
+//! generator spreads over the three itself), `dlb-gateway`, NGINX and HAProxy (each from a
+//! generated configuration, round robin over the three, keepalive on, the same number of
+//! threads for each: `--threads`, one by default). Every scenario runs its paths interleaved
+//! (A B C D A B C D ...) for `--reps` repetitions; the report gives medians and the median of the per-repetition ratios.
+//! A proxy that is not installed is reported and left out; this is a benchmark, not a test.
+//!
+//! Output: `target/bench/suite.md` (a table), `suite.json` and `suite.svg` (a chart).
+
+mod proxies;
+mod report;
+mod svg;
+
+use self::proxies::{Children, STREAMS, haproxy_config, nginx_config, wait_answers};
+use self::report::{markdown, median, summarize};
+use crate::process::find_program;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::process::{Child, Command};
+
+use dlb::client::Op;
+use dlb::client::bench::{self, BenchConfig, BenchReport, Progress};
+
+/// Flags of `dlb bench-suite`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SuiteArgs {
+    /// Repetitions of every scenario and path (interleaved).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Measured seconds of each run.
+    #[arg(long, default_value_t = 3.0)]
+    pub duration: f64,
+    /// Warm-up seconds before each run.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    /// Where the report goes.
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+    /// Where the service binaries are (default: next to this `dlb`, built there if missing).
+    #[arg(long, env = "DLB_BIN_DIR")]
+    pub bin_dir: Option<PathBuf>,
+    /// Leave out NGINX and HAProxy even when installed.
+    #[arg(long)]
+    pub no_proxies: bool,
+    /// Only these paths (of direct, dlb-gateway, nginx, haproxy; comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub paths: Vec<String>,
+    /// Threads of each proxy, the same for all: the gateway's --threads, NGINX's worker
+    /// processes, HAProxy's nbthread. One by default: the load generator and the three
+    /// instances run on the same machine.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Only these scenarios (of saturation, c1, open, fib, reverse_1mib; comma-separated;
+    /// open needs saturation, whose direct rate it takes half of).
+    #[arg(long, value_delimiter = ',')]
+    pub scenarios: Vec<String>,
+}
+
+/// One way to reach the instances.
+#[derive(Debug, Clone, Serialize)]
+struct Target {
+    name: &'static str,
+    addrs: Vec<String>,
+    /// The proxy's processes (empty for direct).
+    #[serde(skip)]
+    pids: Vec<u32>,
+}
+
+/// One scenario.
+#[derive(Debug, Clone)]
+struct Scenario {
+    key: &'static str,
+    title: &'static str,
+    op: Op,
+    concurrency: usize,
+    /// Open loop at this fraction of the direct saturation rate.
+    open_fraction: Option<f64>,
+}
+
+/// One measured run.
+#[derive(Debug, Clone, Serialize)]
+struct Run {
+    rep: usize,
+    throughput: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    ok: u64,
+    errors: u64,
+}
+
+/// Medians of one path in one scenario.
+#[derive(Debug, Clone, Serialize, Default)]
+struct Summary {
+    throughput: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    errors: u64,
+}
+
+/// What one proxy process tree used over the whole suite.
+#[derive(Debug, Clone, Serialize)]
+struct Usage {
+    cpu_secs: f64,
+    peak_rss_mb: f64,
+}
+
+/// A target met or not.
+#[derive(Debug, Clone, Serialize)]
+struct Verdict {
+    target: String,
+    measured: String,
+    met: bool,
+}
+
+/// The whole report (also written as JSON).
+#[derive(Debug, Clone, Serialize)]
+struct Report {
+    machine: String,
+    /// Threads of each proxy.
+    threads: usize,
+    reps: usize,
+    duration_secs: f64,
+    paths: Vec<&'static str>,
+    skipped: Vec<String>,
+    open_rate: f64,
+    runs: BTreeMap<String, BTreeMap<&'static str, Vec<Run>>>,
+    medians: BTreeMap<String, BTreeMap<&'static str, Summary>>,
+    ratios: BTreeMap<String, BTreeMap<String, f64>>,
+    usage: BTreeMap<&'static str, Usage>,
+    verdicts: Vec<Verdict>,
+}
+
+fn say(message: impl AsRef<str>) {
+    eprintln!("bench-suite: {}", message.as_ref());
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port on 127.0.0.1: {e}"))
+}
+
+/// CPU seconds (user + system) and resident peak of `pid` and its children.
+fn usage_of(pids: &[u32]) -> (f64, f64) {
+    let ticks_per_sec = 100.0;
+    let mut all: Vec<u32> = pids.to_vec();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+            let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let (_, rest) = s.rsplit_once(')')?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                });
+            if parent.is_some_and(|p| pids.contains(&p)) && !all.contains(&pid) {
+                all.push(pid);
+            }
+        }
+    }
+    let (mut cpu, mut rss_kb) = (0.0, 0.0);
+    for pid in all {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            && let Some((_, rest)) = stat.rsplit_once(')')
+        {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let field = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+            cpu += (field(11).unwrap_or(0.0) + field(12).unwrap_or(0.0)) / ticks_per_sec;
+        }
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            rss_kb += status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
+    }
+    (cpu, rss_kb / 1024.0)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_owned())
+        .unwrap_or_default();
+    format!("{cores} cores, {cpu}, Linux {kernel}")
+}
+
+/// Runs `dlb bench-suite`.
+pub async fn suite(args: SuiteArgs) -> ExitCode {
+    let mut children = Children::default();
+    let result = run_suite(&args, &mut children).await;
+    children.stop_all().await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            say(format!("error: {message}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), String> {
+    if args.reps == 0 {
+        return Err("--reps must be at least 1".to_owned());
+    }
+    let duration = Duration::try_from_secs_f64(args.duration)
+        .map_err(|_| "--duration must be a positive number of seconds".to_owned())?;
+    let warmup = Duration::try_from_secs_f64(args.warmup)
+        .map_err(|_| "--warmup must be a number of seconds".to_owned())?;
+    let bins = crate::up::service_binaries(args.bin_dir.as_deref())?;
+    if args.threads == 0 {
+        return Err("--threads must be at least 1".to_owned());
+    }
+    let threads = args.threads;
+    let work = args.out.join("work");
+    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+
+    // Three instances.
+    let mut backends = Vec::new();
+    for id in ["A", "B", "C"] {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let name = format!("compute {id}");
+        children.spawn(
+            &name,
+            &bins.join("dlb-compute"),
+            &[
+                "--id".into(),
+                id.into(),
+                "--listen".into(),
+                addr.clone(),
+                "--redis".into(),
+                "none".into(),
+            ],
+        )?;
+        wait_answers(children, &name, &addr).await?;
+        backends.push(addr);
+    }
+    say(format!("instances: {}", backends.join(", ")));
+
+    let mut targets = vec![Target {
+        name: "direct",
+        addrs: backends.clone(),
+        pids: Vec::new(),
+    }];
+    let mut skipped = Vec::new();
+
+    // The gateway.
+    let gateway = format!("127.0.0.1:{}", free_port()?);
+    let backend_flag = ["A", "B", "C"]
+        .iter()
+        .zip(&backends)
+        .map(|(id, addr)| format!("{id}={addr}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pid = children.spawn(
+        "dlb-gateway",
+        &bins.join("dlb-gateway"),
+        &[
+            "--listen".into(),
+            gateway.clone(),
+            "--metrics-listen".into(),
+            "none".into(),
+            "--backend".into(),
+            backend_flag,
+            "--redis".into(),
+            "none".into(),
+            "--threads".into(),
+            threads.to_string(),
+            "--max-concurrent-streams".into(),
+            STREAMS.to_string(),
+        ],
+    )?;
+    wait_answers(children, "dlb-gateway", &gateway).await?;
+    targets.push(Target {
+        name: "dlb-gateway",
+        addrs: vec![gateway],
+        pids: vec![pid],
+    });
+
+    if args.no_proxies {
+        skipped.push("nginx and haproxy (--no-proxies)".to_owned());
+    } else {
+        match find_program("nginx") {
+            None => skipped.push(
+                "nginx: not installed (`sudo apt-get install -y nginx-light` or `nginx`)"
+                    .to_owned(),
+            ),
+            Some(nginx) => {
+                let dir = std::path::absolute(work.join("nginx"))
+                    .map_err(|e| format!("nginx dir: {e}"))?;
+                for sub in ["", "body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+                    std::fs::create_dir_all(dir.join(sub))
+                        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                }
+                let port = free_port()?;
+                let conf = dir.join("nginx.conf");
+                std::fs::write(&conf, nginx_config(&dir, port, &backends, threads))
+                    .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+                let addr = format!("127.0.0.1:{port}");
+                let pid = children.spawn(
+                    "nginx",
+                    &nginx,
+                    &[
+                        "-p".into(),
+                        dir.display().to_string(),
+                        "-c".into(),
+                        conf.display().to_string(),
+                    ],
+                )?;
+                match wait_answers(children, "nginx", &addr).await {
+                    Ok(()) => targets.push(Target {
+                        name: "nginx",
+                        addrs: vec![addr],
+                        pids: vec![pid],
+                    }),
+                    Err(error) => skipped.push(format!("nginx: {error}")),
+                }
+            }
+        }
+        match find_program("haproxy") {
+            None => skipped
+                .push("haproxy: not installed (`sudo apt-get install -y haproxy`)".to_owned()),
+            Some(haproxy) => {
+                let port = free_port()?;
+                let conf = work.join("haproxy.cfg");
+                std::fs::write(&conf, haproxy_config(port, &backends, threads))
+                    .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+                let addr = format!("127.0.0.1:{port}");
+                let pid = children.spawn(
+                    "haproxy",
+                    &haproxy,
+                    &["-db".into(), "-f".into(), conf.display().to_string()],
+                )?;
+                match wait_answers(children, "haproxy", &addr).await {
+                    Ok(()) => targets.push(Target {
+                        name: "haproxy",
+                        addrs: vec![addr],
+                        pids: vec![pid],
+                    }),
+                    Err(error) => skipped.push(format!("haproxy: {error}")),
+                }
+            }
+        }
+    }
+    if !args.paths.is_empty() {
+        for wanted in &args.paths {
+            if !["direct", "dlb-gateway", "nginx", "haproxy"].contains(&wanted.as_str()) {
+                return Err(format!(
+                    "--paths: unknown path {wanted:?} (use direct, dlb-gateway, nginx, haproxy)"
+                ));
+            }
+        }
+        targets.retain(|t| args.paths.iter().any(|p| p == t.name));
+        if !targets.iter().any(|t| t.name == "direct") {
+            return Err("--paths must include direct (the baseline)".to_owned());
+        }
+    }
+    for skip in &skipped {
+        say(format!("skipped {skip}"));
+    }
+
+    let scenarios = pick_scenarios(all_scenarios(), &args.scenarios)?;
+
+    let before: BTreeMap<&str, f64> = targets
+        .iter()
+        .filter(|t| !t.pids.is_empty())
+        .map(|t| (t.name, usage_of(&t.pids).0))
+        .collect();
+    let mut runs: BTreeMap<String, BTreeMap<&'static str, Vec<Run>>> = BTreeMap::new();
+    let mut open_rate = 0.0;
+    let total = scenarios.len() * args.reps * targets.len();
+    let mut done = 0;
+    for scenario in &scenarios {
+        let rate = scenario.open_fraction.map(|fraction| {
+            let direct: Vec<f64> = runs
+                .get("saturation")
+                .and_then(|r| r.get("direct"))
+                .map(|r| r.iter().map(|run| run.throughput).collect())
+                .unwrap_or_default();
+            open_rate = (median(direct) * fraction).max(1.0);
+            open_rate
+        });
+        for rep in 0..args.reps {
+            for target in &targets {
+                done += 1;
+                say(format!(
+                    "[{done}/{total}] {} via {} (rep {})",
+                    scenario.key,
+                    target.name,
+                    rep + 1
+                ));
+                let config = BenchConfig {
+                    addrs: target.addrs.clone(),
+                    op: scenario.op.clone(),
+                    concurrency: scenario.concurrency.max(1),
+                    rate,
+                    connections: bench::DEFAULT_CONNECTIONS,
+                    warmup,
+                    duration,
+                    requests: None,
+                    timeout: Duration::from_secs(10),
+                    tls: None,
+                };
+                let report: BenchReport =
+                    bench::run(config, Arc::new(Progress::default()))
+                        .await
+                        .map_err(|e| format!("{} via {}: {e}", scenario.key, target.name))?;
+                let errors: u64 = report.errors.values().sum();
+                if errors > 0 {
+                    say(format!(
+                        "  {errors} errors via {}: {:?}",
+                        target.name, report.errors
+                    ));
+                }
+                runs.entry(scenario.key.to_owned())
+                    .or_default()
+                    .entry(target.name)
+                    .or_default()
+                    .push(Run {
+                        rep,
+                        throughput: report.throughput,
+                        p50_us: report.latency.p50_us,
+                        p99_us: report.latency.p99_us,
+                        p999_us: report.latency.p999_us,
+                        ok: report.ok,
+                        errors,
+                    });
+            }
+        }
+    }
+    let usage: BTreeMap<&'static str, Usage> = targets
+        .iter()
+        .filter(|t| !t.pids.is_empty())
+        .map(|t| {
+            let (cpu, rss) = usage_of(&t.pids);
+            (
+                t.name,
+                Usage {
+                    cpu_secs: cpu - before.get(t.name).copied().unwrap_or(0.0),
+                    peak_rss_mb: rss,
+                },
+            )
+        })
+        .collect();
+
+    let report = summarize(args, &targets, skipped, open_rate, runs, usage, &scenarios);
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+    let markdown = markdown(&report, &scenarios);
+    let chart = svg::svg(&report, &scenarios);
+    for (name, text) in [
+        ("suite.json", json),
+        ("suite.md", markdown.clone()),
+        ("suite.svg", chart),
+    ] {
+        let path = args.out.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    println!("{markdown}");
+    say(format!(
+        "wrote {0}/suite.md, {0}/suite.json and {0}/suite.svg",
+        args.out.display()
+    ));
+    Ok(())
+}
+
+/// Every scenario, in the order they run.
+fn all_scenarios() -> [Scenario; 5] {
+    [
+        Scenario {
+            key: "saturation",
+            title: "Reverse(\"hello\"), concurrency 64",
+            op: Op::Reverse {
+                text: "hello".into(),
+            },
+            concurrency: 64,
+            open_fraction: None,
+        },
+        Scenario {
+            key: "c1",
+            title: "Reverse(\"hello\"), concurrency 1",
+            op: Op::Reverse {
+                text: "hello".into(),
+            },
+            concurrency: 1,
+            open_fraction: None,
+        },
+        Scenario {
+            key: "open",
+            title: "Reverse(\"hello\"), open loop at 50% of direct saturation",
+            op: Op::Reverse {
+                text: "hello".into(),
+            },
+            concurrency: 0,
+            open_fraction: Some(0.5),
+        },
+        Scenario {
+            key: "fib",
+            title: "Fibonacci(100000), concurrency 16",
+            op: Op::Fibonacci { n: 100_000 },
+            concurrency: 16,
+            open_fraction: None,
+        },
+        Scenario {
+            key: "reverse_1mib",
+            title: "Reverse of 1 MiB, concurrency 4",
+            op: Op::Reverse {
+                text: "abcdefgh".repeat(128 * 1024),
+            },
+            concurrency: 4,
+            open_fraction: None,
+        },
+    ]
+}
+
+/// The scenarios `--scenarios` names, in the suite's order (all when it names none).
+fn pick_scenarios(all: [Scenario; 5], wanted: &[String]) -> Result<Vec<Scenario>, String> {
+    if wanted.is_empty() {
+        return Ok(all.into());
+    }
+    let keys: Vec<&str> = all.iter().map(|s| s.key).collect();
+    if let Some(unknown) = wanted.iter().find(|w| !keys.contains(&w.as_str())) {
+        return Err(format!(
+            "--scenarios: unknown scenario {unknown:?} (use {})",
+            keys.join(", ")
+        ));
+    }
+    let has = |key: &str| wanted.iter().any(|w| w == key);
+    if has("open") && !has("saturation") {
+        return Err(
+            "--scenarios: open needs saturation too (its rate is half the direct saturation rate)"
+                .to_owned(),
+        );
+    }
+    Ok(all.into_iter().filter(|s| has(s.key)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scenarios_are_picked_by_key_and_open_needs_saturation() {
+        let keys = |wanted: &[&str]| {
+            let wanted: Vec<String> = wanted.iter().map(|w| (*w).to_owned()).collect();
+            pick_scenarios(all_scenarios(), &wanted)
+                .map(|s| s.iter().map(|s| s.key).collect::<Vec<_>>())
+        };
+        assert_eq!(keys(&[]).unwrap().len(), 5);
+        assert_eq!(keys(&["c1", "saturation"]).unwrap(), ["saturation", "c1"]);
+        assert!(keys(&["open"]).unwrap_err().contains("needs saturation"));
+        assert!(
+            keys(&["fast"])
+                .unwrap_err()
+                .contains("unknown scenario \"fast\"")
+        );
+    }
+}

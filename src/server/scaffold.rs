@@ -1,0 +1,234 @@
+//! The one serve-and-drain sequence of compute, gateway and control: each `run` describes its
+//! server ([`Spec`]), adds its own services ([`Scaffold::serve`]) and says what "idle" means
+//! for it ([`Serving::drain`]); the listener, TLS, health, reflection, the exact statuses, the
+//! health-only port, the drain order and the close timeout are here, once.
+//!
+//! The drain order every server keeps: health says NOT_SERVING (gateways and probes stop
+//! sending), the calls in flight end (bounded by the server's grace period), `Watch` streams
+//! end, the server stops accepting and closes its connections (bounded by [`CLOSE_TIMEOUT`]),
+//! then the connections linger until the clients have read the last bytes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::codegen::http::HeaderValue;
+use tonic::transport::server::Router;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use super::{Incoming, RunError, reflection, spawn_health_listener};
+use crate::health::HealthState;
+use crate::status::StatusLayer;
+use crate::tls::TlsArgs;
+
+/// How long a server may take to close its connections once drained. A bound, not a wait: it
+/// ends as soon as the connections close. The last answers' bodies may still be on their way
+/// (a 2 MB Fibonacci value takes many flow-control round trips on a loaded machine).
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The layers in front of every dlb server's services.
+type Layers = tower::layer::util::Stack<StatusLayer, tower::layer::util::Identity>;
+
+/// What a dlb server is, as far as the scaffold is concerned.
+#[derive(Debug)]
+pub struct Spec<'a> {
+    /// The gRPC services it implements, for health (each starts SERVING) and reflection.
+    pub services: &'a [&'a str],
+    /// `--tls-cert`, `--tls-key`, `--tls-ca`.
+    pub tls: &'a TlsArgs,
+    /// `--health-listen`: a plaintext port with nothing but health.
+    pub health_listen: Option<SocketAddr>,
+    /// The accepted connections (bounded or not).
+    pub connections: Incoming,
+    /// `x-served-by` on every answer (compute instances).
+    pub served_by: Option<HeaderValue>,
+    /// HTTP/2 streams a client may have open on one connection (none: tonic's default).
+    pub max_concurrent_streams: Option<u32>,
+}
+
+/// A server being set up: health and the health-only port exist, nothing is served yet.
+#[derive(Debug)]
+pub struct Scaffold {
+    health: HealthState,
+    services: Vec<String>,
+    builder: tonic::transport::Server<Layers>,
+    connections: Incoming,
+    stop: CancellationToken,
+    health_listener: Option<JoinHandle<()>>,
+}
+
+impl Scaffold {
+    /// Builds the server: TLS, the HTTP/2 windows, [`StatusLayer`], health with every service
+    /// SERVING, and the health-only port when asked for (listening from now on).
+    ///
+    /// # Errors
+    ///
+    /// [`RunError::Config`] for unreadable TLS files or a health port that cannot be bound,
+    /// [`RunError::Serve`] when tonic refuses the TLS configuration.
+    pub async fn new(spec: Spec<'_>) -> Result<Self, RunError> {
+        let layer = match spec.served_by {
+            Some(id) => StatusLayer::serving_as(id),
+            None => StatusLayer::default(),
+        };
+        let mut builder = tonic::transport::Server::builder()
+            .layer(layer)
+            .initial_stream_window_size(crate::endpoint::STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(crate::endpoint::CONNECTION_WINDOW_BYTES)
+            .max_frame_size(crate::endpoint::MAX_FRAME_BYTES)
+            .max_concurrent_streams(spec.max_concurrent_streams);
+        if let Some(tls) = crate::tls::for_server(spec.tls).map_err(RunError::Config)? {
+            builder = builder.tls_config(tls)?;
+        }
+        let health = HealthState::new(spec.services);
+        let stop = CancellationToken::new();
+        let health_listener = match spec.health_listen {
+            Some(addr) => Some(spawn_health_listener(addr, &health, stop.clone()).await?),
+            None => None,
+        };
+        Ok(Self {
+            health,
+            services: spec.services.iter().map(|s| (*s).to_owned()).collect(),
+            builder,
+            connections: spec.connections,
+            stop,
+            health_listener,
+        })
+    }
+
+    /// The server's health, to turn NOT_SERVING by hand (control's drain does).
+    pub fn health(&self) -> &HealthState {
+        &self.health
+    }
+
+    /// The accepted connections (the gateway reports how many are open).
+    pub fn connections(&self) -> &Incoming {
+        &self.connections
+    }
+
+    /// Starts serving on `listener`: health, reflection (v1 and v1alpha) and whatever `add`
+    /// adds. The server runs as [`Serving`] is awaited.
+    ///
+    /// # Errors
+    ///
+    /// [`RunError::Reflection`] when the descriptor sets do not decode (a build problem).
+    pub fn serve(
+        mut self,
+        listener: TcpListener,
+        add: impl FnOnce(Router<Layers>) -> Router<Layers>,
+    ) -> Result<Serving, RunError> {
+        let names: Vec<&str> = self.services.iter().map(String::as_str).collect();
+        let (reflection_v1, reflection_v1alpha) = reflection(&names)?;
+        let router = self
+            .builder
+            .add_service(self.health.service())
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        let server = add(router).serve_with_incoming_shutdown(
+            self.connections.accept(listener),
+            self.stop.clone().cancelled_owned(),
+        );
+        Ok(Serving {
+            server: Box::pin(server),
+            ended: false,
+            health: self.health,
+            connections: self.connections,
+            stop: self.stop,
+            health_listener: self.health_listener,
+        })
+    }
+}
+
+/// A server that is serving (while awaited) until it drains.
+pub struct Serving {
+    server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>,
+    /// The server future has returned (it must not be polled again).
+    ended: bool,
+    health: HealthState,
+    connections: Incoming,
+    stop: CancellationToken,
+    health_listener: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Serving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serving")
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Serving {
+    /// Serves until `until` resolves, with its value.
+    ///
+    /// # Errors
+    ///
+    /// [`RunError::Serve`] when the server fails first.
+    pub async fn until<T>(&mut self, until: impl Future<Output = T>) -> Result<T, RunError> {
+        tokio::select! {
+            result = &mut self.server => {
+                self.ended = true;
+                result?;
+                Err(RunError::Ended)
+            }
+            value = until => Ok(value),
+        }
+    }
+
+    /// The drain: NOT_SERVING, then `idle` (the server's calls in flight end, or control's
+    /// instances stop) for at most `grace`, then the close. True when `idle` finished in time.
+    ///
+    /// # Errors
+    ///
+    /// [`RunError::Serve`] when the server fails while closing.
+    pub async fn drain(
+        &mut self,
+        idle: impl Future<Output = ()>,
+        grace: Duration,
+    ) -> Result<bool, RunError> {
+        self.health.set(ServingStatus::NotServing);
+        let in_time = tokio::time::timeout(grace, idle).await.is_ok();
+        self.close().await?;
+        Ok(in_time)
+    }
+
+    /// Ends `Watch` streams and closes every connection at once (after a failure), bounded by
+    /// [`CLOSE_TIMEOUT`].
+    ///
+    /// # Errors
+    ///
+    /// [`RunError::Serve`] when the server fails while closing.
+    pub async fn close(&mut self) -> Result<(), RunError> {
+        // Watchers have seen NOT_SERVING (or the server failed); end their streams so the
+        // connections can close.
+        self.health.close();
+        self.stop.cancel();
+        if self.ended {
+            return Ok(());
+        }
+        match tokio::time::timeout(CLOSE_TIMEOUT, &mut self.server).await {
+            Ok(result) => {
+                self.ended = true;
+                Ok(result?)
+            }
+            Err(_) => {
+                tracing::debug!("closing connections with open streams");
+                Ok(())
+            }
+        }
+    }
+
+    /// After [`Serving::close`]: waits for the health-only port to stop and for every
+    /// connection to be closed, lingering ones included, so clients read the last bytes
+    /// before the process exits.
+    pub async fn closed(self) {
+        self.stop.cancel();
+        if let Some(task) = self.health_listener {
+            let _ = task.await;
+        }
+        self.connections.closed().await;
+    }
+}
