@@ -9,10 +9,12 @@
 //! - [`proto`]: the generated `dlb.v1` protobuf and gRPC code, plus the descriptor set that every
 //!   server registers for reflection.
 //! - [`deadline`]: `grpc-timeout` and the margin servers keep back from it.
-//! - [`endpoint`]: parsing of user-given addresses (`127.0.0.1:13001`, `http://host:port`).
+//! - [`dial`]: how every client dials: user-given addresses (`127.0.0.1:13001`,
+//!   `http://host:port`), TLS, HTTP/2 windows.
 //! - [`metadata`]: the response metadata keys that make up part of the public contract.
 //! - [`events`]: the centralized event log in Redis (writer and reader).
-//! - [`health`]: `grpc.health.v1.Health` whose `Watch` streams end when a server drains.
+//! - [`health`]: the server side of `grpc.health.v1.Health`, whose `Watch` streams end when a
+//!   server drains (the gateway's `monitor` is the client side).
 //! - [`server`]: reflection and the shutdown signal every server shares.
 //! - [`status`]: the exact gRPC statuses every server answers where tonic's are wrong or mute.
 //! - [`registry`]: the Redis registry where instances announce themselves (`--register`) and
@@ -25,7 +27,7 @@
 
 pub mod client;
 pub mod deadline;
-pub mod endpoint;
+pub mod dial;
 pub mod events;
 pub mod health;
 pub mod metadata;

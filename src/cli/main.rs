@@ -217,7 +217,7 @@ async fn run_health(args: HealthArgs) -> Result<ExitCode, String> {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let timeout = seconds("timeout", args.timeout)?;
     let tls = client_tls(&args.tls)?;
-    let channel = dlb::endpoint::endpoint_tls(&args.addr, tls.as_ref())
+    let channel = dlb::dial::endpoint_tls(&args.addr, tls.as_ref())
         .map_err(|e| e.to_string())?
         .connect_lazy();
     let request = HealthCheckRequest {
@@ -289,11 +289,11 @@ async fn run_call(args: CallArgs) -> Result<ExitCode, String> {
     };
     let timeout = seconds("timeout", args.timeout)?;
     let tls = client_tls(&args.tls)?;
-    let channel = dlb::endpoint::endpoint_tls(&args.addr, tls.as_ref())
+    let channel = dlb::dial::endpoint_tls(&args.addr, tls.as_ref())
         .map_err(|e| e.to_string())?
         .connect_lazy();
     let mut client =
-        OperationsClient::new(channel).max_decoding_message_size(dlb::endpoint::MAX_RESPONSE_BYTES);
+        OperationsClient::new(channel).max_decoding_message_size(dlb::dial::MAX_RESPONSE_BYTES);
     let outcome = client::call(&mut client, &op, Some(timeout)).await;
     if args.json {
         println!(

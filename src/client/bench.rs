@@ -71,7 +71,7 @@ pub enum BenchError {
     Invalid(String),
     /// An address does not parse.
     #[error(transparent)]
-    Addr(#[from] crate::endpoint::AddrError),
+    Addr(#[from] crate::dial::AddrError),
     /// A connection could not be opened.
     #[error("cannot connect to {addr}: {}", crate::status::error_chain(source))]
     Connect {
@@ -239,7 +239,7 @@ async fn connect(config: &BenchConfig) -> Result<Vec<OperationsClient<Channel>>,
     let mut clients = Vec::new();
     for addr in &config.addrs {
         for _ in 0..config.connections {
-            let channel = crate::endpoint::endpoint_tls(addr, config.tls.as_ref())?
+            let channel = crate::dial::endpoint_tls(addr, config.tls.as_ref())?
                 .connect()
                 .await
                 .map_err(|source| BenchError::Connect {
@@ -248,7 +248,7 @@ async fn connect(config: &BenchConfig) -> Result<Vec<OperationsClient<Channel>>,
                 })?;
             clients.push(
                 OperationsClient::new(channel)
-                    .max_decoding_message_size(crate::endpoint::MAX_RESPONSE_BYTES),
+                    .max_decoding_message_size(crate::dial::MAX_RESPONSE_BYTES),
             );
         }
     }

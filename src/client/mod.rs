@@ -1,5 +1,5 @@
-//! The client side of dlb, for the CLI, the dashboard and tests: one call ([`call`]) and the
-//! load generator ([`bench`]). Services use only what their clients share with them
+//! The client side of dlb, for the CLI, the dashboard and tests: one call ([`call()`]) and the
+//! load generator ([`bench`](mod@bench)). Services use only what their clients share with them
 //! ([`Op`], [`status_message`]); how a report is printed belongs to the `dlb` binary.
 
 pub mod bench;

@@ -76,9 +76,9 @@ impl Scaffold {
         };
         let mut builder = tonic::transport::Server::builder()
             .layer(layer)
-            .initial_stream_window_size(crate::endpoint::STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(crate::endpoint::CONNECTION_WINDOW_BYTES)
-            .max_frame_size(crate::endpoint::MAX_FRAME_BYTES)
+            .initial_stream_window_size(crate::dial::STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(crate::dial::CONNECTION_WINDOW_BYTES)
+            .max_frame_size(crate::dial::MAX_FRAME_BYTES)
             .max_concurrent_streams(spec.max_concurrent_streams);
         if let Some(tls) = crate::tls::for_server(spec.tls).map_err(RunError::Config)? {
             builder = builder.tls_config(tls)?;

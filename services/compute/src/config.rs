@@ -176,7 +176,7 @@ impl Config {
             self.advertised(self.listen)?;
         }
         if let Some(advertise) = &self.advertise {
-            dlb::endpoint::validate_host_port(&with_port(advertise, 1))
+            dlb::dial::validate_host_port(&with_port(advertise, 1))
                 .map_err(|e| format!("--advertise: {e}"))?;
         }
         Ok(())

@@ -422,7 +422,7 @@ impl Supervisor {
     /// exited, or it was stopped or removed).
     async fn wait_serving(&self, id: &str, generation: u64, addr: &str) -> bool {
         let addr = &dialable(addr);
-        let Ok(endpoint) = dlb::endpoint::endpoint_tls(addr, self.inner.tls.as_ref()) else {
+        let Ok(endpoint) = dlb::dial::endpoint_tls(addr, self.inner.tls.as_ref()) else {
             return false;
         };
         let channel = endpoint.connect_lazy();
@@ -759,7 +759,7 @@ fn dialable(addr: &str) -> String {
 
 async fn wait_idle(addr: &str, tls: Option<&dlb::tls::ClientTls>) {
     let addr = &dialable(addr);
-    let Ok(endpoint) = dlb::endpoint::endpoint_tls(addr, tls) else {
+    let Ok(endpoint) = dlb::dial::endpoint_tls(addr, tls) else {
         return;
     };
     let mut load = LoadClient::new(endpoint.connect_lazy());

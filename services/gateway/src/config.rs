@@ -102,7 +102,7 @@ impl FromStr for Backend {
             .split_once('=')
             .ok_or_else(|| format!("{s:?} is not ID=HOST:PORT (e.g. A=127.0.0.1:13001)"))?;
         dlb::metadata::validate_instance_id(id)?;
-        dlb::endpoint::validate_host_port(addr)?;
+        dlb::dial::validate_host_port(addr)?;
         Ok(Self {
             id: id.to_owned(),
             addr: addr.to_owned(),

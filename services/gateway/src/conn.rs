@@ -253,9 +253,9 @@ impl Conn {
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (sender, connection) = h2::client::Builder::new()
-            .initial_window_size(dlb::endpoint::STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(dlb::endpoint::CONNECTION_WINDOW_BYTES)
-            .max_frame_size(dlb::endpoint::MAX_FRAME_BYTES)
+            .initial_window_size(dlb::dial::STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(dlb::dial::CONNECTION_WINDOW_BYTES)
+            .max_frame_size(dlb::dial::MAX_FRAME_BYTES)
             .handshake::<_, Bytes>(io)
             .await?;
         let closed = Arc::new(AtomicBool::new(false));

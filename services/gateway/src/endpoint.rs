@@ -356,7 +356,7 @@ struct Shared {
 }
 
 /// The failure of a call cut short because its instance stopped answering (see
-/// [`crate::health`]): it was never answered, so it is retried elsewhere.
+/// [`crate::monitor`]): it was never answered, so it is retried elsewhere.
 #[derive(Debug, thiserror::Error)]
 #[error("instance {id} stopped answering (no reply to a health probe); call moved")]
 pub struct Unresponsive {

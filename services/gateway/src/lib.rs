@@ -2,9 +2,9 @@
 //!
 //! A call enters [`service::GatewayService`], which forwards it through the balancer (our
 //! [`balance::RoundRobin`], or tower's p2c with `--policy p2c`) to an [`endpoint`]. Which
-//! endpoints are in the balancer is decided by one [`health`] monitor per instance, and which
-//! instances exist by a [`membership`] source (the static `--backend` list and/or the control
-//! service's `WatchInstances`). Stats are
+//! endpoints are in the balancer is decided by one health [`monitor`] per instance, and which
+//! instances exist by a [`membership`] source (the static `--backend` list, the control
+//! service's `WatchInstances`, the Redis registry or DNS, alone or together). Stats are
 //! served as `dlb.v1.Gateway/Stats` and as Prometheus text ([`stats`]); every call is an event in
 //! the Redis log.
 
@@ -14,8 +14,8 @@ pub mod conn;
 pub mod dns;
 pub mod endpoint;
 pub mod error;
-pub mod health;
 pub mod membership;
+pub mod monitor;
 pub mod service;
 pub mod stats;
 #[cfg(feature = "test-fixtures")]

@@ -1,7 +1,8 @@
 //! Membership: which instances exist. A [`Membership`] source says so as a stream of changes;
 //! [`supervise`] keeps one health [`Monitor`] per member. Sources: the static `--backend` list
-//! ([`StaticMembership`]), the control service's `WatchInstances` ([`ControlMembership`]), or
-//! both ([`Merged`]).
+//! ([`StaticMembership`]), the control service's `WatchInstances` ([`ControlMembership`]), the
+//! Redis instance registry (`--discover redis`, [`RegistryMembership`]), DNS (`--discover
+//! dns:NAME:PORT`, [`DnsMembership`]), or several at once ([`Merged`]).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -15,8 +16,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Backend;
 use crate::endpoint::EndpointTable;
-pub use crate::health::MonitorSettings;
-use crate::health::{BalancerChanges, Monitor, connect};
+pub use crate::monitor::MonitorSettings;
+use crate::monitor::{BalancerChanges, Monitor, connect};
 
 /// The balancer's discovery stream: endpoints inserted and removed by the health monitors.
 pub type Discovered = tokio_stream::wrappers::UnboundedReceiverStream<
@@ -148,7 +149,7 @@ async fn follow_control(
     let mut members: HashMap<String, String> = HashMap::new();
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
-    let endpoint = match dlb::endpoint::endpoint_tls(&addr, tls.as_ref()) {
+    let endpoint = match dlb::dial::endpoint_tls(&addr, tls.as_ref()) {
         Ok(endpoint) => endpoint,
         Err(error) => {
             tracing::error!(%addr, %error, "invalid --control address");
@@ -251,9 +252,7 @@ impl Membership for RegistryMembership {
                         let Some(snapshot) = snapshot else { return };
                         let wanted: HashMap<String, String> = snapshot
                             .into_values()
-                            .filter(|entry| {
-                                dlb::endpoint::validate_host_port(&entry.address).is_ok()
-                            })
+                            .filter(|entry| dlb::dial::validate_host_port(&entry.address).is_ok())
                             .map(|entry| (entry.id, entry.address))
                             .collect();
                         tracing::debug!(instances = wanted.len(), "registry changed");

@@ -129,7 +129,7 @@ enum Attempt {
     Failed(String),
     /// The deadline passed.
     TimedOut,
-    /// The answer was over [`dlb::endpoint::MAX_RESPONSE_BYTES`]: not retried, it would be
+    /// The answer was over [`dlb::dial::MAX_RESPONSE_BYTES`]: not retried, it would be
     /// as large elsewhere.
     TooLarge,
 }
@@ -292,7 +292,7 @@ impl GatewayService {
                 }
                 Attempt::TooLarge => {
                     break Err(Error::AnswerTooLarge {
-                        limit: dlb::endpoint::MAX_RESPONSE_BYTES,
+                        limit: dlb::dial::MAX_RESPONSE_BYTES,
                     });
                 }
                 Attempt::Failed(last) => Retry::Failed(last),
@@ -341,7 +341,7 @@ impl GatewayService {
                 .get::<ServedBy>()
                 .map(|s| Arc::clone(&s.0));
             let (head, body) = response.into_parts();
-            let limit = dlb::endpoint::MAX_RESPONSE_BYTES + FRAME_HEADER;
+            let limit = dlb::dial::MAX_RESPONSE_BYTES + FRAME_HEADER;
             let (data, trailers) = match read_answer(body, limit).await {
                 Ok(read) => read,
                 Err(ReadAnswerError::TooLarge) => return Attempt::TooLarge,

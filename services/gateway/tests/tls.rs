@@ -51,7 +51,7 @@ async fn dial(addr: &str, tls: Option<&ClientTls>, domain: Option<&str>) -> Chan
                 .tls_config(tls.config(Some(domain)))
                 .unwrap()
         }
-        _ => dlb::endpoint::endpoint_tls(addr, tls).unwrap(),
+        _ => dlb::dial::endpoint_tls(addr, tls).unwrap(),
     };
     endpoint.connect_lazy()
 }

@@ -141,10 +141,10 @@ impl Config {
             return Err("--call-timeout-secs must be at least 1".to_owned());
         }
         let tls = self.client_tls()?;
-        dlb::endpoint::endpoint_tls(&self.gateway, tls.as_ref())
+        dlb::dial::endpoint_tls(&self.gateway, tls.as_ref())
             .map_err(|e| format!("--gateway: {e}"))?;
         if let Some(control) = self.control_addr() {
-            dlb::endpoint::endpoint_tls(control, tls.as_ref())
+            dlb::dial::endpoint_tls(control, tls.as_ref())
                 .map_err(|e| format!("--control: {e}"))?;
         }
         self.events.config()?;

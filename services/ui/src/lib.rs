@@ -89,13 +89,13 @@ impl AppState {
     ) -> Result<Self, StartError> {
         config.validate().map_err(StartError::Config)?;
         let tls = config.client_tls().map_err(StartError::Config)?;
-        let gateway = dlb::endpoint::endpoint_tls(&config.gateway, tls.as_ref())
+        let gateway = dlb::dial::endpoint_tls(&config.gateway, tls.as_ref())
             .map(|endpoint| endpoint.connect_lazy())
             .map_err(|e| StartError::Config(format!("--gateway: {e}")))?;
         let control = config
             .control_addr()
             .map(|addr| {
-                dlb::endpoint::endpoint_tls(addr, tls.as_ref())
+                dlb::dial::endpoint_tls(addr, tls.as_ref())
                     .map(|endpoint| (addr.to_owned(), endpoint.connect_lazy()))
                     .map_err(|e| StartError::Config(format!("--control: {e}")))
             })
@@ -157,7 +157,7 @@ impl AppState {
                 }),
                 collector,
                 operations: OperationsClient::new(gateway)
-                    .max_decoding_message_size(dlb::endpoint::MAX_RESPONSE_BYTES),
+                    .max_decoding_message_size(dlb::dial::MAX_RESPONSE_BYTES),
                 control: control.map(|(addr, channel)| (addr, ControlClient::new(channel))),
                 reader,
                 events,

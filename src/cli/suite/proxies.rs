@@ -72,7 +72,7 @@ pub(super) async fn wait_answers(
         if let Some(exit) = children.exited(name).await {
             return Err(exit);
         }
-        if let Ok(endpoint) = dlb::endpoint::endpoint(addr)
+        if let Ok(endpoint) = dlb::dial::endpoint(addr)
             && let Ok(channel) = endpoint.connect().await
         {
             let mut client = dlb::proto::v1::operations_client::OperationsClient::new(channel);

@@ -179,7 +179,7 @@ pub(super) async fn connect(
     addr: &str,
     tls: Option<&dlb::tls::ClientTls>,
 ) -> Result<tonic::transport::Channel, Probe> {
-    dlb::endpoint::endpoint_tls(addr, tls)
+    dlb::dial::endpoint_tls(addr, tls)
         .map_err(|e| Probe::Failed(e.to_string()))?
         .connect()
         .await

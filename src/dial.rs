@@ -1,4 +1,6 @@
-//! User-given gRPC addresses: `127.0.0.1:13001`, `localhost:12000` or `http://host:port`.
+//! How every dlb client dials: user-given gRPC addresses (`127.0.0.1:13001`, `localhost:12000`
+//! or `http://host:port`), TLS when it is on, and the HTTP/2 windows and frame size every
+//! dlb connection uses. (The gateway's own `endpoint` module is an instance in its balancer.)
 
 use std::time::Duration;
 

@@ -76,7 +76,7 @@ pub struct MonitorSettings {
 /// channel (health `Watch`/`Check`) and the connections calls go over. `None` when the
 /// address does not parse.
 pub fn connect(addr: &str, settings: &MonitorSettings) -> Option<(Channel, Vec<Conn>)> {
-    let channel = dlb::endpoint::endpoint_tls(addr, settings.tls.as_ref())
+    let channel = dlb::dial::endpoint_tls(addr, settings.tls.as_ref())
         .ok()?
         .connect_timeout(settings.probe_timeout)
         .connect_lazy();
