@@ -345,20 +345,36 @@ fn shell_words(line: &str) -> Vec<String> {
     words
 }
 
-/// Every command line inside the README's ```sh blocks (comments and blank lines left out).
+/// Every command line inside the ```sh blocks of README.md and of docs/*.md (comments and
+/// blank lines left out), in order: what a user may paste. A command that a later page shows
+/// again (docs/security.md repeats the README's) is run once; one page may run a command twice
+/// (start B after a stop, and again after a kill).
 fn readme_commands() -> Vec<String> {
-    let readme = std::fs::read_to_string(checkout().join("README.md")).unwrap();
-    let mut in_sh = false;
-    let mut commands = Vec::new();
-    for line in readme.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with("```") {
-            in_sh = trimmed == "```sh";
-            continue;
+    let mut pages = vec![checkout().join("README.md")];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(checkout().join("docs"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "md"))
+        .collect();
+    docs.sort();
+    pages.extend(docs);
+    let mut commands: Vec<String> = Vec::new();
+    for page in pages {
+        let text = std::fs::read_to_string(page).unwrap();
+        let mut in_sh = false;
+        let mut on_page = Vec::new();
+        for line in text.lines() {
+            let trimmed = line.trim();
+            if trimmed.starts_with("```") {
+                in_sh = trimmed == "```sh";
+                continue;
+            }
+            if in_sh && !trimmed.is_empty() && !trimmed.starts_with('#') {
+                on_page.push(trimmed.to_owned());
+            }
         }
-        if in_sh && !trimmed.is_empty() && !trimmed.starts_with('#') {
-            commands.push(trimmed.to_owned());
-        }
+        on_page.retain(|command| !commands.contains(command));
+        commands.extend(on_page);
     }
     commands
 }

@@ -16,7 +16,6 @@ pub mod ops;
 pub mod pool;
 pub mod service;
 #[cfg(feature = "test-fixtures")]
-#[cfg(feature = "test-fixtures")]
 pub mod testing;
 
 use std::future::Future;

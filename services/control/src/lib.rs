@@ -11,7 +11,6 @@ pub mod process;
 pub mod service;
 pub mod supervisor;
 #[cfg(feature = "test-fixtures")]
-#[cfg(feature = "test-fixtures")]
 pub mod testing;
 
 use std::future::Future;

@@ -1,6 +1,6 @@
 //! dlb gateway: serves `dlb.v1.Operations` and spreads each call over compute instances.
 //!
-//! A call enters [`service::GatewayService`], which forwards it through the balancer (our
+//! A call enters [`relay::GatewayService`], which forwards it through the balancer (our
 //! [`balance::RoundRobin`], or tower's p2c with `--policy p2c`) to an [`endpoint`]. Which
 //! endpoints are in the balancer is decided by one health [`monitor`] per instance, and which
 //! instances exist by a [`membership`] source (the static `--backend` list, the control
@@ -16,9 +16,8 @@ pub mod endpoint;
 pub mod error;
 pub mod membership;
 pub mod monitor;
-pub mod service;
+pub mod relay;
 pub mod stats;
-#[cfg(feature = "test-fixtures")]
 #[cfg(feature = "test-fixtures")]
 pub mod testing;
 
@@ -44,7 +43,7 @@ use crate::balance::RoundRobinLayer;
 use crate::config::Policy;
 use crate::endpoint::EndpointTable;
 use crate::membership::{Membership, MonitorSettings};
-use crate::service::{Balanced, Counters, ForwardError, ForwardSettings, GatewayService};
+use crate::relay::{Balanced, Counters, ForwardError, ForwardSettings, GatewayService};
 use crate::stats::{GatewayStatsService, StatsSource};
 
 /// How long shutdown waits for calls in flight.

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::endpoint::EndpointTable;
-use crate::service::{Counters, GatewayService};
+use crate::relay::{Counters, GatewayService};
 
 /// Everything the stats are read from.
 #[derive(Debug, Clone)]

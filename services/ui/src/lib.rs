@@ -13,7 +13,6 @@ pub mod error;
 pub mod routes;
 pub mod security;
 #[cfg(feature = "test-fixtures")]
-#[cfg(feature = "test-fixtures")]
 pub mod testing;
 
 use std::future::Future;

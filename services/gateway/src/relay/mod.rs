@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dlb::events::{EventLog, RequestFields, preview};
 use http_body::Frame;
-use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 use tonic::body::Body;
 use tonic::codegen::http;
@@ -25,6 +24,11 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, ServiceExt};
 
+mod framing;
+mod preview;
+
+use self::framing::{ReadAnswerError, copy_prefix, may_be_compressed, read_answer, read_request};
+use self::preview::{PREVIEW_BYTES, framed_preview};
 use crate::endpoint::{EndpointTable, ServedBy};
 use crate::error::{Error, is_balance_error_source};
 
@@ -520,223 +524,6 @@ fn add_headers(headers: &mut http::HeaderMap, served_by: Option<&str>, attempts:
     headers.insert(dlb::metadata::ATTEMPTS, http::HeaderValue::from(attempts));
 }
 
-/// Whether the request's `grpc-encoding` allows compressed messages (names anything but
-/// identity). Which encodings the instance takes is the instance's to say.
-fn may_be_compressed(headers: &http::HeaderMap) -> bool {
-    headers
-        .get("grpc-encoding")
-        .is_some_and(|encoding| encoding != "identity")
-}
-
-/// Reads a unary request whole: one gRPC message with its 5-byte prefix, as received. A
-/// message over `limit` is refused as soon as its prefix says so, and so is one whose prefix
-/// breaks the protocol: the compressed flag without a `grpc-encoding` (INTERNAL, as the gRPC
-/// compression spec says), or a flag that is neither 0 nor 1. Such a request is the caller's
-/// fault and never reaches an instance, where it would count as the instance's failure.
-async fn read_request(mut body: Body, limit: usize, compressed_ok: bool) -> Result<Chunks, Status> {
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
-    let mut total = 0usize;
-    let mut declared: Option<usize> = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| Status::cancelled(format!("the request ended early: {}", e.message())))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        total += data.len();
-        chunks.push(data);
-        if declared.is_none() && total >= FRAME_HEADER {
-            let mut prefix = [0u8; FRAME_HEADER];
-            copy_prefix(&chunks, &mut prefix);
-            match prefix[0] {
-                0 => {}
-                1 if compressed_ok => {}
-                1 => {
-                    return Err(Status::internal(
-                        "protocol error: received message with compressed-flag but no \
-                         grpc-encoding was specified",
-                    ));
-                }
-                flag => {
-                    return Err(Status::internal(format!(
-                        "protocol error: received message with invalid compression flag: \
-                         {flag} (valid flags are 0 and 1)"
-                    )));
-                }
-            }
-            let length = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-            if length > limit {
-                return Err(oversize(length, limit));
-            }
-            declared = Some(length);
-        }
-        if total > FRAME_HEADER + limit {
-            return Err(oversize(total - FRAME_HEADER, limit));
-        }
-    }
-    let Some(length) = declared else {
-        return Err(Status::internal(format!(
-            "the request carries no gRPC message ({total} bytes, a message takes at least 5)"
-        )));
-    };
-    if total != FRAME_HEADER + length {
-        return Err(Status::internal(format!(
-            "the request is not one gRPC message: {length} bytes announced, {} received",
-            total - FRAME_HEADER
-        )));
-    }
-    Ok(chunks)
-}
-
-fn oversize(found: usize, limit: usize) -> Status {
-    Status::resource_exhausted(dlb::status::oversize_message(found, limit))
-}
-
-fn copy_prefix(chunks: &[Bytes], out: &mut [u8]) {
-    let mut filled = 0;
-    for chunk in chunks {
-        let n = chunk.len().min(out.len() - filled);
-        out[filled..filled + n].copy_from_slice(&chunk[..n]);
-        filled += n;
-        if filled == out.len() {
-            return;
-        }
-    }
-}
-
-/// Why an answer could not be read.
-enum ReadAnswerError {
-    /// Over the limit.
-    TooLarge,
-    /// The stream or connection failed: below gRPC.
-    Failed(String),
-}
-
-/// Reads an instance's answer whole: its data and its trailers. Any failure is below gRPC.
-async fn read_answer(
-    mut body: h2::RecvStream,
-    limit: usize,
-) -> Result<(Chunks, Option<http::HeaderMap>), ReadAnswerError> {
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
-    let mut total = 0usize;
-    while let Some(data) = body.data().await {
-        let data = data.map_err(|e| ReadAnswerError::Failed(dlb::status::error_chain(&e)))?;
-        // Read, so the instance may send more (HTTP/2 flow control).
-        let _ = body.flow_control().release_capacity(data.len());
-        total += data.len();
-        if total > limit {
-            return Err(ReadAnswerError::TooLarge);
-        }
-        chunks.push(data);
-    }
-    let trailers = body
-        .trailers()
-        .await
-        .map_err(|e| ReadAnswerError::Failed(dlb::status::error_chain(&e)))?;
-    Ok((chunks, trailers))
-}
-
-/// Bytes of a request read for its preview: the prefix, and room for the preview's characters
-/// with their field's key and length.
-const PREVIEW_BYTES: usize = FRAME_HEADER + dlb::events::INPUT_PREVIEW_CHARS * 4 + 16;
-
-/// The event's input preview of a request message with its 5-byte prefix (`start`: the whole
-/// message when `complete`, else its first bytes). A compressed message is not decompressed
-/// for it: its preview says so.
-fn framed_preview(op: &str, start: &[u8], complete: bool) -> String {
-    match start.first() {
-        Some(0) => input_preview(op, start.get(FRAME_HEADER..).unwrap_or_default(), complete),
-        _ => "(compressed)".to_owned(),
-    }
-}
-
-/// The event log's view of the input: the request's first field (the number, the text or n),
-/// cut to the preview length, read without decoding the rest of the message. `start` is the
-/// message, or only its start when `complete` is false.
-fn input_preview(op: &str, start: &[u8], complete: bool) -> String {
-    match first_field(start, complete) {
-        Some(Field::Varint(n)) => n.to_string(),
-        Some(Field::Bytes { bytes, cut }) => {
-            // A character cut in two at the end is dropped.
-            let valid = match std::str::from_utf8(bytes) {
-                Ok(text) => text,
-                Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
-            };
-            let shown = preview(valid);
-            if cut && !shown.ends_with('…') {
-                format!("{shown}…")
-            } else {
-                shown
-            }
-        }
-        // Absent: the field's default.
-        None if op == "Fibonacci" => "0".to_owned(),
-        None => String::new(),
-    }
-}
-
-enum Field<'a> {
-    Varint(u64),
-    /// A length-delimited field: its bytes, and whether it goes on past the end of what was
-    /// read.
-    Bytes {
-        bytes: &'a [u8],
-        cut: bool,
-    },
-}
-
-/// Field number 1 of a protobuf message, if present and well formed (in what was read, when
-/// only the start of the message was).
-fn first_field(mut message: &[u8], complete: bool) -> Option<Field<'_>> {
-    while !message.is_empty() {
-        let key = varint(&mut message)?;
-        let (number, wire) = (key >> 3, key & 7);
-        let field = match wire {
-            0 => Field::Varint(varint(&mut message)?),
-            1 => {
-                message = message.get(8..)?;
-                continue;
-            }
-            2 => {
-                let len = usize::try_from(varint(&mut message)?).ok()?;
-                if len > message.len() {
-                    if complete {
-                        return None;
-                    }
-                    let bytes = message;
-                    message = &[];
-                    Field::Bytes { bytes, cut: true }
-                } else {
-                    let bytes = &message[..len];
-                    message = &message[len..];
-                    Field::Bytes { bytes, cut: false }
-                }
-            }
-            5 => {
-                message = message.get(4..)?;
-                continue;
-            }
-            _ => return None,
-        };
-        if number == 1 {
-            return Some(field);
-        }
-    }
-    None
-}
-
-fn varint(input: &mut &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for (i, byte) in input.iter().enumerate().take(10) {
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            *input = &input[i + 1..];
-            return Some(value);
-        }
-    }
-    None
-}
-
 impl tonic::server::NamedService for GatewayService {
     const NAME: &'static str = "dlb.v1.Operations";
 }
@@ -758,58 +545,5 @@ impl tower::Service<http::Request<Body>> for GatewayService {
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let service = self.clone();
         Box::pin(async move { Ok(service.relay(request).await) })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_preview_is_the_first_field() {
-        // field 1, string "97"
-        assert_eq!(input_preview("IsPrime", &[0x0a, 2, b'9', b'7'], true), "97");
-        // field 2 (bool) before field 1 (string): still found
-        assert_eq!(
-            input_preview("IsPalindrome", &[0x10, 1, 0x0a, 1, b'x'], true),
-            "x"
-        );
-        // field 1, varint 300
-        assert_eq!(input_preview("Fibonacci", &[0x08, 0xac, 0x02], true), "300");
-        assert_eq!(input_preview("Fibonacci", &[], true), "0");
-        assert_eq!(input_preview("Reverse", &[], true), "");
-        // malformed: a length past the end of the whole message
-        assert_eq!(input_preview("Reverse", &[0x0a, 9, b'a'], true), "");
-        // the same, when only the start was read: the start is shown, marked as cut
-        assert_eq!(input_preview("Reverse", &[0x0a, 9, b'a'], false), "a…");
-    }
-
-    #[test]
-    fn a_compressed_request_is_previewed_as_such() {
-        // Reverse("97"), uncompressed and with the compressed flag.
-        assert_eq!(
-            framed_preview("Reverse", &[0, 0, 0, 0, 4, 0x0a, 2, b'9', b'7'], true),
-            "97"
-        );
-        assert_eq!(
-            framed_preview("Reverse", &[1, 0, 0, 0, 4, 0x0a, 2, b'9', b'7'], true),
-            "(compressed)"
-        );
-    }
-
-    #[test]
-    fn a_long_text_is_cut_with_a_mark() {
-        let text = "é".repeat(1000);
-        let mut m = vec![0x0a, 0xd0, 0x0f]; // 2000 bytes
-        m.extend_from_slice(text.as_bytes());
-        for shown in [
-            input_preview("Reverse", &m, true),
-            // Only the start read, cut inside a character.
-            input_preview("Reverse", &m[..PREVIEW_BYTES - FRAME_HEADER - 1], false),
-        ] {
-            assert!(shown.ends_with('…'), "{shown}");
-            assert!(shown.chars().count() <= dlb::events::INPUT_PREVIEW_CHARS + 1);
-            assert!(shown.trim_end_matches('…').chars().all(|c| c == 'é'));
-        }
     }
 }
