@@ -17,6 +17,7 @@
 //!   server drains (the gateway's `monitor` is the client side).
 //! - [`server`]: reflection and the shutdown signal every server shares.
 //! - [`status`]: the exact gRPC statuses every server answers where tonic's are wrong or mute.
+//! - [`procfs`]: a process's CPU time and memory, from `/proc`.
 //! - [`registry`]: the Redis registry where instances announce themselves (`--register`) and
 //!   gateways find them (`--discover`).
 //! - [`tls`]: certificates, mutual TLS for servers and clients, and the hints for TLS errors.
@@ -31,6 +32,7 @@ pub mod dial;
 pub mod events;
 pub mod health;
 pub mod metadata;
+pub mod procfs;
 pub mod registry;
 pub mod server;
 pub mod status;

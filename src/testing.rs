@@ -1,5 +1,8 @@
-//! Test fixtures (feature `test-fixtures`): a private `redis-server` on a free port, and
-//! [`InProcess`], a service running on the test's own runtime.
+//! Test fixtures (feature `test-fixtures`), the one place tests of every crate take them from:
+//! a private `redis-server` on a free port, [`InProcess`] (a service running on the test's own
+//! runtime), child processes killed on drop ([`KillOnDrop`]), one patience for every wait
+//! ([`PATIENCE`], [`eventually`]), grpcurl ([`run_grpcurl`]), a tonic [`channel`] and a plain
+//! [`http_get`].
 //!
 //! Tests need the real thing, so a missing `redis-server` is a test failure with the install
 //! command, never a skip.
@@ -12,6 +15,10 @@ use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// How long any test waits for what should happen (a loaded 2-core CI machine included). A
+/// test that waits this long has failed; the wait only bounds how long it takes to say so.
+pub const PATIENCE: Duration = Duration::from_secs(60);
 
 /// How long a started Redis may take to answer PING.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,12 +33,27 @@ pub struct RedisServer {
     child: Option<Child>,
 }
 
-/// A port nobody listens on right now (the OS picks it; it is released at once).
+/// Where [`free_port`] looks: below Linux's ephemeral range (32768-60999), which is where the
+/// OS puts everything bound to port 0.
+const FIXED_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port nobody listens on right now, for a test that must name a port before the server
+/// binds it (`dlb up --gateway-port`, a Redis to start). It is below the ephemeral range, so
+/// no server bound to port 0 meanwhile (a compute instance of any test) can be given it
+/// before its owner binds it, as an OS-picked port can be. Candidates differ per process and
+/// per call.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let span = u64::from(FIXED_PORTS.end - FIXED_PORTS.start);
+    let start = u64::from(std::process::id()).wrapping_mul(7919);
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed) * 97) % span;
+        let port = FIXED_PORTS.start + u16::try_from(offset).unwrap_or(0);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIXED_PORTS:?}")
 }
 
 impl RedisServer {
@@ -361,5 +383,149 @@ impl<E> InProcess<E> {
             Ok(result) => result,
             Err(join) => std::panic::resume_unwind(join.into_panic()),
         }
+    }
+}
+
+/// A child process killed (and reaped) however the test ends, so none outlives it.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `check` until it gives a value.
+///
+/// # Panics
+///
+/// After [`PATIENCE`], naming `what` was waited for.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// [`eventually`] for tests without an async runtime.
+///
+/// # Panics
+///
+/// After [`PATIENCE`], naming `what` was waited for.
+pub fn eventually_blocking<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs grpcurl with `args`: its standard output when it exits 0, else its standard output
+/// and error.
+///
+/// # Errors
+///
+/// What grpcurl printed when it failed.
+///
+/// # Panics
+///
+/// When grpcurl cannot be run at all (see [`grpcurl`]).
+pub fn run_grpcurl<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<String, String> {
+    let output = Command::new(grpcurl())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run grpcurl: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// [`run_grpcurl`] from an async test (on a blocking thread, so an in-process server on the
+/// same runtime keeps serving), which must succeed.
+///
+/// # Panics
+///
+/// When grpcurl fails, with the command and what it printed.
+pub async fn grpcurl_ok<S: AsRef<str>>(args: &[S]) -> String {
+    let args: Vec<String> = args.iter().map(|a| a.as_ref().to_owned()).collect();
+    let shown = args.join(" ");
+    tokio::task::spawn_blocking(move || run_grpcurl(&args))
+        .await
+        .unwrap_or_else(|e| panic!("grpcurl {shown}: {e}"))
+        .unwrap_or_else(|e| panic!("grpcurl {shown} failed: {e}"))
+}
+
+/// A connected tonic channel to `uri` (`http://host:port`).
+///
+/// # Panics
+///
+/// When it does not connect.
+pub async fn channel(uri: &str) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(uri.to_owned())
+        .unwrap_or_else(|e| panic!("{uri}: {e}"))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {uri}: {e}"))
+}
+
+/// `GET path` over HTTP/1.1 from `addr`: the whole response (status line, headers, body).
+/// Blocking; from an async test, call it on a blocking thread when the server runs on the
+/// test's runtime.
+///
+/// # Errors
+///
+/// When the connection or the read fails (within 2 s).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// A load test's load: `requests` calls of `Reverse("hello")` to `addr` from `concurrency`
+/// callers on 2 connections, no warm-up, each call with a 10 s deadline (the whole run bounded
+/// at 60 s). Change what a test needs with `BenchConfig { .., ..load(...) }`.
+pub fn load(
+    addr: impl ToString,
+    concurrency: usize,
+    requests: u64,
+) -> crate::client::bench::BenchConfig {
+    crate::client::bench::BenchConfig {
+        addrs: vec![addr.to_string()],
+        op: crate::client::Op::Reverse {
+            text: "hello".into(),
+        },
+        concurrency,
+        rate: None,
+        connections: 2,
+        warmup: Duration::ZERO,
+        duration: Duration::from_secs(60),
+        requests: Some(requests),
+        timeout: Duration::from_secs(10),
+        tls: None,
     }
 }

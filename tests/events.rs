@@ -11,8 +11,7 @@ use dlb::testing::RedisServer;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-/// Bound on anything a test waits for.
-const PATIENCE: Duration = Duration::from_secs(30);
+use dlb::testing::PATIENCE;
 
 fn config(redis: &RedisServer) -> EventLogConfig {
     let mut config = EventLogConfig::new(&redis.url());
@@ -21,13 +20,7 @@ fn config(redis: &RedisServer) -> EventLogConfig {
 }
 
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    tokio::time::timeout(PATIENCE, async {
-        while !done() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    dlb::testing::eventually(what, || std::future::ready(done().then_some(()))).await;
 }
 
 async fn list(redis: &RedisServer, key: &str) -> Vec<serde_json::Value> {
@@ -75,21 +68,7 @@ async fn entries_are_newest_first_capped_and_complete() {
     for (i, entry) in entries.iter().enumerate() {
         let n = 249 - i;
         assert_eq!(entry["request_id"], format!("req-{n}"), "newest first");
-        for field in [
-            "ts",
-            "ts_ms",
-            "service",
-            "instance",
-            "kind",
-            "message",
-            "request_id",
-            "op",
-            "backend",
-            "status",
-            "latency_us",
-            "attempts",
-            "input",
-        ] {
+        for field in dlb::events::REQUEST_EVENT_FIELDS {
             assert!(entry.get(field).is_some(), "{field} in {entry}");
         }
         assert_eq!(entry["service"], "gateway");

@@ -4,19 +4,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use dlb::testing::{free_port, grpcurl, process_gone, processes_mentioning, workspace_binary};
+use dlb::testing::{
+    eventually_blocking, free_port, process_gone, processes_mentioning, run_grpcurl,
+    workspace_binary,
+};
 use serde_json::Value;
 
 /// The state file `dlb up` writes in its state directory (what `dlb down` reads).
 const STATE_FILE: &str = "up.json";
 
-const PATIENCE: Duration = Duration::from_secs(90);
+use dlb::testing::PATIENCE;
 
 /// Every port and directory of one `dlb up`.
 struct Ports {
@@ -197,31 +199,9 @@ impl Drop for Up {
     }
 }
 
+/// `GET path` from the mesh's port `port` on loopback, if it answers.
 fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    Some(response)
-}
-
-fn run_grpcurl(args: &[&str]) -> Result<String, String> {
-    let output: Output = Command::new(grpcurl()).args(args).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    if output.status.success() {
-        Ok(text)
-    } else {
-        Err(text)
-    }
+    dlb::testing::http_get(([127, 0, 0, 1], port).into(), path).ok()
 }
 
 fn instances(control: &str) -> Vec<Value> {
@@ -542,7 +522,8 @@ fn every_grpcurl_command_in_the_readme_works_against_dlb_up() {
             .replace("127.0.0.1:13001", &instance_a);
         let words = shell_words(&line);
         let args: Vec<&str> = words[1..].iter().map(String::as_str).collect();
-        let out = run_grpcurl(&args).unwrap_or_else(|e| panic!("{command}\nfailed: {e}"));
+        let out = run_grpcurl(&args)
+            .unwrap_or_else(|e| panic!("{command}\nfailed: {e}\ndlb up said:\n{}", up.output()));
         assert!(!out.trim().is_empty(), "{command}: no output");
         println!("ok: {command}");
     }
@@ -598,7 +579,8 @@ fn every_grpcurl_command_in_the_readme_works_against_dlb_up() {
             // Shorter loads than the README's.
             .replace(" -d 10", " -d 1 --warmup 0")
             .replace(" -n 100000", " -n 300 --warmup 0");
-        let out = run_shell(&line, &env).unwrap_or_else(|e| panic!("{command}\nfailed: {e}"));
+        let out = run_shell(&line, &env)
+            .unwrap_or_else(|e| panic!("{command}\nfailed: {e}\ndlb up said:\n{}", up.output()));
         assert!(!out.trim().is_empty(), "{command}: no output");
         println!("ok: {command}");
         ran += 1;
@@ -609,7 +591,8 @@ fn every_grpcurl_command_in_the_readme_works_against_dlb_up() {
     let printed = printed_commands(&up.output());
     assert_eq!(printed.len(), 2, "{}", up.output());
     for command in printed {
-        let out = run_shell(&command, &[]).unwrap_or_else(|e| panic!("{command}\nfailed: {e}"));
+        let out = run_shell(&command, &[])
+            .unwrap_or_else(|e| panic!("{command}\nfailed: {e}\ndlb up said:\n{}", up.output()));
         assert!(!out.trim().is_empty(), "{command}: no output");
         println!("ok: {command}");
     }
@@ -644,7 +627,8 @@ fn the_readme_mutual_tls_commands_work_against_dlb_up_tls_and_strangers_are_refu
             .replace("127.0.0.1:12001", &up.ports.control());
         let words = shell_words(&line);
         let args: Vec<&str> = words[1..].iter().map(String::as_str).collect();
-        let out = run_grpcurl(&args).unwrap_or_else(|e| panic!("{command}\nfailed: {e}"));
+        let out = run_grpcurl(&args)
+            .unwrap_or_else(|e| panic!("{command}\nfailed: {e}\ndlb up said:\n{}", up.output()));
         assert!(!out.trim().is_empty(), "{command}: no output");
         println!("ok: {command}");
     }
@@ -653,7 +637,8 @@ fn the_readme_mutual_tls_commands_work_against_dlb_up_tls_and_strangers_are_refu
     assert_eq!(printed.len(), 2, "{}", up.output());
     for command in printed {
         assert!(command.contains("client.pem"), "{command}");
-        let out = run_shell(&command, &[]).unwrap_or_else(|e| panic!("{command}\nfailed: {e}"));
+        let out = run_shell(&command, &[])
+            .unwrap_or_else(|e| panic!("{command}\nfailed: {e}\ndlb up said:\n{}", up.output()));
         assert!(!out.trim().is_empty(), "{command}: no output");
         println!("ok: {command}");
     }
@@ -882,18 +867,6 @@ fn detach_leaves_the_mesh_running_and_down_stops_all_of_it() {
     assert!(String::from_utf8_lossy(&down.stderr).contains("nothing to stop"));
 }
 
-/// Polls `f` until it gives a value or `PATIENCE` runs out.
-fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = f() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn state_pids(state_dir: &Path) -> Vec<u32> {
     std::fs::read_to_string(state_dir.join(STATE_FILE))
         .ok()
@@ -928,7 +901,7 @@ fn ctrl_c_while_starting_stops_what_has_started() {
     let bin_flag = bin_dir.display().to_string();
     let mut up = Up::start_with("early-sigint", &["--bin-dir", &bin_flag]);
     // Redis, control and the stand-in gateway run; dlb up waits for the gateway's health.
-    let mut pids = wait_until("three processes recorded", || {
+    let mut pids = eventually_blocking("three processes recorded", || {
         let pids = state_pids(&up.ports.state_dir);
         (pids.len() == 3).then_some(pids)
     });
@@ -966,7 +939,7 @@ fn a_service_that_dies_stops_the_rest_and_up_fails() {
         .status()
         .unwrap();
     assert!(killed.success());
-    let status = wait_until("dlb up to exit", || up.child.try_wait().unwrap());
+    let status = eventually_blocking("dlb up to exit", || up.child.try_wait().unwrap());
     assert!(!status.success());
     let output = up.output();
     assert!(

@@ -286,6 +286,23 @@ struct Shared {
 }
 
 impl Shared {
+    /// An empty queue of at most `bound` events (at least one), all counters at zero.
+    fn new(service: &str, instance: &str, enabled: bool, bound: usize) -> Self {
+        Self {
+            service: service.to_owned(),
+            instance: instance.to_owned(),
+            enabled,
+            queue: Mutex::new(VecDeque::new()),
+            bound: bound.max(1),
+            wake: Notify::new(),
+            emitted: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, VecDeque<Pending>> {
         // A panic while holding the lock leaves a valid VecDeque; keep using it.
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
@@ -332,6 +349,39 @@ impl Shared {
     }
 }
 
+/// The fields every request event has in Redis (part of the public contract; `fields` is
+/// there only when not empty).
+pub const REQUEST_EVENT_FIELDS: [&str; 13] = [
+    "ts",
+    "ts_ms",
+    "service",
+    "instance",
+    "kind",
+    "message",
+    "request_id",
+    "op",
+    "backend",
+    "status",
+    "latency_us",
+    "attempts",
+    "input",
+];
+
+/// The writer task of a service's event log (see [`EventLog::spawn`]).
+#[derive(Debug)]
+pub struct Writer {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Writer {
+    /// Makes one bounded attempt to write what is queued, then ends the writer.
+    pub async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
 /// A cheap-to-clone handle to the event log of one service instance.
 #[derive(Debug, Clone)]
 pub struct EventLog {
@@ -339,6 +389,14 @@ pub struct EventLog {
 }
 
 impl EventLog {
+    /// [`EventLog::start`] with its own stop: a service's log and its [`Writer`], which
+    /// [`Writer::finish`] flushes and ends when the service stops.
+    pub fn spawn(config: EventLogConfig, service: &str, instance: &str) -> (Self, Writer) {
+        let stop = CancellationToken::new();
+        let (log, task) = Self::start(config, service, instance, stop.clone());
+        (log, Writer { stop, task })
+    }
+
     /// Starts the log for `service`/`instance`: spawns the writer on the current tokio runtime.
     /// The writer stops when `cancel` fires, after one last bounded flush.
     pub fn start(
@@ -347,19 +405,12 @@ impl EventLog {
         instance: &str,
         cancel: CancellationToken,
     ) -> (Self, JoinHandle<()>) {
-        let shared = Arc::new(Shared {
-            service: service.to_owned(),
-            instance: instance.to_owned(),
-            enabled: config.redis_url.is_some(),
-            queue: Mutex::new(VecDeque::new()),
-            bound: config.queue_bound.max(1),
-            wake: Notify::new(),
-            emitted: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            reconnects: AtomicU64::new(0),
-            connected: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::new(
+            service,
+            instance,
+            config.redis_url.is_some(),
+            config.queue_bound,
+        ));
         let writer = tokio::spawn(writer::run(Arc::clone(&shared), config, cancel));
         (Self { shared }, writer)
     }
@@ -448,19 +499,7 @@ mod tests {
     }
 
     fn shared(bound: usize) -> Shared {
-        Shared {
-            service: "test".into(),
-            instance: "T".into(),
-            enabled: true,
-            queue: Mutex::new(VecDeque::new()),
-            bound,
-            wake: Notify::new(),
-            emitted: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            reconnects: AtomicU64::new(0),
-            connected: AtomicBool::new(false),
-        }
+        Shared::new("test", "T", true, bound)
     }
 
     fn messages(s: &Shared) -> Vec<u64> {
@@ -507,21 +546,7 @@ mod tests {
         });
         let e = pending.into_event("gateway", "gw1");
         let json: serde_json::Value = serde_json::to_value(&e).unwrap();
-        for field in [
-            "ts",
-            "ts_ms",
-            "service",
-            "instance",
-            "kind",
-            "message",
-            "request_id",
-            "op",
-            "backend",
-            "status",
-            "latency_us",
-            "attempts",
-            "input",
-        ] {
+        for field in REQUEST_EVENT_FIELDS {
             assert!(json.get(field).is_some(), "{field} in {json}");
         }
         assert_eq!(json["kind"], "request");

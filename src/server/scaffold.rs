@@ -21,6 +21,7 @@ use tonic::transport::server::Router;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use super::{Incoming, RunError, reflection, spawn_health_listener};
+use crate::events::{EventLog, Writer};
 use crate::health::HealthState;
 use crate::status::StatusLayer;
 use crate::tls::TlsArgs;
@@ -230,5 +231,13 @@ impl Serving {
             let _ = task.await;
         }
         self.connections.closed().await;
+    }
+
+    /// The end of every dlb server: [`Serving::closed`], the `stopped` event, and one bounded
+    /// attempt to write the events still queued.
+    pub async fn finish(self, events: &EventLog, writer: Writer) {
+        self.closed().await;
+        events.lifecycle("stopped", &[]);
+        writer.finish().await;
     }
 }

@@ -57,9 +57,7 @@ pub async fn run(
         max_fib_n: config.max_fib_n,
     };
     let events_config = config.events.config().map_err(RunError::Config)?;
-    let writer_stop = CancellationToken::new();
-    let (events, writer) =
-        EventLog::start(events_config, "compute", &config.id, writer_stop.clone());
+    let (events, writer) = EventLog::spawn(events_config, "compute", &config.id);
     let operations = OperationsService::new(
         config.id.clone(),
         limits,
@@ -101,8 +99,7 @@ pub async fn run(
         Ok(registration) => registration,
         Err(message) => {
             let _ = serving.close().await;
-            writer_stop.cancel();
-            let _ = writer.await;
+            writer.finish().await;
             return Err(RunError::Config(message));
         }
     };
@@ -135,8 +132,7 @@ pub async fn run(
         }
         let _ = serving.close().await;
         events.error("stopped", &[("error", &failed.to_string())]);
-        writer_stop.cancel();
-        let _ = writer.await;
+        writer.finish().await;
         return Err(failed);
     }
 
@@ -157,12 +153,8 @@ pub async fn run(
             "grace period over with calls in flight"
         );
     }
-    serving.closed().await;
+    serving.finish(&events, writer).await;
     tracing::info!(instance = %config.id, "stopped");
-    events.lifecycle("stopped", &[]);
-    // The writer makes one bounded attempt to flush what is queued, then ends.
-    writer_stop.cancel();
-    let _ = writer.await;
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use dlb::testing::{RedisServer, free_port};
 use dlb_compute::Config;
 use tonic::transport::Channel;
 
-const PATIENCE: Duration = Duration::from_secs(30);
+use dlb::testing::PATIENCE;
 
 async fn reverse(channel: &Channel, text: &str) -> String {
     OperationsClient::new(channel.clone())
@@ -41,11 +41,7 @@ async fn compute_serves_without_redis_and_logs_once_it_appears() {
         ..EventLogArgs::disabled()
     };
     let compute = dlb_compute::testing::start(config).await.unwrap();
-    let channel = Channel::from_shared(compute.uri())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = dlb::testing::channel(&compute.uri()).await;
     assert_eq!(reverse(&channel, "no redis yet").await, "tey sider on");
 
     let mut redis = RedisServer::start_on(port);

@@ -17,16 +17,11 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-/// Bound on anything a test waits for.
-const PATIENCE: Duration = Duration::from_secs(60);
+use dlb::testing::PATIENCE;
 
 async fn start(config: Config) -> (RunningCompute, Channel) {
     let compute = dlb_compute::testing::start(config).await.unwrap();
-    let channel = Channel::from_shared(compute.uri())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = dlb::testing::channel(&compute.uri()).await;
     (compute, channel)
 }
 
@@ -251,22 +246,7 @@ async fn maximum_fibonacci_does_not_delay_health_or_cheap_calls() {
             .await
             .map(|r| r.into_inner().digits)
     });
-    // Wait until the heavy call is computing.
-    let mut load = LoadClient::new(channel.clone());
-    tokio::time::timeout(PATIENCE, async {
-        while load
-            .get_load(GetLoadRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .busy_workers
-            == 0
-        {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .unwrap();
+    dlb_compute::testing::wait_busy(&channel).await;
 
     let health = HealthClient::new(channel.clone())
         .check(HealthCheckRequest {
@@ -302,21 +282,7 @@ async fn full_cpu_pool_answers_resource_exhausted_and_recovers() {
             .fibonacci(FibonacciRequest { n: 10_000_000 })
             .await
     });
-    let mut load = LoadClient::new(channel.clone());
-    tokio::time::timeout(PATIENCE, async {
-        while load
-            .get_load(GetLoadRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .busy_workers
-            == 0
-        {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .unwrap();
+    dlb_compute::testing::wait_busy(&channel).await;
     let status = ops(&channel)
         .fibonacci(FibonacciRequest { n: 100_000 })
         .await
@@ -336,7 +302,8 @@ async fn full_cpu_pool_answers_resource_exhausted_and_recovers() {
         .unwrap();
     assert_eq!(after.into_inner().digits, 20_899);
     assert_eq!(
-        load.get_load(GetLoadRequest {})
+        LoadClient::new(channel.clone())
+            .get_load(GetLoadRequest {})
             .await
             .unwrap()
             .into_inner()

@@ -7,26 +7,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
-
 use dlb_compute::Config;
 
 async fn run(args: Vec<String>) -> String {
-    let shown = args.join(" ");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(dlb::testing::grpcurl()).args(&args).output()
-    })
-    .await
-    .unwrap()
-    .expect("run grpcurl");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "grpcurl {shown} failed: {}{}",
-        stdout,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    dlb::testing::grpcurl_ok(&args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

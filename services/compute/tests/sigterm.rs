@@ -7,29 +7,17 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use dlb::proto::v1::{
-    FibonacciRequest, GetLoadRequest, load_client::LoadClient, operations_client::OperationsClient,
-};
+use dlb::proto::v1::{FibonacciRequest, operations_client::OperationsClient};
 use tonic::transport::Channel;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-const PATIENCE: Duration = Duration::from_secs(60);
-
-/// Kills the child if the test fails half-way, so no process outlives the test.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use dlb::testing::{KillOnDrop, PATIENCE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_calls_and_exits_zero() {
-    let mut child = ChildGuard(
+    let mut child = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_dlb-compute"))
             // A long grace period: the slow call must finish however loaded the machine is.
             .args([
@@ -69,21 +57,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
             .await
             .map(|r| r.into_inner().digits)
     });
-    let mut load = LoadClient::new(channel.clone());
-    tokio::time::timeout(PATIENCE, async {
-        while load
-            .get_load(GetLoadRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .busy_workers
-            == 0
-        {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .unwrap();
+    dlb_compute::testing::wait_busy(&channel).await;
 
     let status = Command::new("kill")
         .args(["-TERM", &child.0.id().to_string()])

@@ -43,9 +43,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     config.validate().map_err(RunError::Config)?;
     let events_config = config.events.config().map_err(RunError::Config)?;
-    let writer_stop = CancellationToken::new();
-    let (events, writer) =
-        EventLog::start(events_config, "control", "control", writer_stop.clone());
+    let (events, writer) = EventLog::spawn(events_config, "control", "control");
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let supervisor = Supervisor::new(&config, events.clone(), cancel.clone(), tracker.clone());
@@ -118,9 +116,6 @@ pub async fn run(
     sampler.abort();
     tracker.close();
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, tracker.wait()).await;
-    serving.closed().await;
-    events.lifecycle("stopped", &[]);
-    writer_stop.cancel();
-    let _ = writer.await;
+    serving.finish(&events, writer).await;
     served
 }

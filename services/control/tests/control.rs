@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use dlb::client::Op;
 use dlb::client::bench::{self, BenchConfig, Progress};
 use dlb::events::EventLogArgs;
 use dlb::proto::v1::{
@@ -18,24 +17,16 @@ use dlb::proto::v1::{
     control_client::ControlClient, gateway_client::GatewayClient, load_client::LoadClient,
     operations_client::OperationsClient,
 };
-use dlb::testing::{RedisServer, process_gone, workspace_binary};
+use dlb::testing::{RedisServer, channel, process_gone, workspace_binary};
 use dlb_control::Config;
 use dlb_control::config::Restart;
 use tonic::Code;
 use tonic::transport::Channel;
 
-const PATIENCE: Duration = Duration::from_secs(30);
+use dlb::testing::PATIENCE;
 
 fn config(instances: usize) -> Config {
     Config::for_tests(workspace_binary("dlb-compute"), instances)
-}
-
-async fn channel(uri: &str) -> Channel {
-    Channel::from_shared(uri.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 async fn list(control: &Channel) -> BTreeMap<String, Instance> {
@@ -244,20 +235,7 @@ async fn stopping_an_instance_under_load_through_the_gateway_fails_no_call() {
     .unwrap();
 
     let progress = Arc::new(Progress::default());
-    let load = BenchConfig {
-        addrs: vec![gateway.addr.to_string()],
-        op: Op::Reverse {
-            text: "hello".into(),
-        },
-        concurrency: 8,
-        rate: None,
-        connections: 2,
-        warmup: Duration::ZERO,
-        duration: Duration::from_secs(60),
-        requests: Some(2_000),
-        timeout: Duration::from_secs(10),
-        tls: None,
-    };
+    let load = dlb::testing::load(gateway.addr, 8, 2_000);
     let run = tokio::spawn(bench::run(load.clone(), Arc::clone(&progress)));
     while progress.completed.load(Ordering::Relaxed) < 200 {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -470,18 +448,8 @@ async fn gateway_serves_through_a_control_restart_and_follows_the_new_one() {
 
     let progress = Arc::new(Progress::default());
     let load = BenchConfig {
-        addrs: vec![gateway.addr.to_string()],
-        op: Op::Reverse {
-            text: "hello".into(),
-        },
-        concurrency: 4,
-        rate: None,
         connections: 1,
-        warmup: Duration::ZERO,
-        duration: Duration::from_secs(60),
-        requests: Some(3_000),
-        timeout: Duration::from_secs(10),
-        tls: None,
+        ..dlb::testing::load(gateway.addr, 4, 3_000)
     };
     let run = tokio::spawn(bench::run(load, Arc::clone(&progress)));
     while progress.completed.load(Ordering::Relaxed) < 300 {

@@ -85,9 +85,7 @@ pub async fn run(
     let events_config = config.events.config().map_err(RunError::Config)?;
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let writer_stop = CancellationToken::new();
-    let (events, writer) =
-        EventLog::start(events_config, "gateway", &config.id, writer_stop.clone());
+    let (events, writer) = EventLog::spawn(events_config, "gateway", &config.id);
 
     let table = Arc::new(EndpointTable::default());
     let (changes, discovered) = mpsc::unbounded_channel();
@@ -203,9 +201,6 @@ pub async fn run(
     tracker.close();
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, tracker.wait()).await;
     // Let callers read the last bytes before the process exits.
-    serving.closed().await;
-    events.lifecycle("stopped", &[]);
-    writer_stop.cancel();
-    let _ = writer.await;
+    serving.finish(&events, writer).await;
     served
 }

@@ -250,16 +250,6 @@ async fn gateways_keep_serving_while_redis_is_away_and_resync_when_it_returns() 
     gateway.shutdown().await.unwrap();
 }
 
-/// A child process killed when dropped.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A private `dnsmasq` answering from a hosts file on 127.0.0.1, stopped on drop.
 struct Dnsmasq {
     child: std::process::Child,
@@ -423,7 +413,7 @@ async fn a_control_service_registers_the_instances_it_supervises() {
         .spawn()
         .unwrap();
     // Killed (with its instances, which exit with their parent) if the test fails midway.
-    let mut control = KillOnDrop(control);
+    let mut control = dlb::testing::KillOnDrop(control);
     let control = &mut control.0;
     wait_serving(&gw, &["h7-A", "h7-B"], PATIENCE).await;
     assert_eq!(

@@ -125,20 +125,7 @@ async fn reverse(
 }
 
 fn load(gateway: &RunningGateway, concurrency: usize, requests: u64) -> BenchConfig {
-    BenchConfig {
-        addrs: vec![gateway.addr.to_string()],
-        op: Op::Reverse {
-            text: "hello".into(),
-        },
-        concurrency,
-        rate: None,
-        connections: 2,
-        warmup: Duration::ZERO,
-        duration: Duration::from_secs(60),
-        requests: Some(requests),
-        timeout: Duration::from_secs(10),
-        tls: None,
-    }
+    dlb::testing::load(gateway.addr, concurrency, requests)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,15 +193,12 @@ async fn round_robin_is_exact_over_three_instances() {
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+    // On a blocking thread: the gateway serves /metrics on this test's runtime.
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || dlb::testing::http_get(addr, &path))
         .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
+        .unwrap()
+        .unwrap()
 }
 
 async fn failover_under_load(signal: &str) {
@@ -613,14 +597,6 @@ async fn a_gateway_out_of_file_descriptors_backs_off_and_serves_again() {
     let computes = in_process(&["A"]).await;
     // The gateway process may open 48 files; its connection bound is far above that.
     let log = std::env::temp_dir().join(format!("dlb-gw-emfile-{}.log", std::process::id()));
-    /// Killed however the test ends.
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut child = std::process::Command::new("sh")
         .args(["-c", "ulimit -n 48 && exec \"$0\" \"$@\""])
         .arg(env!("CARGO_BIN_EXE_dlb-gateway"))
@@ -639,7 +615,7 @@ async fn a_gateway_out_of_file_descriptors_backs_off_and_serves_again() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
-        .map(Killed)
+        .map(dlb::testing::KillOnDrop)
         .unwrap();
     let addr = dlb::testing::listening_addr(&mut child.0);
     let gw = channel(&format!("http://{addr}")).await;

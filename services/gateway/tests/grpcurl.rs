@@ -5,30 +5,10 @@
 
 mod support;
 
-use std::process::Command;
-
 use dlb_gateway::Config;
 use dlb_gateway::config::Backend;
 use dlb_gateway::testing::RunningGateway;
 use support::{PATIENCE, channel, wait_serving};
-
-async fn grpcurl_ok(args: &[&str]) -> String {
-    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    let shown = args.join(" ");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(dlb::testing::grpcurl()).args(&args).output()
-    })
-    .await
-    .unwrap()
-    .expect("run grpcurl");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "grpcurl {shown}: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_talks_to_the_gateway() {
@@ -51,7 +31,7 @@ async fn grpcurl_talks_to_the_gateway() {
     let addr = gateway.addr.to_string();
     let addr = addr.as_str();
 
-    let list = grpcurl_ok(&["-plaintext", addr, "list"]).await;
+    let list = dlb::testing::grpcurl_ok(&["-plaintext", addr, "list"]).await;
     for service in [
         "dlb.v1.Operations",
         "dlb.v1.Gateway",
@@ -62,9 +42,11 @@ async fn grpcurl_talks_to_the_gateway() {
             "{service} in {list}"
         );
     }
-    let described = grpcurl_ok(&["-plaintext", addr, "describe", "dlb.v1.Operations"]).await;
+    let described =
+        dlb::testing::grpcurl_ok(&["-plaintext", addr, "describe", "dlb.v1.Operations"]).await;
     assert!(described.contains("rpc Fibonacci ("), "{described}");
-    let health = grpcurl_ok(&["-plaintext", addr, "grpc.health.v1.Health/Check"]).await;
+    let health =
+        dlb::testing::grpcurl_ok(&["-plaintext", addr, "grpc.health.v1.Health/Check"]).await;
     assert!(health.contains("\"SERVING\""), "{health}");
 
     let calls = [
@@ -83,7 +65,7 @@ async fn grpcurl_talks_to_the_gateway() {
         ),
     ];
     for (method, data, expected) in calls {
-        let out = grpcurl_ok(&[
+        let out = dlb::testing::grpcurl_ok(&[
             "-plaintext",
             "-v",
             "-d",
@@ -99,7 +81,7 @@ async fn grpcurl_talks_to_the_gateway() {
         );
         assert!(out.contains("x-attempts: 1"), "{method}: {out}");
     }
-    let stats = grpcurl_ok(&["-plaintext", addr, "dlb.v1.Gateway/Stats"]).await;
+    let stats = dlb::testing::grpcurl_ok(&["-plaintext", addr, "dlb.v1.Gateway/Stats"]).await;
     assert!(stats.contains("\"state\": \"serving\""), "{stats}");
 
     gateway.shutdown().await.unwrap();

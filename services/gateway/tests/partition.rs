@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use dlb::client::Op;
 use dlb::client::bench::{self, BenchConfig, Progress};
 use dlb::testing::RedisServer;
 use dlb_gateway::Config;
@@ -195,18 +194,8 @@ async fn a_cut_link_under_load_fails_no_call_and_the_host_returns_when_the_link_
     let retries_before = stats(&gw).await.retries;
     let progress = Arc::new(Progress::default());
     let load = BenchConfig {
-        addrs: vec![gateway.addr.to_string()],
-        op: Op::Reverse {
-            text: "hello".into(),
-        },
-        concurrency: 16,
-        rate: None,
-        connections: 2,
-        warmup: Duration::ZERO,
-        duration: Duration::from_secs(60),
-        requests: Some(3_000),
         timeout: Duration::from_secs(2),
-        tls: None,
+        ..dlb::testing::load(gateway.addr, 16, 3_000)
     };
     let run = tokio::spawn(bench::run(load, Arc::clone(&progress)));
     tokio::time::timeout(PATIENCE, async {
@@ -256,18 +245,9 @@ async fn a_cut_link_under_load_fails_no_call_and_the_host_returns_when_the_link_
     // While cut off, h2 gets nothing.
     let report = bench::run(
         BenchConfig {
-            addrs: vec![gateway.addr.to_string()],
-            op: Op::Reverse {
-                text: "hello".into(),
-            },
-            concurrency: 4,
-            rate: None,
             connections: 1,
-            warmup: Duration::ZERO,
-            duration: Duration::from_secs(60),
-            requests: Some(200),
             timeout: Duration::from_secs(2),
-            tls: None,
+            ..dlb::testing::load(gateway.addr, 4, 200)
         },
         Arc::new(Progress::default()),
     )

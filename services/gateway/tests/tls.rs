@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use dlb::client::Op;
 use dlb::client::bench::{self, BenchConfig, Progress};
 use dlb::proto::v1::{
     ListInstancesRequest, ReverseRequest, control_client::ControlClient,
@@ -258,18 +257,8 @@ async fn sigkill_of_an_instance_under_load_loses_no_call_with_mutual_tls() {
 
     let progress = Arc::new(Progress::default());
     let load = BenchConfig {
-        addrs: vec![gateway.addr.to_string()],
-        op: Op::Reverse {
-            text: "hello".into(),
-        },
-        concurrency: 32,
-        rate: None,
-        connections: 2,
-        warmup: Duration::ZERO,
-        duration: Duration::from_secs(60),
-        requests: Some(5_000),
-        timeout: Duration::from_secs(10),
         tls: Some(trusted.clone()),
+        ..dlb::testing::load(gateway.addr, 32, 5_000)
     };
     let run = tokio::spawn(bench::run(load, Arc::clone(&progress)));
     tokio::time::timeout(PATIENCE, async {

@@ -6,13 +6,12 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::TestMesh;
 use support::webdriver::Browser;
 
-const PATIENCE: Duration = Duration::from_secs(20);
+use dlb::testing::PATIENCE;
 
 /// Form fields to fill: `(css selector, text)`.
 type Inputs<'a> = &'a [(&'a str, &'a str)];

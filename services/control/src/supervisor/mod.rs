@@ -28,9 +28,6 @@ use tonic_health::pb::{
 use crate::config::{Config, Restart, instance_id};
 use crate::process::{self, StderrTail};
 
-/// Linux reports CPU in USER_HZ ticks, fixed at 100 per second by the kernel ABI.
-const TICKS_PER_SECOND: f64 = 100.0;
-
 /// Why an operation was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -78,6 +75,7 @@ struct Slot {
     stopping: bool,
     /// Removal was asked for: do not restart.
     removed: bool,
+    /// When CPU time was last sampled, and the CPU time (µs) then.
     cpu_sample: Option<(Instant, u64)>,
     cpu_percent: f64,
     rss_bytes: u64,
@@ -327,16 +325,16 @@ impl Supervisor {
             if slot.pid == 0 {
                 continue;
             }
-            if let Some((ticks, rss)) = process::usage(slot.pid) {
+            if let Some(usage) = dlb::procfs::Usage::of(slot.pid) {
                 if let Some((then, before)) = slot.cpu_sample {
-                    let secs = now.duration_since(then).as_secs_f64();
-                    if secs > 0.0 {
+                    let micros = now.duration_since(then).as_micros() as f64;
+                    if micros > 0.0 {
                         slot.cpu_percent =
-                            (ticks.saturating_sub(before) as f64 / TICKS_PER_SECOND) / secs * 100.0;
+                            usage.cpu_micros.saturating_sub(before) as f64 / micros * 100.0;
                     }
                 }
-                slot.cpu_sample = Some((now, ticks));
-                slot.rss_bytes = rss;
+                slot.cpu_sample = Some((now, usage.cpu_micros));
+                slot.rss_bytes = usage.rss_bytes;
             }
         }
     }

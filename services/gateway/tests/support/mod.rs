@@ -13,8 +13,9 @@ use dlb::proto::v1::{StatsRequest, StatsResponse, gateway_client::GatewayClient}
 use dlb_gateway::config::Backend;
 use tonic::transport::Channel;
 
-/// Bound on anything a test waits for.
-pub const PATIENCE: Duration = Duration::from_secs(30);
+// Not every test binary that includes this module uses both.
+#[allow(unused_imports)]
+pub use dlb::testing::{PATIENCE, channel};
 
 /// The `dlb-compute` binary, built on demand when this package's tests run alone.
 pub fn compute_binary() -> PathBuf {
@@ -109,15 +110,6 @@ impl Drop for ComputeProcess {
             let _ = child.wait();
         }
     }
-}
-
-/// A connected channel to `uri`.
-pub async fn channel(uri: &str) -> Channel {
-    Channel::from_shared(uri.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 /// The gateway's stats now.
