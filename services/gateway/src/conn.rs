@@ -17,7 +17,8 @@ use tokio::net::TcpStream;
 use tonic::codegen::http;
 use tower::BoxError;
 
-use crate::endpoint::lock;
+use crate::failure::{Failure, classify};
+use crate::lock;
 
 /// How connections are made and kept.
 #[derive(Debug, Clone)]
@@ -61,8 +62,55 @@ struct Live {
     answered: Arc<AtomicBool>,
 }
 
-/// A call's answer: headers now, body and trailers from the stream.
-pub type Answer = http::Response<h2::RecvStream>;
+/// A call's answer: headers now, body and trailers from [`AnswerBody`].
+pub type Answer = http::Response<AnswerBody>;
+
+/// An instance's answer body as the relay reads it.
+#[derive(Debug)]
+pub enum AnswerBody {
+    /// From a real instance: h2's stream, read with flow control.
+    Stream(h2::RecvStream),
+    /// Given whole: what unit tests of the relay answer with, in place of an instance.
+    Given {
+        /// The DATA frames, in order; an error ends the body there, as a reset stream does.
+        data: std::collections::VecDeque<Result<Bytes, String>>,
+        /// The trailers.
+        trailers: Option<http::HeaderMap>,
+    },
+}
+
+impl AnswerBody {
+    /// The next DATA frame; `None` at the end of the data.
+    ///
+    /// # Errors
+    ///
+    /// The stream failed (reset, connection lost).
+    pub async fn data(&mut self) -> Option<Result<Bytes, BoxError>> {
+        match self {
+            Self::Stream(stream) => {
+                let data = stream.data().await?;
+                if let Ok(data) = &data {
+                    // Read, so the instance may send more (HTTP/2 flow control).
+                    let _ = stream.flow_control().release_capacity(data.len());
+                }
+                Some(data.map_err(BoxError::from))
+            }
+            Self::Given { data, .. } => data.pop_front().map(|d| d.map_err(BoxError::from)),
+        }
+    }
+
+    /// The trailers, once the data is read.
+    ///
+    /// # Errors
+    ///
+    /// The stream failed (reset, connection lost).
+    pub async fn trailers(&mut self) -> Result<Option<http::HeaderMap>, BoxError> {
+        match self {
+            Self::Stream(stream) => stream.trailers().await.map_err(BoxError::from),
+            Self::Given { trailers, .. } => Ok(trailers.take()),
+        }
+    }
+}
 
 impl Conn {
     /// A connection to `addr` (HOST:PORT), opened on first use.
@@ -123,7 +171,7 @@ impl Conn {
                     live.closed.store(true, Ordering::Release);
                     // An instance closing the connection gracefully (recycling it, or
                     // draining) has seen nothing of this call: it goes on a new connection.
-                    if went_away_gracefully(&error) {
+                    if classify(&error) == Failure::WentAway {
                         if !reconnected {
                             reconnected = true;
                             continue;
@@ -159,9 +207,11 @@ impl Conn {
                 if !live.answered.load(Ordering::Relaxed) {
                     live.answered.store(true, Ordering::Relaxed);
                 }
-                Ok(answer)
+                Ok(answer.map(AnswerBody::Stream))
             }
-            Err(error) if went_away_gracefully(&error) => Err(self.went_away(&live, error)),
+            Err(error) if classify(&error) == Failure::WentAway => {
+                Err(self.went_away(&live, error))
+            }
             Err(error) => Err(error.into()),
         }
     }
@@ -294,8 +344,7 @@ impl Conn {
                 .ok()?;
             let mut body = answer.into_body();
             while let Some(data) = body.data().await {
-                let data = data.ok()?;
-                let _ = body.flow_control().release_capacity(data.len());
+                data.ok()?;
             }
             let trailers = body.trailers().await.ok()??;
             (trailers.get("grpc-status")? == "0").then_some(())
@@ -311,12 +360,3 @@ impl Conn {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ClosedUnused(pub String);
-
-/// True for a stream the instance did not process because it is closing the connection
-/// gracefully (GOAWAY with NO_ERROR): the call can go again on a new connection, and the
-/// instance is not at fault.
-pub fn went_away_gracefully(error: &(dyn std::error::Error + 'static)) -> bool {
-    error.downcast_ref::<h2::Error>().is_some_and(|e| {
-        e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR)
-    })
-}

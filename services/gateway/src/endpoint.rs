@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,8 @@ use tonic::codegen::http;
 use tower::Service;
 
 use crate::conn::{Answer, Conn};
+use crate::failure::{Failure, classify};
+use crate::lock;
 
 /// How far back the request rate looks.
 pub const RATE_WINDOW: Duration = Duration::from_secs(10);
@@ -61,11 +63,6 @@ fn monotonic_us() -> u64 {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let epoch = EPOCH.get_or_init(Instant::now);
     u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves its data valid; a panic elsewhere does not poison it.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// State and counters of one endpoint.
@@ -441,7 +438,7 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
                         .insert(ServedBy(Arc::clone(&shared.stats.id)));
                     Ok(response)
                 }
-                Err(error) if crate::conn::went_away_gracefully(error.as_ref()) => {
+                Err(error) if classify(error.as_ref()) == Failure::WentAway => {
                     // The instance is closing that connection gracefully and saw nothing of
                     // the call (GOAWAY with NO_ERROR): not its failure. The call is retried;
                     // the next one opens a new connection.
@@ -456,7 +453,7 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
                     // A stream the instance reset (REFUSED_STREAM, say) fails that call only:
                     // its connection is fine. It is taken out after several in a row, as an
                     // instance that resets everything is of no use.
-                    let reset = reset_by_instance(error.as_ref());
+                    let reset = classify(error.as_ref()) == Failure::Reset;
                     let in_a_row = if reset {
                         shared.stats.resets_in_a_row.fetch_add(1, Ordering::Relaxed) + 1
                     } else {
@@ -491,16 +488,6 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
 /// Streams an instance may reset in a row (with no answer between) before it is ejected, as a
 /// connection failure ejects it at once: Envoy's default for consecutive errors.
 pub const RESETS_BEFORE_EJECTION: u32 = 5;
-
-/// True when the instance reset the call's stream (RST_STREAM), or left it unprocessed closing
-/// a connection that had answered no call ([`crate::conn::ClosedUnused`]), as opposed to a
-/// failure of the whole connection (refused, closed, GOAWAY with an error, a protocol error).
-fn reset_by_instance(error: &(dyn std::error::Error + 'static)) -> bool {
-    error
-        .downcast_ref::<h2::Error>()
-        .is_some_and(|e| e.is_reset() && e.is_remote())
-        || error.is::<crate::conn::ClosedUnused>()
-}
 
 /// One call in flight to an endpoint: counted in on creation, out on drop; latency recorded
 /// when the call finishes normally.

@@ -4,8 +4,6 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 
-use crate::balance::BalanceError;
-
 /// Why the gateway answered a call itself instead of relaying an instance's answer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -54,16 +52,4 @@ impl From<Error> for Status {
         };
         Status::new(code, error.to_string())
     }
-}
-
-/// Is this failure (or one of its sources) the balancer finding no endpoint?
-pub fn is_balance_error_source(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(error) = next {
-        if error.downcast_ref::<BalanceError>().is_some() {
-            return true;
-        }
-        next = error.source();
-    }
-    false
 }

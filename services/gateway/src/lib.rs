@@ -14,6 +14,7 @@ pub mod conn;
 pub mod dns;
 pub mod endpoint;
 pub mod error;
+pub mod failure;
 pub mod membership;
 pub mod monitor;
 pub mod relay;
@@ -203,4 +204,10 @@ pub async fn run(
     // Let callers read the last bytes before the process exits.
     serving.finish(&events, writer).await;
     served
+}
+
+/// Locks `m`. Every critical section of the gateway leaves its data valid, so a panic
+/// elsewhere does not poison it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

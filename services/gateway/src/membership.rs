@@ -212,19 +212,36 @@ fn send_difference(
     wanted: &HashMap<String, String>,
     tx: &tokio::sync::mpsc::UnboundedSender<MemberChange>,
 ) {
-    for id in members.keys() {
-        if !wanted.contains_key(id) {
-            let _ = tx.send(MemberChange::Remove(id.clone()));
-        }
+    for change in difference(members, wanted) {
+        let _ = tx.send(change);
     }
-    for (id, addr) in wanted {
-        if members.get(id) != Some(addr) {
-            let _ = tx.send(MemberChange::Upsert(Backend {
+}
+
+/// What changed from `members` to `wanted` (id to address): the members gone, then the new
+/// and moved ones, each in id order.
+fn difference(
+    members: &HashMap<String, String>,
+    wanted: &HashMap<String, String>,
+) -> Vec<MemberChange> {
+    let mut gone: Vec<&String> = members
+        .keys()
+        .filter(|id| !wanted.contains_key(*id))
+        .collect();
+    gone.sort();
+    let mut changed: Vec<(&String, &String)> = wanted
+        .iter()
+        .filter(|(id, addr)| members.get(*id) != Some(*addr))
+        .collect();
+    changed.sort();
+    gone.into_iter()
+        .map(|id| MemberChange::Remove(id.clone()))
+        .chain(changed.into_iter().map(|(id, addr)| {
+            MemberChange::Upsert(Backend {
                 id: id.clone(),
                 addr: addr.clone(),
-            }));
-        }
-    }
+            })
+        }))
+        .collect()
 }
 
 /// Membership from the Redis instance registry (`--discover redis`): every registered
@@ -342,5 +359,48 @@ impl Membership for Merged {
             merged = Box::pin(merged.merge(source.changes()));
         }
         merged
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(id, addr)| ((*id).to_owned(), (*addr).to_owned()))
+            .collect()
+    }
+
+    fn shown(changes: &[MemberChange]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|change| match change {
+                MemberChange::Upsert(backend) => format!("+{}@{}", backend.id, backend.addr),
+                MemberChange::Remove(id) => format!("-{id}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_difference_removes_the_gone_then_adds_the_new_and_the_moved() {
+        let members = map(&[("A", "h:1"), ("B", "h:2"), ("C", "h:3")]);
+        let wanted = map(&[("A", "h:1"), ("C", "h:30"), ("D", "h:4")]);
+        assert_eq!(
+            shown(&difference(&members, &wanted)),
+            ["-B", "+C@h:30", "+D@h:4"]
+        );
+    }
+
+    #[test]
+    fn the_same_membership_changes_nothing_and_from_nothing_adds_all() {
+        let members = map(&[("A", "h:1"), ("B", "h:2")]);
+        assert!(difference(&members, &members).is_empty());
+        assert_eq!(
+            shown(&difference(&HashMap::new(), &members)),
+            ["+A@h:1", "+B@h:2"]
+        );
+        assert_eq!(shown(&difference(&members, &HashMap::new())), ["-A", "-B"]);
     }
 }

@@ -143,6 +143,23 @@ fn state_of(status: ServingStatus) -> State {
     }
 }
 
+/// A change to the balancer's ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RingChange {
+    Insert,
+    Remove,
+}
+
+/// The ring invariant: an endpoint is in the ring exactly while its state is SERVING. What
+/// must change for an endpoint now in `state`, in the ring or not.
+fn ring_change(in_ring: bool, state: State) -> Option<RingChange> {
+    match (in_ring, state == State::Serving) {
+        (false, true) => Some(RingChange::Insert),
+        (true, false) => Some(RingChange::Remove),
+        _ => None,
+    }
+}
+
 /// Why a watch ended early.
 enum Stall {
     /// Still answering: keep going.
@@ -187,15 +204,19 @@ impl<'a> Watcher<'a> {
             );
         }
         let id = Arc::clone(&m.stats.id);
-        if state == State::Serving && !self.in_ring {
-            self.in_ring = true;
-            self.service.clear_failed();
-            let _ = m
-                .balancer
-                .send(Ok(Change::Insert(id, self.service.clone())));
-        } else if state != State::Serving && self.in_ring {
-            self.in_ring = false;
-            let _ = m.balancer.send(Ok(Change::Remove(id)));
+        match ring_change(self.in_ring, state) {
+            Some(RingChange::Insert) => {
+                self.in_ring = true;
+                self.service.clear_failed();
+                let _ = m
+                    .balancer
+                    .send(Ok(Change::Insert(id, self.service.clone())));
+            }
+            Some(RingChange::Remove) => {
+                self.in_ring = false;
+                let _ = m.balancer.send(Ok(Change::Remove(id)));
+            }
+            None => {}
         }
     }
 
@@ -372,4 +393,41 @@ fn stall_ticker(stall_timeout: Duration) -> tokio::time::Interval {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     tick
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_is_in_the_ring_exactly_while_serving() {
+        let states = [
+            State::Connecting,
+            State::Serving,
+            State::NotServing,
+            State::Ejected,
+            State::Draining,
+        ];
+        for state in states {
+            for in_ring in [false, true] {
+                let change = ring_change(in_ring, state);
+                let after = match change {
+                    Some(RingChange::Insert) => true,
+                    Some(RingChange::Remove) => false,
+                    None => in_ring,
+                };
+                assert_eq!(
+                    after,
+                    state == State::Serving,
+                    "{state:?}, in ring {in_ring}"
+                );
+                // Nothing is sent when nothing changes.
+                assert_eq!(
+                    change.is_none(),
+                    in_ring == after,
+                    "{state:?}, in ring {in_ring}"
+                );
+            }
+        }
+    }
 }

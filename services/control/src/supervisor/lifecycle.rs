@@ -221,27 +221,9 @@ impl Supervisor {
             if slot.generation != generation {
                 return;
             }
-            slot.pid = 0;
-            slot.serving_since = None;
-            slot.cpu_sample = None;
-            slot.cpu_percent = 0.0;
-            slot.rss_bytes = 0;
-            let restart = if slot.stopping {
-                if slot.state != InstanceState::Crashed {
-                    slot.state = InstanceState::Stopped;
-                }
-                false
-            } else {
-                slot.state = InstanceState::Crashed;
-                let said = stderr.text();
-                slot.last_error = if said.is_empty() {
-                    format!("exited: {status}")
-                } else {
-                    format!("exited: {status}: {said}")
-                };
-                !slot.removed && self.inner.restart == Restart::OnFailure
-            };
-            let crashed = slot.state == InstanceState::Crashed && !slot.stopping;
+            let exit = slot.exited(&status, &stderr.text(), self.inner.restart);
+            let restart = exit == Exit::Crashed { restart: true };
+            let crashed = matches!(exit, Exit::Crashed { .. });
             let restarts = slot.restarts;
             self.publish(&slots).await;
             drop(slots);
@@ -257,9 +239,7 @@ impl Supervisor {
             restart.then_some(restarts)
         };
         if let Some(restarts) = restart {
-            let backoff = Duration::from_millis(500)
-                .saturating_mul(1 << restarts.min(5))
-                .min(Duration::from_secs(10));
+            let backoff = restart_backoff(restarts);
             let this = self.clone();
             let id = id.to_owned();
             let cancel = self.inner.cancel.clone();
@@ -271,13 +251,7 @@ impl Supervisor {
                 {
                     let mut slots = this.inner.slots.lock().await;
                     match slots.get_mut(&id) {
-                        Some(slot)
-                            if slot.state == InstanceState::Crashed
-                                && !slot.removed
-                                && !slot.stopping =>
-                        {
-                            slot.restarts += 1;
-                        }
+                        Some(slot) if slot.still_crashed() => slot.restarts += 1,
                         _ => return,
                     }
                 }

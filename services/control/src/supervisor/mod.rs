@@ -81,7 +81,67 @@ struct Slot {
     rss_bytes: u64,
 }
 
+/// What an instance's exit means (see [`Slot::exited`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// It was asked to stop (or was already reported crashed while stopping).
+    Stopped,
+    /// Nobody asked: a crash, restarted after a backoff when `restart` says so.
+    Crashed { restart: bool },
+}
+
 impl Slot {
+    /// A slot for instance `id` on `listen`, stopped, never started.
+    fn new(id: String, listen: String) -> Self {
+        Self {
+            id,
+            listen,
+            state: InstanceState::Stopped,
+            pid: 0,
+            generation: 0,
+            serving_since: None,
+            restarts: 0,
+            last_error: String::new(),
+            stopping: false,
+            removed: false,
+            cpu_sample: None,
+            cpu_percent: 0.0,
+            rss_bytes: 0,
+        }
+    }
+
+    /// The transition when the current process exits with `status` (its last stderr lines
+    /// `said`): STOPPED after a stop was asked, else CRASHED with the reason, restarted under
+    /// `--restart on-failure` unless it is being removed.
+    fn exited(&mut self, status: &str, said: &str, restart: Restart) -> Exit {
+        self.pid = 0;
+        self.serving_since = None;
+        self.cpu_sample = None;
+        self.cpu_percent = 0.0;
+        self.rss_bytes = 0;
+        if self.stopping {
+            if self.state != InstanceState::Crashed {
+                self.state = InstanceState::Stopped;
+            }
+            return Exit::Stopped;
+        }
+        self.state = InstanceState::Crashed;
+        self.last_error = if said.is_empty() {
+            format!("exited: {status}")
+        } else {
+            format!("exited: {status}: {said}")
+        };
+        Exit::Crashed {
+            restart: !self.removed && restart == Restart::OnFailure,
+        }
+    }
+
+    /// Whether a restart planned after a crash should still happen (nobody started, stopped
+    /// or removed it meanwhile).
+    fn still_crashed(&self) -> bool {
+        self.state == InstanceState::Crashed && !self.removed && !self.stopping
+    }
+
     /// As reported; `advertise_host` replaces the host it listens on.
     fn snapshot_as(&self, advertise_host: Option<&str>) -> Instance {
         let address = match (advertise_host, self.listen.rsplit_once(':')) {
@@ -105,6 +165,14 @@ impl Slot {
             last_error: self.last_error.clone(),
         }
     }
+}
+
+/// How long to wait before the restart that follows `restarts` earlier ones: 0.5 s doubling,
+/// at most 10 s.
+fn restart_backoff(restarts: u32) -> Duration {
+    Duration::from_millis(500)
+        .saturating_mul(1 << restarts.min(5))
+        .min(Duration::from_secs(10))
 }
 
 fn state_name(state: InstanceState) -> &'static str {
@@ -245,21 +313,10 @@ impl Supervisor {
             };
             slots.insert(
                 id.clone(),
-                Slot {
-                    id: id.clone(),
-                    listen: std::net::SocketAddr::new(self.inner.instance_host, port).to_string(),
-                    state: InstanceState::Stopped,
-                    pid: 0,
-                    generation: 0,
-                    serving_since: None,
-                    restarts: 0,
-                    last_error: String::new(),
-                    stopping: false,
-                    removed: false,
-                    cpu_sample: None,
-                    cpu_percent: 0.0,
-                    rss_bytes: 0,
-                },
+                Slot::new(
+                    id.clone(),
+                    std::net::SocketAddr::new(self.inner.instance_host, port).to_string(),
+                ),
             );
             self.publish(&slots).await;
             id
@@ -370,5 +427,78 @@ async fn wait_idle(addr: &str, tls: Option<&dlb::tls::ClientTls>) {
             }
             _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(id: &str) -> Slot {
+        let mut slot = Slot::new(id.to_owned(), "127.0.0.1:13001".to_owned());
+        slot.state = InstanceState::Serving;
+        slot.pid = 4242;
+        slot.serving_since = Some(Instant::now());
+        slot.rss_bytes = 1 << 20;
+        slot
+    }
+
+    #[test]
+    fn an_exit_nobody_asked_for_is_a_crash_with_its_reason_and_a_restart() {
+        let mut slot = running("A");
+        let exit = slot.exited("signal: 9 (SIGKILL)", "", Restart::OnFailure);
+        assert_eq!(exit, Exit::Crashed { restart: true });
+        assert_eq!(slot.state, InstanceState::Crashed);
+        assert_eq!(slot.last_error, "exited: signal: 9 (SIGKILL)");
+        assert_eq!((slot.pid, slot.rss_bytes, slot.serving_since), (0, 0, None));
+        assert!(slot.still_crashed());
+
+        let mut slot = running("B");
+        let exit = slot.exited("exit status: 1", "port taken", Restart::Never);
+        assert_eq!(exit, Exit::Crashed { restart: false });
+        assert_eq!(slot.last_error, "exited: exit status: 1: port taken");
+    }
+
+    #[test]
+    fn an_exit_after_a_stop_is_stopped_and_never_restarted() {
+        let mut slot = running("A");
+        slot.stopping = true;
+        assert_eq!(
+            slot.exited("exit status: 0", "", Restart::OnFailure),
+            Exit::Stopped
+        );
+        assert_eq!(slot.state, InstanceState::Stopped);
+        assert!(slot.last_error.is_empty());
+        assert!(!slot.still_crashed());
+    }
+
+    #[test]
+    fn a_removed_instance_that_crashes_is_not_restarted() {
+        let mut slot = running("A");
+        slot.removed = true;
+        assert_eq!(
+            slot.exited("signal: 11 (SIGSEGV)", "", Restart::OnFailure),
+            Exit::Crashed { restart: false }
+        );
+        assert!(!slot.still_crashed());
+    }
+
+    #[test]
+    fn a_restart_is_called_off_once_someone_starts_or_stops_it() {
+        let mut slot = running("A");
+        slot.exited("signal: 9 (SIGKILL)", "", Restart::OnFailure);
+        slot.state = InstanceState::Starting;
+        assert!(!slot.still_crashed());
+    }
+
+    #[test]
+    fn restart_backoff_doubles_from_half_a_second_up_to_ten() {
+        let backoffs: Vec<u64> = (0..8)
+            .map(|n| restart_backoff(n).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            backoffs,
+            [500, 1000, 2000, 4000, 8000, 10_000, 10_000, 10_000]
+        );
     }
 }

@@ -9,6 +9,7 @@ use tonic::body::Body;
 use tonic::codegen::http;
 
 use super::{Chunks, FRAME_HEADER};
+use crate::conn::AnswerBody;
 
 /// Whether the request's `grpc-encoding` allows compressed messages (names anything but
 /// identity). Which encodings the instance takes is the instance's to say.
@@ -108,15 +109,14 @@ pub(super) enum ReadAnswerError {
 
 /// Reads an instance's answer whole: its data and its trailers. Any failure is below gRPC.
 pub(super) async fn read_answer(
-    mut body: h2::RecvStream,
+    mut body: AnswerBody,
     limit: usize,
 ) -> Result<(Chunks, Option<http::HeaderMap>), ReadAnswerError> {
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut total = 0usize;
     while let Some(data) = body.data().await {
-        let data = data.map_err(|e| ReadAnswerError::Failed(dlb::status::error_chain(&e)))?;
-        // Read, so the instance may send more (HTTP/2 flow control).
-        let _ = body.flow_control().release_capacity(data.len());
+        let data =
+            data.map_err(|e| ReadAnswerError::Failed(dlb::status::error_chain(e.as_ref())))?;
         total += data.len();
         if total > limit {
             return Err(ReadAnswerError::TooLarge);
@@ -126,6 +126,6 @@ pub(super) async fn read_answer(
     let trailers = body
         .trailers()
         .await
-        .map_err(|e| ReadAnswerError::Failed(dlb::status::error_chain(&e)))?;
+        .map_err(|e| ReadAnswerError::Failed(dlb::status::error_chain(e.as_ref())))?;
     Ok((chunks, trailers))
 }

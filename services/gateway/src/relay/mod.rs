@@ -30,7 +30,8 @@ mod preview;
 use self::framing::{ReadAnswerError, copy_prefix, may_be_compressed, read_answer, read_request};
 use self::preview::{PREVIEW_BYTES, framed_preview};
 use crate::endpoint::{EndpointTable, ServedBy};
-use crate::error::{Error, is_balance_error_source};
+use crate::error::Error;
+use crate::failure::{Failure, classify};
 
 /// The balancer as the relay sees it, whatever the policy.
 pub type Balanced = BoxCloneSyncService<http::Request<Chunks>, crate::conn::Answer, ForwardError>;
@@ -335,7 +336,7 @@ impl GatewayService {
         let call = async {
             let response = match self.inner.balancer.clone().oneshot(request).await {
                 Ok(response) => response,
-                Err(ForwardError(error)) if is_balance_error_source(error.as_ref()) => {
+                Err(error) if classify(&error) == Failure::NoInstance => {
                     return Attempt::NoInstance;
                 }
                 Err(error) => return Attempt::Failed(dlb::status::error_chain(&error)),
@@ -547,3 +548,6 @@ impl tower::Service<http::Request<Body>> for GatewayService {
         Box::pin(async move { Ok(service.relay(request).await) })
     }
 }
+
+#[cfg(test)]
+mod tests;
