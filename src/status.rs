@@ -65,14 +65,14 @@ pub fn unknown_method(path: &str) -> String {
 /// The [`tower::Layer`] of [`StatusService`].
 #[derive(Debug, Clone, Default)]
 pub struct StatusLayer {
-    served_by: Option<HeaderValue>,
+    served_by: Option<std::sync::Arc<HeaderValue>>,
 }
 
 impl StatusLayer {
     /// Also puts `x-served-by: id` on every answer (what a compute instance does).
     pub fn serving_as(id: HeaderValue) -> Self {
         Self {
-            served_by: Some(id),
+            served_by: Some(std::sync::Arc::new(id)),
         }
     }
 }
@@ -93,7 +93,9 @@ impl<S> tower::Layer<S> for StatusLayer {
 #[derive(Debug, Clone)]
 pub struct StatusService<S> {
     inner: S,
-    served_by: Option<HeaderValue>,
+    // Behind an Arc: every call's future carries it, and most servers (all but compute)
+    // have none.
+    served_by: Option<std::sync::Arc<HeaderValue>>,
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for StatusService<S>
@@ -127,7 +129,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         uri: http::Uri,
-        served_by: Option<HeaderValue>,
+        served_by: Option<std::sync::Arc<HeaderValue>>,
     }
 }
 
@@ -144,7 +146,7 @@ where
         oversize_is_resource_exhausted(headers);
         name_unknown_method(headers, this.uri.path());
         if let Some(id) = this.served_by.take() {
-            headers.insert(crate::metadata::SERVED_BY, id);
+            headers.insert(crate::metadata::SERVED_BY, HeaderValue::clone(&id));
         }
         Poll::Ready(Ok(response))
     }

@@ -70,13 +70,18 @@ pub type Answer = http::Response<AnswerBody>;
 pub enum AnswerBody {
     /// From a real instance: h2's stream, read with flow control.
     Stream(h2::RecvStream),
-    /// Given whole: what unit tests of the relay answer with, in place of an instance.
-    Given {
-        /// The DATA frames, in order; an error ends the body there, as a reset stream does.
-        data: std::collections::VecDeque<Result<Bytes, String>>,
-        /// The trailers.
-        trailers: Option<http::HeaderMap>,
-    },
+    /// Given whole: what unit tests of the relay answer with, in place of an instance (boxed,
+    /// so that every real answer, moved through the balancer's futures, stays small).
+    Given(Box<GivenAnswer>),
+}
+
+/// An answer body given whole (see [`AnswerBody::Given`]).
+#[derive(Debug, Default)]
+pub struct GivenAnswer {
+    /// The DATA frames, in order; an error ends the body there, as a reset stream does.
+    pub data: std::collections::VecDeque<Result<Bytes, String>>,
+    /// The trailers.
+    pub trailers: Option<http::HeaderMap>,
 }
 
 impl AnswerBody {
@@ -95,7 +100,7 @@ impl AnswerBody {
                 }
                 Some(data.map_err(BoxError::from))
             }
-            Self::Given { data, .. } => data.pop_front().map(|d| d.map_err(BoxError::from)),
+            Self::Given(given) => given.data.pop_front().map(|d| d.map_err(BoxError::from)),
         }
     }
 
@@ -107,7 +112,7 @@ impl AnswerBody {
     pub async fn trailers(&mut self) -> Result<Option<http::HeaderMap>, BoxError> {
         match self {
             Self::Stream(stream) => stream.trailers().await.map_err(BoxError::from),
-            Self::Given { trailers, .. } => Ok(trailers.take()),
+            Self::Given(given) => Ok(given.trailers.take()),
         }
     }
 }

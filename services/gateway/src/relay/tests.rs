@@ -18,7 +18,7 @@ use tower_test::mock::{self, Handle};
 
 use super::{Balanced, Chunks, Counters, ForwardError, ForwardSettings, GatewayService};
 use crate::balance::BalanceError;
-use crate::conn::{Answer, AnswerBody};
+use crate::conn::{Answer, AnswerBody, GivenAnswer};
 use crate::endpoint::{EndpointTable, ServedBy};
 
 type Instances = Handle<http::Request<Chunks>, Answer>;
@@ -73,10 +73,10 @@ fn answer(id: &str, message: Option<&[u8]>, code: u8, text: &str) -> Answer {
     let data: VecDeque<Result<Bytes, String>> = message.map(|m| Ok(frame(m))).into_iter().collect();
     with_id(
         id,
-        AnswerBody::Given {
+        AnswerBody::Given(Box::new(GivenAnswer {
             data,
             trailers: Some(trailers),
-        },
+        })),
     )
 }
 
@@ -187,10 +187,10 @@ async fn an_answer_cut_mid_body_is_retried() {
     let (mut relay, instances) = relay(3);
     let got = call(&mut relay, instances, |mut instances| async move {
         let (_, send) = next(&mut instances).await;
-        let cut = AnswerBody::Given {
+        let cut = AnswerBody::Given(Box::new(GivenAnswer {
             data: VecDeque::from([Ok(frame(b"\x0a")), Err("stream reset by peer".to_owned())]),
             trailers: None,
-        };
+        }));
         send.send_response(with_id("A", cut));
         let (_, send) = next(&mut instances).await;
         send.send_response(answer("C", Some(b"\x0a\x05olleh"), 0, ""));
