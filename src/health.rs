@@ -18,7 +18,8 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 #[derive(Debug, Clone)]
 pub struct HealthState {
     status: Arc<watch::Sender<ServingStatus>>,
-    services: Arc<Vec<String>>,
+    /// Each service's own status: what it says unless the server is NOT_SERVING as a whole.
+    services: Arc<std::collections::BTreeMap<String, watch::Sender<ServingStatus>>>,
     closing: CancellationToken,
 }
 
@@ -28,7 +29,12 @@ impl HealthState {
         let (status, _) = watch::channel(ServingStatus::Serving);
         Self {
             status: Arc::new(status),
-            services: Arc::new(services.iter().map(|s| (*s).to_owned()).collect()),
+            services: Arc::new(
+                services
+                    .iter()
+                    .map(|s| ((*s).to_owned(), watch::channel(ServingStatus::Serving).0))
+                    .collect(),
+            ),
             closing: CancellationToken::new(),
         }
     }
@@ -43,6 +49,23 @@ impl HealthState {
         *self.status.borrow()
     }
 
+    /// Sets one service's own status (the gateway's, by whether its pool has an instance
+    /// serving); a service not named at [`HealthState::new`] is ignored.
+    pub fn set_service(&self, service: &str, status: ServingStatus) {
+        if let Some(own) = self.services.get(service) {
+            own.send_if_modified(|now| std::mem::replace(now, status) != status);
+        }
+    }
+
+    /// What a check of `service` answers: NOT_SERVING while the server is, else its own.
+    fn status_of(&self, service: &str) -> ServingStatus {
+        let server = self.get();
+        match self.services.get(service) {
+            Some(own) if server == ServingStatus::Serving => *own.borrow(),
+            _ => server,
+        }
+    }
+
     /// Ends every `Watch` stream, now and from now on.
     pub fn close(&self) {
         self.closing.cancel();
@@ -54,7 +77,7 @@ impl HealthState {
     }
 
     fn knows(&self, service: &str) -> bool {
-        service.is_empty() || self.services.iter().any(|s| s == service)
+        service.is_empty() || self.services.contains_key(service)
     }
 }
 
@@ -75,7 +98,7 @@ impl Health for HealthService {
             return Err(Status::not_found(format!("unknown service {service:?}")));
         }
         Ok(Response::new(HealthCheckResponse {
-            status: self.0.get().into(),
+            status: self.0.status_of(&service).into(),
         }))
     }
 
@@ -89,12 +112,20 @@ impl Health for HealthService {
         if !self.0.knows(&service) {
             return Err(Status::not_found(format!("unknown service {service:?}")));
         }
-        let changes =
-            tokio_stream::wrappers::WatchStream::new(self.0.status.subscribe()).map(|status| {
-                Ok(HealthCheckResponse {
-                    status: status.into(),
-                })
-            });
+        // Either status changing may change the answer.
+        let server = tokio_stream::wrappers::WatchStream::new(self.0.status.subscribe());
+        let own = match self.0.services.get(&service) {
+            Some(own) => tokio_stream::wrappers::WatchStream::new(own.subscribe()),
+            None => tokio_stream::wrappers::WatchStream::new(self.0.status.subscribe()),
+        };
+        let state = self.0.clone();
+        let mut last = None;
+        let changes = server.merge(own.skip(1)).filter_map(move |_| {
+            let status = state.status_of(&service);
+            (last.replace(status) != Some(status)).then_some(Ok(HealthCheckResponse {
+                status: status.into(),
+            }))
+        });
         Ok(Response::new(Box::pin(crate::server::until_cancelled(
             changes,
             self.0.closing.clone(),
@@ -122,6 +153,25 @@ mod tests {
         state.set(ServingStatus::NotServing);
         let second = stream.next().await.unwrap().unwrap();
         assert_eq!(second.status(), ServingStatus::NotServing);
+        state.set(ServingStatus::Serving);
+        assert_eq!(
+            stream.next().await.unwrap().unwrap().status(),
+            ServingStatus::Serving
+        );
+        // A service's own status shows, unless the whole server is not serving.
+        state.set_service("dlb.v1.Operations", ServingStatus::NotServing);
+        assert_eq!(
+            stream.next().await.unwrap().unwrap().status(),
+            ServingStatus::NotServing
+        );
+        let whole = service
+            .check(Request::new(HealthCheckRequest {
+                service: String::new(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(whole.status(), ServingStatus::Serving);
         state.close();
         assert!(stream.next().await.is_none());
         let unknown = service

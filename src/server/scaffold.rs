@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http::HeaderValue;
-use tonic::transport::server::Router;
+use tonic::service::Routes;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use super::{Incoming, RunError, reflection, spawn_health_listener};
@@ -49,6 +49,13 @@ pub struct Spec<'a> {
     pub served_by: Option<HeaderValue>,
     /// HTTP/2 streams a client may have open on one connection (none: tonic's default).
     pub max_concurrent_streams: Option<u32>,
+    /// More names health answers for, each with a status of its own
+    /// ([`HealthState::set_service`]), not listed by reflection: the gateway's routed services
+    /// and pools.
+    pub health_names: &'a [String],
+    /// Serve reflection of `services` (v1 and v1alpha); false when the caller adds its own
+    /// (the gateway's also answers for its instances).
+    pub reflection: bool,
 }
 
 /// A server being set up: health and the health-only port exist, nothing is served yet.
@@ -57,6 +64,7 @@ pub struct Scaffold {
     health: HealthState,
     services: Vec<String>,
     builder: tonic::transport::Server<Layers>,
+    reflection: bool,
     connections: Incoming,
     stop: CancellationToken,
     health_listener: Option<JoinHandle<()>>,
@@ -84,7 +92,13 @@ impl Scaffold {
         if let Some(tls) = crate::tls::for_server(spec.tls).map_err(RunError::Config)? {
             builder = builder.tls_config(tls)?;
         }
-        let health = HealthState::new(spec.services);
+        let names: Vec<&str> = spec
+            .services
+            .iter()
+            .copied()
+            .chain(spec.health_names.iter().map(String::as_str))
+            .collect();
+        let health = HealthState::new(&names);
         let stop = CancellationToken::new();
         let health_listener = match spec.health_listen {
             Some(addr) => Some(spawn_health_listener(addr, &health, stop.clone()).await?),
@@ -94,6 +108,7 @@ impl Scaffold {
             health,
             services: spec.services.iter().map(|s| (*s).to_owned()).collect(),
             builder,
+            reflection: spec.reflection,
             connections: spec.connections,
             stop,
             health_listener,
@@ -117,18 +132,20 @@ impl Scaffold {
     ///
     /// [`RunError::Reflection`] when the descriptor sets do not decode (a build problem).
     pub fn serve(
-        mut self,
+        self,
         listener: TcpListener,
-        add: impl FnOnce(Router<Layers>) -> Router<Layers>,
+        add: impl FnOnce(Routes) -> Routes,
     ) -> Result<Serving, RunError> {
-        let names: Vec<&str> = self.services.iter().map(String::as_str).collect();
-        let (reflection_v1, reflection_v1alpha) = reflection(&names)?;
-        let router = self
-            .builder
-            .add_service(self.health.service())
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
-        let server = add(router).serve_with_incoming_shutdown(
+        let mut routes = Routes::new(self.health.service());
+        if self.reflection {
+            let names: Vec<&str> = self.services.iter().map(String::as_str).collect();
+            let (reflection_v1, reflection_v1alpha) = reflection(&names)?;
+            routes = routes
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha);
+        }
+        let server = self.builder.serve_with_incoming_shutdown(
+            add(routes).prepare(),
             self.connections.accept(listener),
             self.stop.clone().cancelled_owned(),
         );
@@ -141,6 +158,30 @@ impl Scaffold {
             health_listener: self.health_listener,
         })
     }
+}
+
+/// Sends every call `routes` has no service for to `fallback` (the gateway relays them),
+/// instead of answering UNIMPLEMENTED.
+pub fn with_fallback<S>(mut routes: Routes, fallback: S) -> Routes
+where
+    S: tower::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    use tower::ServiceExt;
+    let router = routes.axum_router_mut();
+    *router = std::mem::take(router).fallback_service(fallback.map_request(
+        |request: tonic::codegen::http::Request<axum::body::Body>| {
+            request.map(tonic::body::Body::new)
+        },
+    ));
+    routes
 }
 
 /// A server that is serving (while awaited) until it drains.

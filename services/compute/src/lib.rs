@@ -76,6 +76,8 @@ pub async fn run(
         connections: Incoming::default(),
         served_by: Some(served_by),
         max_concurrent_streams: None,
+        health_names: &[],
+        reflection: true,
     })
     .await?;
     let mut serving = scaffold.serve(listener, |router| {

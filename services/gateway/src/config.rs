@@ -157,7 +157,7 @@ impl FromStr for Discover {
 #[command(
     name = "dlb-gateway",
     version,
-    about = "dlb gateway: balances dlb.v1.Operations over compute instances"
+    about = "dlb gateway: balances dlb.v1.Operations, and any other gRPC service, over instances"
 )]
 pub struct Config {
     /// Address to serve gRPC on (IP:PORT, e.g. 127.0.0.1:12000; port 0 picks a free one).
@@ -185,6 +185,38 @@ pub struct Config {
     /// "dns:NAME:PORT" (every A/AAAA record of NAME, re-resolved every --dns-interval-ms).
     #[arg(long, env = "DLB_GATEWAY_DISCOVER")]
     pub discover: Option<Discover>,
+
+    /// Sends a service (package.Service) or the methods under a path prefix (/package.) to a
+    /// named pool instead of the default one: SERVICE=POOL or /PREFIX=POOL, repeatable. The
+    /// longest matching prefix wins. POOL `default` is the pool of --backend, --control and
+    /// --discover.
+    #[arg(long = "route", env = "DLB_GATEWAY_ROUTES", value_delimiter = ',')]
+    pub routes: Vec<crate::routing::RouteArg>,
+
+    /// An instance of a named pool: POOL:ID=HOST:PORT, repeatable.
+    #[arg(
+        long = "pool-backend",
+        env = "DLB_GATEWAY_POOL_BACKENDS",
+        value_delimiter = ','
+    )]
+    pub pool_backends: Vec<crate::routing::PoolBackend>,
+
+    /// A named pool's instances from DNS: POOL:dns:NAME:PORT, repeatable.
+    #[arg(
+        long = "pool-discover",
+        env = "DLB_GATEWAY_POOL_DISCOVER",
+        value_delimiter = ','
+    )]
+    pub pool_discover: Vec<crate::routing::PoolDiscover>,
+
+    /// The service a named pool's health checks name: POOL=SERVICE (POOL= for the whole
+    /// server). Default: the first service routed to the pool, or the whole server.
+    #[arg(
+        long = "pool-health",
+        env = "DLB_GATEWAY_POOL_HEALTH",
+        value_delimiter = ','
+    )]
+    pub pool_health: Vec<crate::routing::PoolHealth>,
 
     /// DNS server for `--discover dns:...` (IP:PORT); default: the system resolver.
     #[arg(long, env = "DLB_GATEWAY_DNS_SERVER")]
@@ -283,6 +315,10 @@ impl Config {
             backends,
             control: None,
             discover: None,
+            routes: Vec::new(),
+            pool_backends: Vec::new(),
+            pool_discover: Vec::new(),
+            pool_health: Vec::new(),
             dns_server: None,
             dns_interval_ms: DEFAULT_DNS_INTERVAL_MS,
             policy: Policy::RoundRobin,
@@ -323,8 +359,7 @@ impl Config {
     /// discovery source, or several at once.
     pub fn membership(&self) -> Box<dyn crate::membership::Membership> {
         use crate::membership::{
-            ControlMembership, DnsMembership, Membership, Merged, RegistryMembership,
-            StaticMembership,
+            ControlMembership, Membership, Merged, RegistryMembership, StaticMembership,
         };
         let mut sources: Vec<Box<dyn Membership>> =
             vec![Box::new(StaticMembership(self.backends.clone()))];
@@ -341,12 +376,7 @@ impl Config {
                     sources.push(Box::new(RegistryMembership { url }));
                 }
             }
-            Some(Discover::Dns { name, port }) => sources.push(Box::new(DnsMembership {
-                name: name.clone(),
-                port: *port,
-                server: self.dns_server,
-                interval: Duration::from_millis(self.dns_interval_ms),
-            })),
+            Some(Discover::Dns { name, port }) => sources.push(self.dns_membership(name, *port)),
         }
         if sources.len() == 1 {
             return sources.remove(0);
@@ -355,6 +385,48 @@ impl Config {
     }
 
     /// The TLS client side (towards instances and control), if TLS is on.
+    /// Every A/AAAA record of `name`, each an instance on `port`, by `--dns-server` and
+    /// `--dns-interval-ms`.
+    fn dns_membership(&self, name: &str, port: u16) -> Box<dyn crate::membership::Membership> {
+        Box::new(crate::membership::DnsMembership {
+            name: name.to_owned(),
+            port,
+            server: self.dns_server,
+            interval: Duration::from_millis(self.dns_interval_ms),
+        })
+    }
+
+    /// The pools and routes the flags give (see [`crate::routing`]).
+    ///
+    /// # Errors
+    ///
+    /// A message naming the flag at fault.
+    pub fn plan(&self) -> Result<crate::routing::Plan, String> {
+        crate::routing::plan(
+            &self.routes,
+            &self.pool_backends,
+            &self.pool_discover,
+            &self.pool_health,
+        )
+    }
+
+    /// Where a named pool's instances come from.
+    pub fn pool_membership(
+        &self,
+        pool: &crate::routing::PoolPlan,
+    ) -> Box<dyn crate::membership::Membership> {
+        use crate::membership::{Membership, Merged, StaticMembership};
+        let mut sources: Vec<Box<dyn Membership>> =
+            vec![Box::new(StaticMembership(pool.backends.clone()))];
+        for (name, port) in &pool.dns {
+            sources.push(self.dns_membership(name, *port));
+        }
+        if sources.len() == 1 {
+            return sources.remove(0);
+        }
+        Box::new(Merged(sources))
+    }
+
     pub fn client_tls(&self) -> Option<dlb::tls::ClientTls> {
         self.tls.load().ok().flatten().and_then(|tls| tls.client())
     }
@@ -395,6 +467,7 @@ impl Config {
     ///
     /// A one-line message naming the bad setting.
     pub fn validate(&self) -> Result<(), String> {
+        self.plan()?;
         dlb::metadata::validate_instance_id(&self.id).map_err(|e| format!("--id: {e}"))?;
         let mut ids: Vec<&str> = self.backends.iter().map(|b| b.id.as_str()).collect();
         ids.sort_unstable();

@@ -62,6 +62,118 @@ struct Live {
     answered: Arc<AtomicBool>,
 }
 
+/// A stream opened for a call (see [`Conn::open`]): the request body goes on `stream`, the
+/// answer comes from `response` (or from [`Opened::answer`], which also notes the connection
+/// answered).
+#[derive(Debug)]
+pub struct Opened {
+    conn: Conn,
+    live: Live,
+    /// The answer's headers, once they come.
+    pub response: h2::client::ResponseFuture,
+    /// The request body's way out.
+    pub stream: h2::SendStream<Bytes>,
+}
+
+impl Opened {
+    /// Waits for the answer's headers.
+    ///
+    /// # Errors
+    ///
+    /// The stream or the connection failed before the headers came.
+    pub async fn answer(self) -> Result<Answer, BoxError> {
+        Self::answered(&self.conn, &self.live, self.response.await)
+    }
+
+    /// Splits it: the connection's handle, the answer to come and the request's way out.
+    pub fn into_parts(
+        self,
+    ) -> (
+        OpenedConn,
+        h2::client::ResponseFuture,
+        h2::SendStream<Bytes>,
+    ) {
+        (
+            OpenedConn {
+                conn: self.conn,
+                live: self.live,
+            },
+            self.response,
+            self.stream,
+        )
+    }
+
+    fn answered(
+        conn: &Conn,
+        live: &Live,
+        result: Result<http::Response<h2::RecvStream>, h2::Error>,
+    ) -> Result<Answer, BoxError> {
+        match result {
+            Ok(answer) => {
+                // Written once, not by every call (the flag is shared by all threads' calls).
+                if !live.answered.load(Ordering::Relaxed) {
+                    live.answered.store(true, Ordering::Relaxed);
+                }
+                Ok(answer.map(AnswerBody::Stream))
+            }
+            Err(error) if classify(&error) == Failure::WentAway => Err(conn.went_away(live, error)),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+/// The connection a stream was opened on, kept to report its answer (see [`Opened::into_parts`]).
+#[derive(Debug)]
+pub struct OpenedConn {
+    conn: Conn,
+    live: Live,
+}
+
+impl OpenedConn {
+    /// The answer's headers as [`Opened::answer`] reports them.
+    ///
+    /// # Errors
+    ///
+    /// As [`Opened::answer`].
+    pub fn headers(
+        &self,
+        result: Result<http::Response<h2::RecvStream>, h2::Error>,
+    ) -> Result<Answer, BoxError> {
+        Opened::answered(&self.conn, &self.live, result)
+    }
+}
+
+/// Sends `data` on `stream` as the peer's HTTP/2 window allows, so a slow reader slows the
+/// sender instead of filling the gateway's memory. Cancel-safe: `data` keeps what is not sent
+/// yet.
+///
+/// # Errors
+///
+/// The stream was reset or the connection failed.
+pub async fn send_flow(
+    stream: &mut h2::SendStream<Bytes>,
+    data: &mut Bytes,
+) -> Result<(), h2::Error> {
+    while !data.is_empty() {
+        stream.reserve_capacity(data.len());
+        let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+            Some(granted) => granted?,
+            // The stream can send no more (reset, or ended): say why.
+            None => {
+                return Err(std::future::poll_fn(|cx| stream.poll_reset(cx))
+                    .await
+                    .map_or_else(|e| e, h2::Error::from));
+            }
+        };
+        if granted == 0 {
+            continue;
+        }
+        let part = data.split_to(granted.min(data.len()));
+        stream.send_data(part, false)?;
+    }
+    Ok(())
+}
+
 /// A call's answer: headers now, body and trailers from [`AnswerBody`].
 pub type Answer = http::Response<AnswerBody>;
 
@@ -73,6 +185,9 @@ pub enum AnswerBody {
     /// Given whole: what unit tests of the relay answer with, in place of an instance (boxed,
     /// so that every real answer, moved through the balancer's futures, stays small).
     Given(Box<GivenAnswer>),
+    /// No answer yet: a streaming call's hold on the endpoint picked, for the relay to open
+    /// the stream itself (see [`crate::endpoint::Outgoing::Lease`]).
+    Lease(Box<crate::endpoint::Lease>),
 }
 
 /// An answer body given whole (see [`AnswerBody::Given`]).
@@ -101,6 +216,7 @@ impl AnswerBody {
                 Some(data.map_err(BoxError::from))
             }
             Self::Given(given) => given.data.pop_front().map(|d| d.map_err(BoxError::from)),
+            Self::Lease(_) => None,
         }
     }
 
@@ -113,6 +229,7 @@ impl AnswerBody {
         match self {
             Self::Stream(stream) => stream.trailers().await.map_err(BoxError::from),
             Self::Given(given) => Ok(given.trailers.take()),
+            Self::Lease(_) => Ok(None),
         }
     }
 }
@@ -157,13 +274,39 @@ impl Conn {
         head: http::Request<()>,
         body: Vec<Bytes>,
     ) -> Result<Answer, BoxError> {
+        let end_of_stream = body.is_empty();
+        let mut opened = self.open(head, end_of_stream).await?;
+        let last = body.len().saturating_sub(1);
+        for (i, chunk) in body.into_iter().enumerate() {
+            if let Err(error) = opened.stream.send_data(chunk, i == last) {
+                // The instance may have reset the stream meanwhile: that is the reason to
+                // report (see `EndpointService`), not "inactive stream".
+                return Err(match opened.response.await {
+                    Err(reset) => reset.into(),
+                    Ok(_) => error.into(),
+                });
+            }
+        }
+        opened.answer().await
+    }
+
+    /// Opens a stream for a call: `head`'s path and headers are sent; the body goes on the
+    /// returned [`Opened`]'s `stream` (with HTTP/2 flow control: see [`send_flow`]).
+    ///
+    /// # Errors
+    ///
+    /// Connection failures: the instance never saw the call.
+    pub async fn open(
+        &self,
+        head: http::Request<()>,
+        end_of_stream: bool,
+    ) -> Result<Opened, BoxError> {
         let (mut parts, ()) = head.into_parts();
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(self.shared.scheme.clone());
         uri.authority = Some(self.shared.authority.clone());
         uri.path_and_query = parts.uri.path_and_query().cloned();
         parts.uri = http::Uri::from_parts(uri)?;
-        let end_of_stream = body.is_empty();
         let mut reconnected = false;
         let (mut sender, live) = loop {
             let live = self.live().await?;
@@ -187,37 +330,17 @@ impl Conn {
                 }
             }
         };
-        let (response, mut stream) =
-            match sender.send_request(http::Request::from_parts(parts, ()), end_of_stream) {
-                Ok(opened) => opened,
-                Err(error) => {
-                    live.closed.store(true, Ordering::Release);
-                    return Err(error.into());
-                }
-            };
-        let last = body.len().saturating_sub(1);
-        for (i, chunk) in body.into_iter().enumerate() {
-            if let Err(error) = stream.send_data(chunk, i == last) {
-                // The instance may have reset the stream meanwhile: that is the reason to
-                // report (see `EndpointService`), not "inactive stream".
-                return Err(match response.await {
-                    Err(reset) => reset.into(),
-                    Ok(_) => error.into(),
-                });
+        match sender.send_request(http::Request::from_parts(parts, ()), end_of_stream) {
+            Ok((response, stream)) => Ok(Opened {
+                conn: self.clone(),
+                live,
+                response,
+                stream,
+            }),
+            Err(error) => {
+                live.closed.store(true, Ordering::Release);
+                Err(error.into())
             }
-        }
-        match response.await {
-            Ok(answer) => {
-                // Written once, not by every call (the flag is shared by all threads' calls).
-                if !live.answered.load(Ordering::Relaxed) {
-                    live.answered.store(true, Ordering::Relaxed);
-                }
-                Ok(answer.map(AnswerBody::Stream))
-            }
-            Err(error) if classify(&error) == Failure::WentAway => {
-                Err(self.went_away(&live, error))
-            }
-            Err(error) => Err(error.into()),
         }
     }
 

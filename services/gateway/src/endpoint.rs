@@ -395,7 +395,65 @@ impl EndpointService {
     }
 }
 
-impl Service<http::Request<Vec<Bytes>>> for EndpointService {
+/// What a call sends through the balancer to the endpoint it picks.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A unary call's request body, whole, in the pieces it arrived in: the endpoint sends it
+    /// and answers with the instance's answer.
+    Whole(Vec<Bytes>),
+    /// A streaming call: the endpoint answers at once with a [`Lease`] (its body is
+    /// [`crate::conn::AnswerBody::Lease`]), and the relay opens and feeds the stream itself.
+    Lease,
+}
+
+/// A streaming call's hold on the endpoint the balancer picked: the connection to open its
+/// stream on, the call counted in flight until the lease is dropped, and where to report how
+/// the stream went (so that it counts for the instance's health as a unary call does).
+#[derive(Debug)]
+pub struct Lease {
+    shared: Arc<Shared>,
+    /// The connection to open the stream on.
+    pub conn: Conn,
+    in_flight: Option<InFlight>,
+}
+
+impl Lease {
+    /// The instance's id.
+    pub fn id(&self) -> &Arc<str> {
+        &self.shared.stats.id
+    }
+
+    /// Resolves when the instance stopped answering and its calls are being cut (see
+    /// [`Unresponsive`]).
+    pub async fn cut(&self) {
+        self.shared.cut.cancelled().await;
+    }
+
+    /// The stream's answer began (headers came): progress, and no reset in a row.
+    pub fn answered(&mut self) {
+        self.shared.stats.mark_progress();
+        self.shared
+            .stats
+            .resets_in_a_row
+            .store(0, Ordering::Relaxed);
+    }
+
+    /// The stream ended (answered whole, or given up): its latency is recorded.
+    pub fn finish(&mut self) {
+        self.shared.stats.mark_progress();
+        if let Some(in_flight) = self.in_flight.take() {
+            in_flight.finish();
+        }
+    }
+
+    /// The stream failed below gRPC: counted as the unary call's failure would be (see
+    /// [`EndpointService`]), ejecting the instance when the connection failed.
+    pub fn failed(&self, error: &(dyn std::error::Error + 'static)) {
+        report_failure(&self.shared, error);
+    }
+}
+
+impl Service<http::Request<Outgoing>> for EndpointService {
     type Response = Answer;
     type Error = tower::BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Answer, tower::BoxError>> + Send + 'static>>;
@@ -410,7 +468,7 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<Vec<Bytes>>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Outgoing>) -> Self::Future {
         let Some(conn) = self.pick() else {
             return Box::pin(std::future::ready(
                 Err("endpoint has no connections".into()),
@@ -420,8 +478,23 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         // Counted out on drop, so a call abandoned mid-way (deadline, client gone) is too.
         let guard = InFlight::new(Arc::clone(&shared.stats));
+        let (head, body) = request.into_parts();
+        let body = match body {
+            Outgoing::Whole(body) => body,
+            Outgoing::Lease => {
+                let mut answer =
+                    http::Response::new(crate::conn::AnswerBody::Lease(Box::new(Lease {
+                        shared: Arc::clone(&shared),
+                        conn,
+                        in_flight: Some(guard),
+                    })));
+                answer
+                    .extensions_mut()
+                    .insert(ServedBy(Arc::clone(&shared.stats.id)));
+                return Box::pin(std::future::ready(Ok(answer)));
+            }
+        };
         Box::pin(async move {
-            let (head, body) = request.into_parts();
             let result = tokio::select! {
                 result = conn.send(http::Request::from_parts(head, ()), body) => result,
                 () = shared.cut.cancelled() => {
@@ -438,51 +511,58 @@ impl Service<http::Request<Vec<Bytes>>> for EndpointService {
                         .insert(ServedBy(Arc::clone(&shared.stats.id)));
                     Ok(response)
                 }
-                Err(error) if classify(error.as_ref()) == Failure::WentAway => {
-                    // The instance is closing that connection gracefully and saw nothing of
-                    // the call (GOAWAY with NO_ERROR): not its failure. The call is retried;
-                    // the next one opens a new connection.
-                    tracing::debug!(
-                        instance = %shared.stats.id,
-                        "call refused by a connection closing gracefully"
-                    );
-                    Err(error)
-                }
                 Err(error) => {
-                    shared.stats.record_error();
-                    // A stream the instance reset (REFUSED_STREAM, say) fails that call only:
-                    // its connection is fine. It is taken out after several in a row, as an
-                    // instance that resets everything is of no use.
-                    let reset = classify(error.as_ref()) == Failure::Reset;
-                    let in_a_row = if reset {
-                        shared.stats.resets_in_a_row.fetch_add(1, Ordering::Relaxed) + 1
-                    } else {
-                        0
-                    };
-                    if reset && in_a_row < RESETS_BEFORE_EJECTION {
-                        tracing::debug!(
-                            instance = %shared.stats.id,
-                            error = %dlb::status::error_chain(error.as_ref()),
-                            in_a_row,
-                            "instance reset the call's stream"
-                        );
-                        return Err(error);
-                    }
-                    shared.stats.resets_in_a_row.store(0, Ordering::Relaxed);
-                    tracing::debug!(
-                        instance = %shared.stats.id,
-                        error = %dlb::status::error_chain(error.as_ref()),
-                        "call failed below gRPC; ejecting"
-                    );
-                    // Passive health: a connection failure (or the last of too many resets)
-                    // takes the endpoint out at once.
-                    shared.stats.suspect.store(true, Ordering::Relaxed);
-                    shared.eject.notify_one();
+                    report_failure(&shared, error.as_ref());
                     Err(error)
                 }
             }
         })
     }
+}
+
+/// Counts a call that failed below gRPC against its instance: a graceful GOAWAY is no
+/// failure; a reset stream fails that call only, until [`RESETS_BEFORE_EJECTION`] in a row;
+/// anything else (the connection failed) ejects the instance at once.
+fn report_failure(shared: &Shared, error: &(dyn std::error::Error + 'static)) {
+    match classify(error) {
+        Failure::WentAway => {
+            // The instance is closing that connection gracefully and saw nothing of the
+            // call (GOAWAY with NO_ERROR): not its failure. The call is retried; the next
+            // one opens a new connection.
+            tracing::debug!(
+                instance = %shared.stats.id,
+                "call refused by a connection closing gracefully"
+            );
+            return;
+        }
+        Failure::Reset => {
+            shared.stats.record_error();
+            // A stream the instance reset (REFUSED_STREAM, say) fails that call only: its
+            // connection is fine. It is taken out after several in a row, as an instance
+            // that resets everything is of no use.
+            let in_a_row = shared.stats.resets_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+            if in_a_row < RESETS_BEFORE_EJECTION {
+                tracing::debug!(
+                    instance = %shared.stats.id,
+                    error = %dlb::status::error_chain(error),
+                    in_a_row,
+                    "instance reset the call's stream"
+                );
+                return;
+            }
+        }
+        Failure::NoInstance | Failure::Connection => shared.stats.record_error(),
+    }
+    shared.stats.resets_in_a_row.store(0, Ordering::Relaxed);
+    tracing::debug!(
+        instance = %shared.stats.id,
+        error = %dlb::status::error_chain(error),
+        "call failed below gRPC; ejecting"
+    );
+    // Passive health: a connection failure (or the last of too many resets) takes the
+    // endpoint out at once.
+    shared.stats.suspect.store(true, Ordering::Relaxed);
+    shared.eject.notify_one();
 }
 
 /// Streams an instance may reset in a row (with no answer between) before it is ejected, as a
@@ -491,6 +571,7 @@ pub const RESETS_BEFORE_EJECTION: u32 = 5;
 
 /// One call in flight to an endpoint: counted in on creation, out on drop; latency recorded
 /// when the call finishes normally.
+#[derive(Debug)]
 struct InFlight {
     stats: Arc<EndpointStats>,
     start: Instant,

@@ -16,8 +16,11 @@ pub mod endpoint;
 pub mod error;
 pub mod failure;
 pub mod membership;
+pub mod methods;
 pub mod monitor;
+pub mod reflection;
 pub mod relay;
+pub mod routing;
 pub mod stats;
 #[cfg(feature = "test-fixtures")]
 pub mod testing;
@@ -34,6 +37,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer;
+use tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflectionServer as ServerReflectionServerV1Alpha;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 
@@ -44,7 +49,9 @@ use crate::balance::RoundRobinLayer;
 use crate::config::Policy;
 use crate::endpoint::EndpointTable;
 use crate::membership::{Membership, MonitorSettings};
-use crate::relay::{Balanced, Counters, ForwardError, ForwardSettings, GatewayService};
+use crate::relay::{
+    Balanced, Counters, DEFAULT_POOL, ForwardError, ForwardSettings, GatewayService, Pool,
+};
 use crate::stats::{GatewayStatsService, StatsSource};
 
 /// How long shutdown waits for calls in flight.
@@ -88,30 +95,67 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let (events, writer) = EventLog::spawn(events_config, "gateway", &config.id);
 
-    let table = Arc::new(EndpointTable::default());
-    let (changes, discovered) = mpsc::unbounded_channel();
-    let balancer = build_balancer(config.policy, UnboundedReceiverStream::new(discovered));
-    tracker.spawn(membership::supervise(
-        membership,
-        Arc::clone(&table),
-        changes,
-        events.clone(),
-        MonitorSettings {
-            interval: config.health_interval(),
-            probe_timeout: config.probe_timeout(),
-            connections: config.connections,
-            stall_timeout: config.stall_timeout(),
-            tls: config.client_tls(),
-        },
-        cancel.clone(),
-        tracker.clone(),
-    ));
-    tracker.spawn(endpoint::sample_rates(Arc::clone(&table), cancel.clone()));
+    let plan = config.plan().map_err(RunError::Config)?;
+    let settings = |health_service: &str| MonitorSettings {
+        interval: config.health_interval(),
+        probe_timeout: config.probe_timeout(),
+        connections: config.connections,
+        stall_timeout: config.stall_timeout(),
+        tls: config.client_tls(),
+        health_service: health_service.to_owned(),
+    };
+    let start_pool = |name: &str, members: Box<dyn Membership>, settings: MonitorSettings| {
+        let table = Arc::new(EndpointTable::default());
+        let (changes, discovered) = mpsc::unbounded_channel();
+        let balancer = build_balancer(config.policy, UnboundedReceiverStream::new(discovered));
+        tracker.spawn(membership::supervise(
+            members,
+            Arc::clone(&table),
+            changes,
+            events.clone(),
+            settings,
+            cancel.clone(),
+            tracker.clone(),
+        ));
+        tracker.spawn(endpoint::sample_rates(Arc::clone(&table), cancel.clone()));
+        Pool {
+            name: name.to_owned(),
+            balancer,
+            table,
+        }
+    };
+    let mut pools = vec![start_pool(DEFAULT_POOL, membership, settings(""))];
+    for pool in &plan.pools {
+        pools.push(start_pool(
+            &pool.name,
+            config.pool_membership(pool),
+            settings(&pool.health_service),
+        ));
+        tracing::info!(
+            pool = %pool.name,
+            services = ?pool.services,
+            health_service = %pool.health_service,
+            "pool"
+        );
+    }
+    let table = Arc::clone(&pools[0].table);
+    // Health answers for each routed service and each pool (dlb.pool.NAME): SERVING while
+    // its pool has an instance serving.
+    let mut watched: Vec<(String, usize)> = pools
+        .iter()
+        .enumerate()
+        .map(|(i, pool)| (format!("{POOL_HEALTH_PREFIX}{}", pool.name), i))
+        .collect();
+    watched.extend(plan.default_services.iter().map(|s| (s.clone(), 0)));
+    for (i, pool) in plan.pools.iter().enumerate() {
+        watched.extend(pool.services.iter().map(|s| (s.clone(), i + 1)));
+    }
+    let health_names: Vec<String> = watched.iter().map(|(name, _)| name.clone()).collect();
 
     let counters = Arc::new(Counters::default());
-    let service = GatewayService::new(
-        balancer,
-        Arc::clone(&table),
+    let service = GatewayService::with_pools(
+        pools,
+        plan.routes.clone(),
         ForwardSettings {
             max_in_flight: config.max_in_flight,
             max_attempts: config.max_attempts,
@@ -140,14 +184,22 @@ pub async fn run(
         config.max_concurrent_streams
     );
     let scaffold = Scaffold::new(Spec {
-        services: &["dlb.v1.Operations", "dlb.v1.Gateway"],
+        services: OWN_SERVICES,
         tls: &config.tls,
         health_listen: config.health_listen,
         connections: Incoming::limited(max_connections),
         served_by: None,
         max_concurrent_streams: Some(config.max_concurrent_streams),
+        health_names: &health_names,
+        reflection: false,
     })
     .await?;
+    tracker.spawn(follow_pool_health(
+        scaffold.health().clone(),
+        service.clone(),
+        watched,
+        cancel.clone(),
+    ));
     let source = StatsSource {
         table: Arc::clone(&table),
         counters,
@@ -171,10 +223,23 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
+    // Reflection answers for the gateway's own services and its instances'.
+    let (own_reflection, _) = dlb::server::reflection(OWN_SERVICES).map_err(RunError::from)?;
+    let reflection = reflection::GatewayReflection::new(
+        BoxCloneSyncService::new(own_reflection),
+        service.clone(),
+        config.client_tls(),
+    );
     let mut serving = scaffold.serve(listener, |router| {
-        router
+        let routes = router
+            .add_service(ServerReflectionServer::new(reflection.clone()))
+            .add_service(ServerReflectionServerV1Alpha::new(
+                reflection::GatewayReflectionV1Alpha(reflection),
+            ))
             .add_service(service.clone())
-            .add_service(GatewayServer::new(GatewayStatsService(source)))
+            .add_service(GatewayServer::new(GatewayStatsService(source)));
+        // Every other service's calls are relayed too.
+        dlb::server::with_fallback(routes, service.clone())
     })?;
     events.lifecycle(
         "started",
@@ -204,6 +269,48 @@ pub async fn run(
     // Let callers read the last bytes before the process exits.
     serving.finish(&events, writer).await;
     served
+}
+
+/// The services the gateway serves itself (besides health and reflection).
+const OWN_SERVICES: &[&str] = &["dlb.v1.Operations", "dlb.v1.Gateway"];
+
+/// Health names of pools: `dlb.pool.NAME`.
+pub const POOL_HEALTH_PREFIX: &str = "dlb.pool.";
+
+/// Keeps each watched health name SERVING while its pool has an instance serving, NOT_SERVING
+/// otherwise (checked twice a second).
+async fn follow_pool_health(
+    health: dlb::health::HealthState,
+    service: GatewayService,
+    watched: Vec<(String, usize)>,
+    cancel: CancellationToken,
+) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        let serving: Vec<bool> = service
+            .pools()
+            .iter()
+            .map(|pool| {
+                pool.table
+                    .all()
+                    .iter()
+                    .any(|e| e.state() == endpoint::State::Serving)
+            })
+            .collect();
+        for (name, pool) in &watched {
+            let status = if serving[*pool] {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service(name, status);
+        }
+    }
 }
 
 /// Locks `m`. Every critical section of the gateway leaves its data valid, so a panic

@@ -70,6 +70,9 @@ pub struct MonitorSettings {
     pub stall_timeout: Duration,
     /// TLS towards instances, if on.
     pub tls: Option<dlb::tls::ClientTls>,
+    /// The service named in health checks (`grpc.health.v1`): "" (the whole server) for the
+    /// default pool, the pool's service for a routed one.
+    pub health_service: String,
 }
 
 /// Lazily connecting connections to `addr`, no I/O until first used: the monitor's own
@@ -296,7 +299,7 @@ impl<'a> Watcher<'a> {
         let eject = Arc::clone(&self.eject);
         let mut client = HealthClient::new(self.channel.clone());
         let request = HealthCheckRequest {
-            service: String::new(),
+            service: m.settings.health_service.clone(),
         };
         let opened = tokio::select! {
             opened = tokio::time::timeout(m.settings.probe_timeout, client.watch(request)) => opened,
@@ -320,7 +323,7 @@ impl<'a> Watcher<'a> {
                 _ = alive_tick.tick() => {
                     // Any answer will do (Watch says what the status is); none in time means
                     // the link or the instance is gone.
-                    let request = HealthCheckRequest { service: String::new() };
+                    let request = HealthCheckRequest { service: m.settings.health_service.clone() };
                     let answered = tokio::select! {
                         answered = tokio::time::timeout(m.settings.probe_timeout, client.check(request)) => answered,
                         () = m.cancel.cancelled() => return,
@@ -361,7 +364,7 @@ impl<'a> Watcher<'a> {
                 () = m.cancel.cancelled() => return,
             }
             let request = HealthCheckRequest {
-                service: String::new(),
+                service: m.settings.health_service.clone(),
             };
             match tokio::time::timeout(m.settings.probe_timeout, client.check(request)).await {
                 Ok(Ok(reply)) => self.set(state_of(reply.into_inner().status())),

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use dlb::events::EventLog;
-use dlb::proto::v1::{InstanceStats, StatsRequest, StatsResponse, gateway_server::Gateway};
+use dlb::proto::v1::{
+    InstanceStats, MethodStats, StatsRequest, StatsResponse, gateway_server::Gateway,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -45,10 +47,11 @@ impl StatsSource {
         let events = self.events.stats();
         StatsResponse {
             instances: self
-                .table
-                .all()
+                .service
+                .pools()
                 .iter()
-                .map(|e| {
+                .flat_map(|pool| pool.table.all().into_iter().map(move |e| (pool, e)))
+                .map(|(pool, e)| {
                     let s = e.snapshot();
                     InstanceStats {
                         instance: s.id,
@@ -61,7 +64,27 @@ impl StatsSource {
                         p50_us: s.p50_us,
                         p99_us: s.p99_us,
                         state_since_ms: s.state_since_ms,
+                        pool: pool.name.clone(),
                     }
+                })
+                .collect(),
+            methods: self
+                .service
+                .methods()
+                .snapshot()
+                .into_iter()
+                .map(|(method, t)| MethodStats {
+                    method,
+                    pool: t.pool,
+                    calls: t.calls,
+                    failures: t.failures,
+                    messages_in: t.messages_in,
+                    messages_out: t.messages_out,
+                    mean_duration_us: if t.calls == 0 {
+                        0.0
+                    } else {
+                        t.duration_us as f64 / t.calls as f64
+                    },
                 })
                 .collect(),
             policy: self.policy.to_owned(),
@@ -91,7 +114,10 @@ impl StatsSource {
         let per = |f: &dyn Fn(&InstanceStats) -> String| -> Vec<(String, String)> {
             s.instances
                 .iter()
-                .map(|i| (format!("{{instance=\"{}\"}}", i.instance), f(i)))
+                .map(|i| {
+                    let labels = format!("{{instance=\"{}\",pool=\"{}\"}}", i.instance, i.pool);
+                    (labels, f(i))
+                })
                 .collect()
         };
         metric(
@@ -135,6 +161,51 @@ impl StatsSource {
             "gauge",
             "1 when the instance is in the rotation.",
             per(&|i| u8::from(i.state == "serving").to_string()),
+        );
+        // Methods: a bounded set (see crate::methods), paths of [A-Za-z0-9._/] (anything
+        // else is escaped as the exposition format asks).
+        let by_method = |f: &dyn Fn(&MethodStats) -> String| -> Vec<(String, String)> {
+            s.methods
+                .iter()
+                .map(|m| {
+                    let labels = format!(
+                        "{{method=\"{}\",pool=\"{}\"}}",
+                        escape_label(&m.method),
+                        m.pool
+                    );
+                    (labels, f(m))
+                })
+                .collect()
+        };
+        metric(
+            "dlb_gateway_method_calls_total",
+            "counter",
+            "Calls finished, by method.",
+            by_method(&|m| m.calls.to_string()),
+        );
+        metric(
+            "dlb_gateway_method_failures_total",
+            "counter",
+            "Calls that ended with a status other than OK, by method.",
+            by_method(&|m| m.failures.to_string()),
+        );
+        metric(
+            "dlb_gateway_method_messages_in_total",
+            "counter",
+            "Messages from callers to instances, by method.",
+            by_method(&|m| m.messages_in.to_string()),
+        );
+        metric(
+            "dlb_gateway_method_messages_out_total",
+            "counter",
+            "Messages from instances to callers, by method.",
+            by_method(&|m| m.messages_out.to_string()),
+        );
+        metric(
+            "dlb_gateway_method_duration_seconds_mean",
+            "gauge",
+            "Mean call (or stream) duration, by method.",
+            by_method(&|m| format!("{:.6}", m.mean_duration_us / 1e6)),
         );
         let one = |v: u64| vec![(String::new(), v.to_string())];
         metric(
@@ -190,6 +261,14 @@ impl StatsSource {
 }
 
 /// Implements `dlb.v1.Gateway`.
+/// A label value as the Prometheus text format wants it: backslash, quote and newline escaped.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 #[derive(Debug, Clone)]
 pub struct GatewayStatsService(pub StatsSource);
 

@@ -32,10 +32,12 @@ async fn grpcurl_talks_to_the_gateway() {
     let addr = addr.as_str();
 
     let list = dlb::testing::grpcurl_ok(&["-plaintext", addr, "list"]).await;
+    // The gateway's own services, and its instances' (dlb.v1.Load is compute's only).
     for service in [
         "dlb.v1.Operations",
         "dlb.v1.Gateway",
         "grpc.health.v1.Health",
+        "dlb.v1.Load",
     ] {
         assert!(
             list.lines().any(|l| l.trim() == service),

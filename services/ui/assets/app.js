@@ -243,6 +243,26 @@ function renderInstances() {
   $('add-instance').hidden = !snapshot.control_enabled;
 }
 
+// Calls by method, busiest first; text only (method names come from callers).
+function renderMethods() {
+  const g = snapshot && snapshot.gateway;
+  const methods = g ? [...g.methods].sort((a, b) => b.calls - a.calls || a.method.localeCompare(b.method)) : [];
+  const body = $('methods').querySelector('tbody');
+  const key = JSON.stringify(methods);
+  if (body.dataset.key !== key) {
+    body.dataset.key = key;
+    body.replaceChildren(...methods.map((m) => el('tr', { 'data-method': m.method },
+      el('td', { text: m.method }),
+      el('td', { text: m.pool }),
+      el('td', { class: 'num', text: m.calls.toLocaleString() }),
+      el('td', { class: 'num', text: m.failures.toLocaleString() }),
+      el('td', { class: 'num', text: m.messages_in.toLocaleString() }),
+      el('td', { class: 'num', text: m.messages_out.toLocaleString() }),
+      el('td', { class: 'num', text: fmtUs(m.mean_duration_us) }))));
+  }
+  $('methods-empty').hidden = methods.length > 0;
+}
+
 function setActionStatus(text, bad) {
   const status = $('action-status');
   status.textContent = text;
@@ -529,6 +549,7 @@ function applySnapshot(next) {
   renderBanners();
   renderSettings();
   renderInstances();
+  renderMethods();
   renderEventsEmpty();
   drawChart();
 }

@@ -169,6 +169,27 @@ pub struct GatewayView {
     pub events_written: u64,
     /// Events the gateway dropped (Redis away too long).
     pub events_dropped: u64,
+    /// Calls by method (every service the gateway relays).
+    pub methods: Vec<MethodView>,
+}
+
+/// One method's calls, as the gateway counts them.
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodView {
+    /// `/package.Service/Method`, or `other`.
+    pub method: String,
+    /// The pool its calls go to.
+    pub pool: String,
+    /// Calls finished, and those that failed.
+    pub calls: u64,
+    /// Calls that ended with a status other than OK.
+    pub failures: u64,
+    /// Messages from callers, and to them.
+    pub messages_in: u64,
+    /// Messages to callers.
+    pub messages_out: u64,
+    /// Mean duration, microseconds.
+    pub mean_duration_us: f64,
 }
 
 /// Everything the page shows except the events.
@@ -229,7 +250,13 @@ impl Model {
             view.last_error.clone_from(&instance.last_error);
         }
         if let Some(stats) = &self.stats {
-            for s in &stats.instances {
+            // The rows are the default pool's instances (control's); a routed pool's have
+            // ids of their own, which may repeat these.
+            let default_pool = stats
+                .instances
+                .iter()
+                .filter(|s| s.pool.is_empty() || s.pool == "default");
+            for s in default_pool {
                 let view = views.entry(s.instance.clone()).or_default();
                 view.id.clone_from(&s.instance);
                 if view.address.is_empty() {
@@ -271,6 +298,19 @@ impl Model {
                 probe_timeout_ms: s.probe_timeout_ms,
                 events_written: s.events_written,
                 events_dropped: s.events_dropped,
+                methods: s
+                    .methods
+                    .iter()
+                    .map(|m| MethodView {
+                        method: m.method.clone(),
+                        pool: m.pool.clone(),
+                        calls: m.calls,
+                        failures: m.failures,
+                        messages_in: m.messages_in,
+                        messages_out: m.messages_out,
+                        mean_duration_us: m.mean_duration_us,
+                    })
+                    .collect(),
             }),
             sources: self.sources.clone(),
             control_enabled: self.control_enabled,

@@ -292,6 +292,20 @@ async fn the_dashboard_runs_the_mesh_in_a_real_browser() {
             "{summary}"
         );
     }
+    // Calls by method: the Reverse calls just made are counted in their row (as text).
+    let row = browser
+        .wait_for(
+            "the Reverse row of the methods table",
+            "const tr = document.querySelector('#methods tr[data-method=\"/dlb.v1.Operations/Reverse\"]');
+             if (!tr) return null;
+             const cells = [...tr.children].map((td) => td.textContent);
+             return Number(cells[2].replace(/[^0-9]/g, '')) >= 3 ? cells : null;",
+            json!([]),
+            PATIENCE,
+        )
+        .await;
+    assert_eq!(row[1], "default", "{row}");
+    assert_eq!(row[3], "0", "{row}");
     let dom = browser
         .eval(
             "return { imgs: document.querySelectorAll('img').length,

@@ -129,3 +129,142 @@ pub(super) async fn read_answer(
         .map_err(|e| ReadAnswerError::Failed(dlb::status::error_chain(e.as_ref())))?;
     Ok((chunks, trailers))
 }
+
+/// What [`MessageCounter::feed`] found.
+pub(super) enum Counted {
+    /// The bytes are well framed so far.
+    Ok,
+    /// A message is over the limit, or a prefix breaks the protocol: the caller's fault.
+    Refused(Status),
+}
+
+/// Follows a stream of gRPC messages through their 5-byte prefixes, as the bytes pass in
+/// whatever pieces they come: counts the messages and checks each prefix (the flag, and the
+/// length against the limit) without holding or decoding anything.
+#[derive(Debug)]
+pub(super) struct MessageCounter {
+    limit: usize,
+    compressed_ok: bool,
+    /// The prefix being read, and how much of it came.
+    prefix: [u8; FRAME_HEADER],
+    have: usize,
+    /// Bytes of the current message still to come (after its prefix).
+    remaining: usize,
+    messages: u64,
+}
+
+impl MessageCounter {
+    pub(super) fn new(limit: usize, compressed_ok: bool) -> Self {
+        Self {
+            limit,
+            compressed_ok,
+            prefix: [0; FRAME_HEADER],
+            have: 0,
+            remaining: 0,
+            messages: 0,
+        }
+    }
+
+    /// Messages whose prefix has passed.
+    pub(super) fn count(&self) -> u64 {
+        self.messages
+    }
+
+    pub(super) fn feed(&mut self, mut data: &[u8]) -> Counted {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(data.len());
+                self.remaining -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (FRAME_HEADER - self.have).min(data.len());
+            self.prefix[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have < FRAME_HEADER {
+                break;
+            }
+            self.have = 0;
+            match self.prefix[0] {
+                0 => {}
+                1 if self.compressed_ok => {}
+                1 => {
+                    return Counted::Refused(Status::internal(
+                        "protocol error: received message with compressed-flag but no \
+                         grpc-encoding was specified",
+                    ));
+                }
+                flag => {
+                    return Counted::Refused(Status::internal(format!(
+                        "protocol error: received message with invalid compression flag: \
+                         {flag} (valid flags are 0 and 1)"
+                    )));
+                }
+            }
+            let p = &self.prefix;
+            let length = u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as usize;
+            if length > self.limit {
+                return Counted::Refused(oversize(length, self.limit));
+            }
+            self.messages += 1;
+            self.remaining = length;
+        }
+        Counted::Ok
+    }
+
+    /// The stream ended: it must not end inside a message.
+    pub(super) fn finish(&self) -> Result<(), Status> {
+        if self.have > 0 || self.remaining > 0 {
+            return Err(Status::internal(format!(
+                "the request ended inside a gRPC message ({} byte(s) of it missing)",
+                if self.have > 0 {
+                    FRAME_HEADER - self.have
+                } else {
+                    self.remaining
+                }
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(flag: u8, message: &[u8]) -> Vec<u8> {
+        let mut out = vec![flag];
+        out.extend_from_slice(&u32::try_from(message.len()).unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(message);
+        out
+    }
+
+    #[test]
+    fn messages_are_counted_in_any_split_and_checked() {
+        let mut stream = framed(0, b"hello");
+        stream.extend(framed(0, b""));
+        stream.extend(framed(0, &[7; 300]));
+        // Every way of cutting the bytes in two counts three messages.
+        for cut in 0..=stream.len() {
+            let mut counter = MessageCounter::new(1024, false);
+            assert!(matches!(counter.feed(&stream[..cut]), Counted::Ok));
+            assert!(matches!(counter.feed(&stream[cut..]), Counted::Ok));
+            assert_eq!(counter.count(), 3, "cut at {cut}");
+            assert!(counter.finish().is_ok());
+        }
+        let mut counter = MessageCounter::new(100, false);
+        assert!(
+            matches!(counter.feed(&framed(0, &[1; 101])), Counted::Refused(s) if s.code() == tonic::Code::ResourceExhausted)
+        );
+        let mut counter = MessageCounter::new(100, false);
+        assert!(
+            matches!(counter.feed(&framed(1, b"x")), Counted::Refused(s) if s.code() == tonic::Code::Internal)
+        );
+        let mut counter = MessageCounter::new(100, true);
+        assert!(matches!(counter.feed(&framed(1, b"x")), Counted::Ok));
+        let mut counter = MessageCounter::new(100, false);
+        assert!(matches!(counter.feed(&framed(0, b"abc")[..6]), Counted::Ok));
+        assert!(counter.finish().is_err());
+    }
+}

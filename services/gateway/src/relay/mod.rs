@@ -26,15 +26,17 @@ use tower::{BoxError, ServiceExt};
 
 mod framing;
 mod preview;
+pub mod stream;
 
 use self::framing::{ReadAnswerError, copy_prefix, may_be_compressed, read_answer, read_request};
 use self::preview::{PREVIEW_BYTES, framed_preview};
-use crate::endpoint::{EndpointTable, ServedBy};
+use crate::endpoint::{EndpointTable, Outgoing, ServedBy};
 use crate::error::Error;
 use crate::failure::{Failure, classify};
+use crate::methods::{Finished, MethodTable};
 
 /// The balancer as the relay sees it, whatever the policy.
-pub type Balanced = BoxCloneSyncService<http::Request<Chunks>, crate::conn::Answer, ForwardError>;
+pub type Balanced = BoxCloneSyncService<http::Request<Outgoing>, crate::conn::Answer, ForwardError>;
 
 /// A message as it arrived, in the pieces it arrived in (forwarded without joining them).
 pub type Chunks = Vec<Bytes>;
@@ -82,6 +84,56 @@ pub struct Counters {
     pub failures: AtomicU64,
 }
 
+/// The name of the pool of `--backend`, `--control` and `--discover`, which serves every call
+/// no route sends elsewhere.
+pub const DEFAULT_POOL: &str = "default";
+
+/// A named set of instances: its own balancer over its own endpoints.
+#[derive(Clone)]
+pub struct Pool {
+    /// Its name (`default`, or the name routes give it).
+    pub name: String,
+    /// Its balancer.
+    pub balancer: Balanced,
+    /// Its endpoints.
+    pub table: Arc<EndpointTable>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// Every instance and its state, naming the pool unless it is the default one.
+    pub fn summary(&self) -> String {
+        let summary = self.table.summary();
+        if self.name == DEFAULT_POOL {
+            summary
+        } else if self.table.all().is_empty() {
+            format!(
+                "pool {:?} has no instances (give it some with --pool-backend or --pool-discover)",
+                self.name
+            )
+        } else {
+            format!("pool {:?}: {summary}", self.name)
+        }
+    }
+}
+
+/// A route: calls whose path starts with `prefix` go to pool `pool` (an index into the
+/// pools).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// `/package.Service/` or any path prefix.
+    pub prefix: String,
+    /// The pool's index.
+    pub pool: usize,
+}
+
 /// Implements `dlb.v1.Operations` by relaying. Cheap to clone.
 #[derive(Clone)]
 pub struct GatewayService {
@@ -89,8 +141,12 @@ pub struct GatewayService {
 }
 
 struct Inner {
-    balancer: Balanced,
-    table: Arc<EndpointTable>,
+    pools: Vec<Pool>,
+    /// Path prefixes and the pool each goes to, longest first.
+    routes: Vec<(String, usize)>,
+    methods: Arc<MethodTable>,
+    /// The five operations' keys in `methods`, in [`METHODS`] order.
+    op_keys: [Arc<str>; 5],
     permits: Arc<Semaphore>,
     budget: TpsBudget,
     settings: ForwardSettings,
@@ -158,7 +214,7 @@ struct Whole {
 }
 
 impl GatewayService {
-    /// A service relaying through `balancer`.
+    /// A service relaying through `balancer`, one pool for every call.
     pub fn new(
         balancer: Balanced,
         table: Arc<EndpointTable>,
@@ -167,10 +223,37 @@ impl GatewayService {
         counters: Arc<Counters>,
         gateway_id: String,
     ) -> Self {
+        let pool = Pool {
+            name: DEFAULT_POOL.to_owned(),
+            balancer,
+            table,
+        };
+        Self::with_pools(
+            vec![pool],
+            Vec::new(),
+            settings,
+            events,
+            counters,
+            gateway_id,
+        )
+    }
+
+    /// A service relaying to `pools` (the first is the default) by `routes`.
+    pub fn with_pools(
+        pools: Vec<Pool>,
+        mut routes: Vec<Route>,
+        settings: ForwardSettings,
+        events: EventLog,
+        counters: Arc<Counters>,
+        gateway_id: String,
+    ) -> Self {
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Self {
             inner: Arc::new(Inner {
-                balancer,
-                table,
+                pools,
+                routes: routes.into_iter().map(|r| (r.prefix, r.pool)).collect(),
+                methods: Arc::new(MethodTable::default()),
+                op_keys: METHODS.map(|m| Arc::from(format!("{PATH_PREFIX}{m}"))),
                 permits: Arc::new(Semaphore::new(settings.max_in_flight)),
                 // Retries may add 20% to the load, plus 10 per second, over a 10 s window.
                 budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
@@ -183,6 +266,82 @@ impl GatewayService {
         }
     }
 
+    /// The pool a call of `path` goes to.
+    fn pool_for(&self, path: &str) -> &Pool {
+        &self.inner.pools[self.pool_index(path)]
+    }
+
+    /// The index in [`GatewayService::pools`] of the pool a call of `path` goes to: the
+    /// longest route matching, else the default pool (0).
+    pub fn pool_index(&self, path: &str) -> usize {
+        self.inner
+            .routes
+            .iter()
+            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map_or(0, |(_, pool)| *pool)
+    }
+
+    /// The pools, the default first.
+    pub fn pools(&self) -> &[Pool] {
+        &self.inner.pools
+    }
+
+    /// Calls counted by method.
+    pub fn methods(&self) -> &Arc<MethodTable> {
+        &self.inner.methods
+    }
+
+    fn method_key(&self, path: &str) -> Arc<str> {
+        self.inner.methods.key(path)
+    }
+
+    /// Counts and logs a finished call of another service.
+    #[allow(clippy::too_many_arguments)]
+    fn record_stream(
+        &self,
+        method: &Arc<str>,
+        start: Instant,
+        attempts: u32,
+        served_by: Option<&str>,
+        code: Code,
+        messages_in: u64,
+        messages_out: u64,
+    ) {
+        let inner = &self.inner;
+        let pool = self.pool_for(method);
+        let duration_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        inner.methods.finished(
+            method,
+            Finished {
+                pool: &pool.name,
+                failed: code != Code::Ok,
+                messages_in,
+                messages_out,
+                duration_us,
+            },
+        );
+        if code != Code::Ok
+            && !callers_fault(code)
+            && let Some(endpoint) = served_by.and_then(|id| pool.table.get(id))
+        {
+            endpoint.record_error();
+        }
+        inner.counters.requests.fetch_add(1, Ordering::Relaxed);
+        if code != Code::Ok {
+            inner.counters.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let n = inner.next_request.fetch_add(1, Ordering::Relaxed);
+        inner.events.request(RequestFields {
+            request_id: format!("{}-{n}", inner.gateway_id),
+            op: method.to_string(),
+            backend: served_by.unwrap_or("-").to_owned(),
+            status: dlb::status::code_name(code).to_owned(),
+            latency_us: duration_us,
+            attempts,
+            input: format!("{messages_in} message(s) in, {messages_out} out"),
+        });
+    }
+
     /// Calls served now.
     pub fn in_flight(&self) -> usize {
         self.inner.settings.max_in_flight - self.inner.permits.available_permits()
@@ -192,13 +351,13 @@ impl GatewayService {
     async fn relay(&self, request: http::Request<Body>) -> http::Response<Body> {
         let inner = &self.inner;
         let start = Instant::now();
-        let Some(op) = request
-            .uri()
-            .path()
-            .strip_prefix(PATH_PREFIX)
-            .and_then(|m| METHODS.iter().find(|known| **known == m))
-            .copied()
-        else {
+        let Some(method) = request.uri().path().strip_prefix(PATH_PREFIX) else {
+            // Any other service: relayed as a stream of opaque messages.
+            let pool = self.pool_for(request.uri().path());
+            return self.relay_stream(pool, request).await;
+        };
+        let pool = self.pool_for(request.uri().path());
+        let Some(op) = METHODS.iter().find(|known| **known == method).copied() else {
             // The words of every dlb server (dlb::status), so a caller reads the same here
             // as from an instance.
             let status = Status::unimplemented(dlb::status::unknown_method(request.uri().path()));
@@ -259,7 +418,7 @@ impl GatewayService {
                     attempts: attempts - 1,
                 });
             }
-            let outcome = self.attempt(&head, &message, remaining, budget).await;
+            let outcome = self.attempt(pool, &head, &message, remaining, budget).await;
             if previous.is_some() && !matches!(outcome, Attempt::NoInstance) {
                 // A retry counts as made once it reached an instance (as x-attempts does).
                 inner.counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -272,7 +431,7 @@ impl GatewayService {
                 // go elsewhere; when it cannot, the instance's answer is relayed.
                 Attempt::Answered(answer) => Retry::Refused(answer),
                 Attempt::NoInstance => {
-                    let summary = inner.table.summary();
+                    let summary = pool.summary();
                     let Some(previous) = previous else {
                         break Err(Error::NoHealthyInstance { summary });
                     };
@@ -313,7 +472,7 @@ impl GatewayService {
             }
         };
         match answer {
-            Ok(answer) => self.answer(op, &input, start, attempts, answer),
+            Ok(answer) => self.answer(pool, op, &input, start, attempts, answer),
             Err(error) => self.answer_error(op, &input, start, attempts, None, error.into()),
         }
     }
@@ -321,12 +480,13 @@ impl GatewayService {
     /// One try on whichever instance the balancer picks, bounded by `budget`.
     async fn attempt(
         &self,
+        pool: &Pool,
         head: &http::request::Parts,
         message: &Chunks,
         remaining: Duration,
         budget: Duration,
     ) -> Attempt {
-        let mut request = http::Request::new(message.clone());
+        let mut request = http::Request::new(Outgoing::Whole(message.clone()));
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = head.uri.clone();
         *request.headers_mut() = head.headers.clone();
@@ -334,7 +494,7 @@ impl GatewayService {
             .headers_mut()
             .insert("grpc-timeout", dlb::deadline::to_header(remaining));
         let call = async {
-            let response = match self.inner.balancer.clone().oneshot(request).await {
+            let response = match pool.balancer.clone().oneshot(request).await {
                 Ok(response) => response,
                 Err(error) if classify(&error) == Failure::NoInstance => {
                     return Attempt::NoInstance;
@@ -377,6 +537,7 @@ impl GatewayService {
     /// Passes an instance's answer on, marked with who answered and how many tries it took.
     fn answer(
         &self,
+        pool: &Pool,
         op: &'static str,
         input: &str,
         start: Instant,
@@ -398,7 +559,7 @@ impl GatewayService {
         });
         if status != Code::Ok
             && !callers_fault(status)
-            && let Some(endpoint) = served_by.as_deref().and_then(|id| self.inner.table.get(id))
+            && let Some(endpoint) = served_by.as_deref().and_then(|id| pool.table.get(id))
         {
             endpoint.record_error();
         }
@@ -467,13 +628,31 @@ impl GatewayService {
         if code != "OK" {
             inner.counters.failures.fetch_add(1, Ordering::Relaxed);
         }
+        let latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        if let Some(key) = METHODS
+            .iter()
+            .position(|m| *m == op)
+            .map(|i| &inner.op_keys[i])
+        {
+            let answered = attempts > 0 && served_by.is_some();
+            inner.methods.finished(
+                key,
+                Finished {
+                    pool: &self.pool_for(key).name,
+                    failed: code != "OK",
+                    messages_in: 1,
+                    messages_out: u64::from(answered && code == "OK"),
+                    duration_us: latency_us,
+                },
+            );
+        }
         let n = inner.next_request.fetch_add(1, Ordering::Relaxed);
         inner.events.request(RequestFields {
             request_id: format!("{}-{n}", inner.gateway_id),
             op: op.to_owned(),
             backend: served_by.unwrap_or("-").to_owned(),
             status: code.to_owned(),
-            latency_us: u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+            latency_us,
             attempts,
             input: preview(input),
         });

@@ -16,16 +16,16 @@ use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
 use tower_test::mock::{self, Handle};
 
-use super::{Balanced, Chunks, Counters, ForwardError, ForwardSettings, GatewayService};
+use super::{Balanced, Counters, ForwardError, ForwardSettings, GatewayService};
 use crate::balance::BalanceError;
 use crate::conn::{Answer, AnswerBody, GivenAnswer};
-use crate::endpoint::{EndpointTable, ServedBy};
+use crate::endpoint::{EndpointTable, Outgoing, ServedBy};
 
-type Instances = Handle<http::Request<Chunks>, Answer>;
+type Instances = Handle<http::Request<Outgoing>, Answer>;
 
 /// A relay over a mock balancer, and the handle that answers in the instances' place.
 fn relay(max_attempts: u32) -> (GatewayService, Instances) {
-    let (balancer, instances) = mock::pair::<http::Request<Chunks>, Answer>();
+    let (balancer, instances) = mock::pair::<http::Request<Outgoing>, Answer>();
     let balancer: Balanced = BoxCloneSyncService::new(balancer.map_err(ForwardError));
     let (events, _writer) = EventLog::spawn(EventLogConfig::disabled(), "gateway", "gw");
     let service = GatewayService::new(
@@ -142,7 +142,7 @@ where
 }
 
 /// The next attempt: the request the relay sent, and where to answer it.
-async fn next(instances: &mut Instances) -> (http::Request<Chunks>, mock::SendResponse<Answer>) {
+async fn next(instances: &mut Instances) -> (http::Request<Outgoing>, mock::SendResponse<Answer>) {
     instances.next_request().await.expect("an attempt")
 }
 

@@ -53,7 +53,8 @@ async fn round_robin_is_exact_over_three_instances() {
     let metrics = http_get(gateway.metrics_addr.unwrap(), "/metrics").await;
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
     assert!(
-        metrics.contains("dlb_gateway_instance_requests_total{instance=\"B\"} 1000"),
+        metrics
+            .contains("dlb_gateway_instance_requests_total{instance=\"B\",pool=\"default\"} 1000"),
         "{metrics}"
     );
     assert!(

@@ -1,0 +1,774 @@
+//! Any method, any call kind: the relay of every call that is not one of dlb's five
+//! operations. Messages are opaque bytes (only their 5-byte prefixes are read, to count them and
+//! to hold the size limit); the request goes on to the instance as it arrives and the answer
+//! comes back as it arrives, each way at the pace HTTP/2 flow control allows, so a slow reader
+//! slows the instance and the gateway holds at most a window per stream.
+//!
+//! Retries follow gRFC A6's transparent retry: a call may go to another instance only while
+//! nothing of the answer has reached the caller (no message, no status) and every byte of the
+//! request sent so far is still held, up to [`REPLAY_BYTES`]; past that bound the request is no
+//! longer held and a failure goes to the caller. Once an answer began, an instance that fails
+//! mid-stream ends the call at once with UNAVAILABLE.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::BodyExt;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::task::JoinHandle;
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::{Code, Status};
+use tower::ServiceExt;
+use tower::retry::budget::Budget;
+
+use super::framing::{Counted, MessageCounter};
+use super::{GatewayService, Pool, add_headers, grpc_code};
+use crate::conn::{AnswerBody, send_flow};
+use crate::endpoint::{Lease, Outgoing};
+use crate::error::Error;
+use crate::failure::{Failure, classify};
+
+/// The most of a streaming call's request the gateway holds to send it again elsewhere (gRFC
+/// A6's per-call retry buffer, at its default in gRPC's own clients).
+pub const REPLAY_BYTES: usize = 256 * 1024;
+
+/// The caller's request as the relay feeds it to an instance: what it holds for a retry, and
+/// the rest of the body still to read.
+struct Feed {
+    body: Body,
+    /// Every chunk read so far, while [`Feed::replayable`].
+    held: Vec<Bytes>,
+    held_bytes: usize,
+    /// All that was read is held: the call can be sent again.
+    replayable: bool,
+    /// The caller's body ended.
+    ended: bool,
+    /// Held chunks already sent on the current attempt's stream.
+    sent: usize,
+    /// A chunk partly sent (the instance's window was full).
+    pending: Option<Bytes>,
+    /// The end of the request was sent on the current attempt's stream.
+    end_sent: bool,
+    messages: MessageCounter,
+}
+
+/// Why feeding the instance stopped.
+enum FeedError {
+    /// The caller's fault or doing: a message over the limit, a broken prefix, a cancel.
+    Caller(Status),
+    /// The instance's stream refused more (reset, connection lost): its answer says why.
+    Instance,
+}
+
+impl Feed {
+    fn new(body: Body, limit: usize, compressed_ok: bool) -> Self {
+        Self {
+            body,
+            held: Vec::new(),
+            held_bytes: 0,
+            replayable: true,
+            ended: false,
+            sent: 0,
+            pending: None,
+            end_sent: false,
+            messages: MessageCounter::new(limit, compressed_ok),
+        }
+    }
+
+    /// Starts again on a new attempt's stream: everything held is to be sent.
+    fn rewind(&mut self) {
+        debug_assert!(self.replayable);
+        self.sent = 0;
+        self.pending = None;
+        self.end_sent = false;
+    }
+
+    /// Stops holding: the answer reached the caller, no retry is possible any more.
+    fn release(&mut self) {
+        self.replayable = false;
+        self.held = Vec::new();
+        self.held_bytes = 0;
+    }
+
+    /// Moves the request one step: a chunk (or its end) to the instance, or one chunk read
+    /// from the caller. Cancel-safe: what is not sent stays in `pending`. Pends forever once
+    /// everything was sent.
+    async fn step(&mut self, stream: &mut h2::SendStream<Bytes>) -> Result<(), FeedError> {
+        if self.pending.is_none() && self.sent < self.held.len() {
+            self.pending = Some(self.held[self.sent].clone());
+            self.sent += 1;
+        }
+        if let Some(pending) = &mut self.pending {
+            send_flow(stream, pending)
+                .await
+                .map_err(|_| FeedError::Instance)?;
+            self.pending = None;
+            return Ok(());
+        }
+        if self.ended {
+            if !self.end_sent {
+                self.end_sent = true;
+                stream
+                    .send_data(Bytes::new(), true)
+                    .map_err(|_| FeedError::Instance)?;
+                return Ok(());
+            }
+            return std::future::pending().await;
+        }
+        match self.body.frame().await {
+            None => {
+                self.ended = true;
+                if let Err(status) = self.messages.finish() {
+                    return Err(FeedError::Caller(status));
+                }
+            }
+            Some(Err(status)) => {
+                return Err(FeedError::Caller(Status::cancelled(format!(
+                    "the request ended early: {}",
+                    status.message()
+                ))));
+            }
+            Some(Ok(frame)) => {
+                // gRPC requests carry no trailers; anything but data is ignored.
+                let Ok(data) = frame.into_data() else {
+                    return Ok(());
+                };
+                if let Counted::Refused(status) = self.messages.feed(&data) {
+                    return Err(FeedError::Caller(status));
+                }
+                if self.replayable && self.held_bytes + data.len() <= REPLAY_BYTES {
+                    self.held_bytes += data.len();
+                    self.held.push(data);
+                } else {
+                    // Past the bound: no longer held, so no longer retried.
+                    if self.replayable {
+                        self.release();
+                    }
+                    self.pending = Some(data);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How one streaming attempt ended before anything reached the caller.
+enum Attempt {
+    /// The answer began: it goes to the caller.
+    Committed(http::response::Parts, Box<StreamAnswer>),
+    /// The instance answered UNAVAILABLE with nothing before its status: may go elsewhere.
+    Refused(http::response::Parts),
+    /// Failed below gRPC before any answer: may go elsewhere.
+    Failed(String),
+    /// The caller's fault or cancel, or its deadline: answered as is.
+    Ended(Status),
+}
+
+/// What a call of another service needs to be finished: counted, logged, its permit returned.
+struct Call {
+    service: GatewayService,
+    method: Arc<str>,
+    start: Instant,
+    attempts: u32,
+    served_by: Option<Arc<str>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Call {
+    fn finish(&self, code: Code, messages_in: u64, messages_out: u64) {
+        self.service.record_stream(
+            &self.method,
+            self.start,
+            self.attempts,
+            self.served_by.as_deref(),
+            code,
+            messages_in,
+            messages_out,
+        );
+    }
+}
+
+impl GatewayService {
+    /// Relays a call of any method to `pool`; every outcome is an HTTP response carrying a
+    /// gRPC status.
+    pub(super) async fn relay_stream(
+        &self,
+        pool: &Pool,
+        request: http::Request<Body>,
+    ) -> http::Response<Body> {
+        let inner = &self.inner;
+        let start = Instant::now();
+        let method = self.method_key(request.uri().path());
+        let Ok(permit) = Arc::clone(&inner.permits).try_acquire_owned() else {
+            let status: Status = Error::Overloaded {
+                limit: inner.settings.max_in_flight,
+            }
+            .into();
+            self.record_stream(&method, start, 0, None, status.code(), 0, 0);
+            return status.into_http();
+        };
+        // The caller's deadline only: a stream may rightly last longer than --timeout.
+        let deadline = dlb::deadline::from_headers(request.headers()).map(|t| start + t);
+        let (head, body) = request.into_parts();
+        let mut feed = Feed::new(
+            body,
+            inner.settings.max_message_bytes,
+            super::framing::may_be_compressed(&head.headers),
+        );
+        inner.budget.deposit();
+        let mut call = Call {
+            service: self.clone(),
+            method,
+            start,
+            attempts: 0,
+            served_by: None,
+            _permit: permit,
+        };
+        let mut previous: Option<Result<http::response::Parts, String>> = None;
+        loop {
+            call.attempts += 1;
+            if let Some(deadline) = deadline
+                && deadline
+                    .saturating_duration_since(Instant::now())
+                    .saturating_sub(super::DEADLINE_MARGIN)
+                    .is_zero()
+            {
+                return self.stream_error(
+                    &call,
+                    &feed,
+                    Error::DeadlineExceeded {
+                        deadline: deadline - start,
+                        attempts: call.attempts - 1,
+                    }
+                    .into(),
+                );
+            }
+            let lease = match pool
+                .balancer
+                .clone()
+                .oneshot(http::Request::new(Outgoing::Lease))
+                .await
+            {
+                Ok(answer) => match answer.into_body() {
+                    AnswerBody::Lease(lease) => lease,
+                    _ => unreachable_answer(),
+                },
+                Err(error) if classify(&error) == Failure::NoInstance => {
+                    call.attempts -= 1;
+                    let summary = pool.summary();
+                    return match previous {
+                        None => self.stream_error(
+                            &call,
+                            &feed,
+                            Error::NoHealthyInstance { summary }.into(),
+                        ),
+                        Some(Ok(refused)) => self.trailers_only(&call, &feed, refused),
+                        Some(Err(last)) => self.stream_error(
+                            &call,
+                            &feed,
+                            Error::Unreachable {
+                                attempts: call.attempts,
+                                last: format!(
+                                    "{last} (and no other instance is healthy: {summary})"
+                                ),
+                            }
+                            .into(),
+                        ),
+                    };
+                }
+                Err(error) => {
+                    previous = Some(Err(dlb::status::error_chain(&error)));
+                    if self.may_retry(&call, &feed) {
+                        continue;
+                    }
+                    break;
+                }
+            };
+            if previous.is_some() {
+                inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            call.served_by = Some(Arc::clone(lease.id()));
+            if call.attempts > 1 {
+                feed.rewind();
+            }
+            match self.attempt_stream(&head, &mut feed, lease, deadline).await {
+                Attempt::Committed(mut parts, answer) => {
+                    add_headers(&mut parts.headers, call.served_by.as_deref(), call.attempts);
+                    return commit(call, feed, parts, answer);
+                }
+                Attempt::Ended(status) => return self.stream_error(&call, &feed, status),
+                Attempt::Refused(parts) => previous = Some(Ok(parts)),
+                Attempt::Failed(why) => previous = Some(Err(why)),
+            }
+            if !self.may_retry(&call, &feed) {
+                break;
+            }
+            tracing::debug!(method = %call.method, attempts = call.attempts, "retrying the stream");
+        }
+        match previous {
+            Some(Ok(refused)) => self.trailers_only(&call, &feed, refused),
+            Some(Err(last)) => self.stream_error(
+                &call,
+                &feed,
+                Error::Unreachable {
+                    attempts: call.attempts,
+                    last,
+                }
+                .into(),
+            ),
+            None => self.stream_error(&call, &feed, Status::internal("no attempt was made")),
+        }
+    }
+
+    fn may_retry(&self, call: &Call, feed: &Feed) -> bool {
+        feed.replayable
+            && call.attempts < self.inner.settings.max_attempts
+            && self.inner.budget.withdraw()
+    }
+
+    /// One try on the instance of `lease`: opens the stream, sends what is held and follows
+    /// the caller, until the answer's first message or its status comes.
+    async fn attempt_stream(
+        &self,
+        head: &http::request::Parts,
+        feed: &mut Feed,
+        mut lease: Box<Lease>,
+        deadline: Option<Instant>,
+    ) -> Attempt {
+        let mut request = http::Request::new(());
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = head.uri.clone();
+        *request.headers_mut() = head.headers.clone();
+        if let Some(deadline) = deadline {
+            request.headers_mut().insert(
+                "grpc-timeout",
+                dlb::deadline::to_header(deadline.saturating_duration_since(Instant::now())),
+            );
+        }
+        let far = Instant::now() + std::time::Duration::from_secs(86_400 * 365);
+        let expiry = tokio::time::sleep_until(deadline.unwrap_or(far).into());
+        tokio::pin!(expiry);
+
+        let opened = tokio::select! {
+            opened = lease.conn.open(request, false) => opened,
+            () = &mut expiry => return timed_out(),
+            () = lease.cut() => return Attempt::Failed(format!("instance {} stopped answering", lease.id())),
+        };
+        let (conn, mut response, mut send) = match opened {
+            Ok(opened) => opened.into_parts(),
+            Err(error) => {
+                lease.failed(error.as_ref());
+                return Attempt::Failed(dlb::status::error_chain(error.as_ref()));
+            }
+        };
+        // Feed the request until the answer's headers come.
+        let mut feeding = true;
+        let headers = match feed_until(
+            &mut response,
+            feed,
+            &mut send,
+            &mut feeding,
+            expiry.as_mut(),
+            &lease,
+        )
+        .await
+        {
+            Ok(headers) => headers,
+            Err(ended) => return ended,
+        };
+        let answer = match conn.headers(headers) {
+            Ok(answer) => answer,
+            Err(error) => {
+                lease.failed(error.as_ref());
+                return Attempt::Failed(dlb::status::error_chain(error.as_ref()));
+            }
+        };
+        lease.answered();
+        let (parts, body) = answer.into_parts();
+        let AnswerBody::Stream(mut recv) = body else {
+            unreachable_answer()
+        };
+        if recv.is_end_stream() {
+            // Trailers-Only: the status in the headers.
+            if grpc_code(&parts.headers) == Some(Code::Unavailable) {
+                lease.finish();
+                return Attempt::Refused(parts);
+            }
+            let code = grpc_code(&parts.headers);
+            return Attempt::Committed(parts, answered_whole(None, code, lease, feed, send));
+        }
+        // Nothing has reached the caller yet: wait for the first message or the status, still
+        // feeding the request (a bidi call's first answer may wait for a request message).
+        let first = match feed_until(
+            recv.data(),
+            feed,
+            &mut send,
+            &mut feeding,
+            expiry.as_mut(),
+            &lease,
+        )
+        .await
+        {
+            Ok(first) => first,
+            Err(ended) => return ended,
+        };
+        match first {
+            Some(Ok(data)) => {
+                let _ = recv.flow_control().release_capacity(data.len());
+                let mut answer = StreamAnswer::done();
+                answer.first = Some(data);
+                answer.recv = Some(recv);
+                answer.lease = Some(lease);
+                answer.feed = Some(send);
+                Attempt::Committed(parts, Box::new(answer))
+            }
+            Some(Err(error)) => {
+                lease.failed(&error);
+                Attempt::Failed(dlb::status::error_chain(&error))
+            }
+            None => match recv.trailers().await {
+                Ok(trailers) => {
+                    let code = trailers.as_ref().and_then(grpc_code);
+                    if code == Some(Code::Unavailable) {
+                        lease.finish();
+                        return Attempt::Refused(parts);
+                    }
+                    let code = Some(code.unwrap_or(Code::Unknown));
+                    Attempt::Committed(parts, answered_whole(trailers, code, lease, feed, send))
+                }
+                Err(error) => {
+                    lease.failed(&error);
+                    Attempt::Failed(dlb::status::error_chain(&error))
+                }
+            },
+        }
+    }
+
+    fn trailers_only(
+        &self,
+        call: &Call,
+        feed: &Feed,
+        mut parts: http::response::Parts,
+    ) -> http::Response<Body> {
+        add_headers(&mut parts.headers, call.served_by.as_deref(), call.attempts);
+        let code = grpc_code(&parts.headers).unwrap_or(Code::Unknown);
+        call.finish(code, feed.messages.count(), 0);
+        http::Response::from_parts(parts, Body::empty())
+    }
+
+    fn stream_error(&self, call: &Call, feed: &Feed, status: Status) -> http::Response<Body> {
+        call.finish(status.code(), feed.messages.count(), 0);
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        if let Some(value) = call
+            .served_by
+            .as_deref()
+            .and_then(|s| tonic::metadata::MetadataValue::try_from(s).ok())
+        {
+            metadata.insert(dlb::metadata::SERVED_BY, value);
+        }
+        metadata.insert(
+            dlb::metadata::ATTEMPTS,
+            tonic::metadata::MetadataValue::from(call.attempts),
+        );
+        Status::with_metadata(status.code(), status.message(), metadata).into_http()
+    }
+}
+
+fn timed_out() -> Attempt {
+    Attempt::Ended(Status::deadline_exceeded("deadline exceeded"))
+}
+
+/// Feeds the request (while `feeding`: the instance's stream may refuse more, and then its
+/// answer says why) until `until` resolves. The attempt ends instead when the caller breaks
+/// the request or goes, the deadline passes, or the instance stops answering.
+async fn feed_until<T>(
+    until: impl std::future::Future<Output = T>,
+    feed: &mut Feed,
+    send: &mut h2::SendStream<Bytes>,
+    feeding: &mut bool,
+    mut expiry: Pin<&mut tokio::time::Sleep>,
+    lease: &Lease,
+) -> Result<T, Attempt> {
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut until => return Ok(done),
+            step = feed.step(send), if *feeding => match step {
+                Ok(()) => {}
+                Err(FeedError::Caller(status)) => {
+                    send.send_reset(h2::Reason::CANCEL);
+                    return Err(Attempt::Ended(status));
+                }
+                Err(FeedError::Instance) => *feeding = false,
+            },
+            () = &mut expiry => {
+                send.send_reset(h2::Reason::CANCEL);
+                return Err(timed_out());
+            }
+            () = lease.cut() => {
+                return Err(Attempt::Failed(format!("instance {} stopped answering", lease.id())));
+            }
+        }
+    }
+}
+
+/// An answer with no message: its status alone (Trailers-Only, or headers then trailers).
+fn answered_whole(
+    trailers: Option<http::HeaderMap>,
+    code: Option<Code>,
+    mut lease: Box<Lease>,
+    feed: &Feed,
+    mut send: h2::SendStream<Bytes>,
+) -> Box<StreamAnswer> {
+    lease.finish();
+    // The instance is done: whatever the caller still sends goes nowhere.
+    if !feed.end_sent {
+        send.send_reset(h2::Reason::CANCEL);
+    }
+    let mut done = StreamAnswer::done();
+    done.code = code;
+    done.trailers = trailers;
+    done.lease = Some(lease);
+    Box::new(done)
+}
+
+/// Hands the answer to the caller: the request's rest is fed by a task of its own, and the
+/// call is finished when the answer ends (or the caller goes).
+fn commit(
+    call: Call,
+    mut feed: Feed,
+    parts: http::response::Parts,
+    mut answer: Box<StreamAnswer>,
+) -> http::Response<Body> {
+    feed.release();
+    let messages_in = Arc::new(AtomicU64::new(feed.messages.count()));
+    if let Some(mut send) = answer.feed.take() {
+        let (failed, caller_failed) = oneshot::channel();
+        let counted = Arc::clone(&messages_in);
+        answer.caller_failed = Some(caller_failed);
+        answer.pump = Some(tokio::spawn(async move {
+            while !(feed.ended && feed.end_sent && feed.pending.is_none()) {
+                let step = feed.step(&mut send).await;
+                counted.store(feed.messages.count(), Ordering::Relaxed);
+                match step {
+                    Ok(()) => {}
+                    Err(FeedError::Caller(status)) => {
+                        send.send_reset(h2::Reason::CANCEL);
+                        let _ = failed.send(status);
+                        return;
+                    }
+                    // The instance will say why in its answer.
+                    Err(FeedError::Instance) => return,
+                }
+            }
+        }));
+    }
+    answer.messages_in = messages_in;
+    answer.call = Some(call);
+    if answer.recv.is_none() && answer.first.is_none() {
+        let code = answer.code.unwrap_or(Code::Unknown);
+        answer.end(code);
+        if answer.trailers.is_none() {
+            // Trailers-Only: hyper ends the stream on the HEADERS frame itself.
+            return http::Response::from_parts(parts, Body::empty());
+        }
+    }
+    http::Response::from_parts(parts, Body::new(*answer))
+}
+
+fn unreachable_answer() -> ! {
+    // The endpoint answers a lease request with a lease, always.
+    panic!("the endpoint answered a streaming call's lease request with an answer")
+}
+
+/// The answer of a call of another service as the caller reads it: the instance's messages
+/// as they come, then its trailers; an instance failing mid-stream ends it with UNAVAILABLE.
+struct StreamAnswer {
+    first: Option<Bytes>,
+    recv: Option<h2::RecvStream>,
+    /// The answer's trailers when they are known already.
+    trailers: Option<http::HeaderMap>,
+    /// The status when known already.
+    code: Option<Code>,
+    lease: Option<Box<Lease>>,
+    /// The request's way to the instance until the task feeding it starts.
+    feed: Option<h2::SendStream<Bytes>>,
+    pump: Option<JoinHandle<()>>,
+    caller_failed: Option<oneshot::Receiver<Status>>,
+    messages_in: Arc<AtomicU64>,
+    messages_out: u64,
+    call: Option<Call>,
+    ended: bool,
+    counter: MessageCounter,
+}
+
+impl StreamAnswer {
+    fn done() -> Self {
+        Self {
+            first: None,
+            recv: None,
+            trailers: None,
+            code: None,
+            lease: None,
+            feed: None,
+            pump: None,
+            caller_failed: None,
+            messages_in: Arc::default(),
+            messages_out: 0,
+            call: None,
+            ended: false,
+            counter: MessageCounter::new(usize::MAX, true),
+        }
+    }
+
+    /// Finishes the call with `code`, once.
+    fn end(&mut self, code: Code) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        self.recv = None;
+        if let Some(lease) = &mut self.lease {
+            lease.finish();
+        }
+        self.lease = None;
+        if let Some(call) = self.call.take() {
+            call.finish(
+                code,
+                self.messages_in.load(Ordering::Relaxed),
+                self.counter.count(),
+            );
+        }
+    }
+
+    fn status_trailers(&mut self, status: &Status) -> Frame<Bytes> {
+        self.end(status.code());
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from(status.code() as i32));
+        if let Ok(value) = http::HeaderValue::from_str(&percent_encode(status.message())) {
+            trailers.insert("grpc-message", value);
+        }
+        Frame::trailers(trailers)
+    }
+
+    fn data(&mut self, data: Bytes) -> Frame<Bytes> {
+        let _ = self.counter.feed(&data);
+        self.messages_out = self.counter.count();
+        Frame::data(data)
+    }
+}
+
+impl http_body::Body for StreamAnswer {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(this.data(first))));
+        }
+        if this.ended {
+            return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+        }
+        if let Some(failed) = &mut this.caller_failed
+            && let Poll::Ready(result) = Pin::new(failed).poll(cx)
+        {
+            this.caller_failed = None;
+            if let Ok(status) = result {
+                // The caller broke the request (a message over the limit, say): the instance
+                // was reset; the caller hears why.
+                return Poll::Ready(Some(Ok(this.status_trailers(&status))));
+            }
+        }
+        let Some(recv) = &mut this.recv else {
+            let code = this.code.unwrap_or(Code::Unknown);
+            this.end(code);
+            return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+        };
+        match recv.poll_data(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                // Read: the instance may send more (the caller's pace sets ours).
+                let _ = recv.flow_control().release_capacity(data.len());
+                Poll::Ready(Some(Ok(this.data(data))))
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Ok(this.failed(&error)))),
+            Poll::Ready(None) => match recv.poll_trailers(cx) {
+                Poll::Ready(Ok(Some(trailers))) => {
+                    this.end(grpc_code(&trailers).unwrap_or(Code::Unknown));
+                    Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                }
+                Poll::Ready(Ok(None)) => {
+                    let status =
+                        Status::unknown("the instance ended its answer without a gRPC status");
+                    Poll::Ready(Some(Ok(this.status_trailers(&status))))
+                }
+                Poll::Ready(Err(error)) => Poll::Ready(Some(Ok(this.failed(&error)))),
+                Poll::Pending => Poll::Pending,
+            },
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.trailers.is_none() && self.first.is_none()
+    }
+}
+
+impl StreamAnswer {
+    /// The instance's stream failed mid-answer: counted against it, and the caller hears
+    /// UNAVAILABLE at once.
+    fn failed(&mut self, error: &h2::Error) -> Frame<Bytes> {
+        let id = self
+            .lease
+            .as_ref()
+            .map_or_else(|| "?".to_owned(), |l| l.id().to_string());
+        if let Some(lease) = &self.lease {
+            lease.failed(error);
+        }
+        let status = Status::unavailable(format!(
+            "instance {id} failed mid-stream: {}",
+            dlb::status::error_chain(error)
+        ));
+        self.status_trailers(&status)
+    }
+}
+
+impl Drop for StreamAnswer {
+    fn drop(&mut self) {
+        if let Some(pump) = self.pump.take() {
+            pump.abort();
+        }
+        // Dropped before its end: the caller went (cancel, or its deadline).
+        self.end(Code::Cancelled);
+    }
+}
+
+/// Percent-encodes a grpc-message (the gRPC spec's rule: outside printable ASCII, and %).
+fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..0x7f).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+impl std::fmt::Debug for StreamAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamAnswer").finish_non_exhaustive()
+    }
+}
