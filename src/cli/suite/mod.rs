@@ -12,6 +12,7 @@
 
 mod proxies;
 mod report;
+mod streams;
 mod svg;
 
 use self::proxies::{Children, STREAMS, haproxy_config, nginx_config, wait_answers};
@@ -60,8 +61,9 @@ pub struct SuiteArgs {
     /// instances run on the same machine.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// Only these scenarios (of saturation, c1, open, fib, reverse_1mib; comma-separated;
-    /// open needs saturation, whose direct rate it takes half of).
+    /// Only these scenarios (of saturation, c1, open, fib, reverse_1mib, stream_server,
+    /// stream_bidi; comma-separated; open needs saturation, whose direct rate it takes half
+    /// of).
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
 }
@@ -380,7 +382,22 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
         say(format!("skipped {skip}"));
     }
 
-    let scenarios = pick_scenarios(all_scenarios(), &args.scenarios)?;
+    let stream_keys = [streams::Kind::ServerStream, streams::Kind::Bidi];
+    let kinds: Vec<streams::Kind> = stream_keys
+        .into_iter()
+        .filter(|k| args.scenarios.is_empty() || args.scenarios.iter().any(|w| w == k.key()))
+        .collect();
+    let unary_wanted: Vec<String> = args
+        .scenarios
+        .iter()
+        .filter(|w| !stream_keys.iter().any(|k| k.key() == w.as_str()))
+        .cloned()
+        .collect();
+    let scenarios = if !args.scenarios.is_empty() && unary_wanted.is_empty() {
+        Vec::new()
+    } else {
+        pick_scenarios(all_scenarios(), &unary_wanted)?
+    };
 
     let before: BTreeMap<&str, f64> = targets
         .iter()
@@ -464,11 +481,23 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
         })
         .collect();
 
-    let report = summarize(args, &targets, skipped, open_rate, runs, usage, &scenarios);
     std::fs::create_dir_all(&args.out)
         .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let streamed = if kinds.is_empty() || !targets.iter().any(|t| t.name == "dlb-gateway") {
+        None
+    } else {
+        Some(run_streams(args, children, &bins, &kinds, warmup, duration).await?)
+    };
+    if scenarios.is_empty() {
+        return Ok(());
+    }
+    let report = summarize(args, &targets, skipped, open_rate, runs, usage, &scenarios);
     let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-    let markdown = markdown(&report, &scenarios);
+    let mut markdown = markdown(&report, &scenarios);
+    if let Some(streamed) = streamed {
+        markdown.push('\n');
+        markdown.push_str(&streamed);
+    }
     let chart = svg::svg(&report, &scenarios);
     for (name, text) in [
         ("suite.json", json),
@@ -484,6 +513,139 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
         args.out.display()
     ));
     Ok(())
+}
+
+/// The streaming scenarios: a streaming instance in this process, a `dlb-gateway` of its own
+/// in front of it, each kind measured straight and through the gateway, interleaved, `--reps`
+/// times. Writes `streams.json` and gives the report's markdown section.
+async fn run_streams(
+    args: &SuiteArgs,
+    children: &mut Children,
+    bins: &Path,
+    kinds: &[streams::Kind],
+    warmup: Duration,
+    duration: Duration,
+) -> Result<String, String> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_on_return = stop.clone().drop_guard();
+    let instance = streams::start_instance(stop.clone()).await?;
+    let gateway = format!("127.0.0.1:{}", free_port()?);
+    let pid = children.spawn(
+        "dlb-gateway (streams)",
+        &bins.join("dlb-gateway"),
+        &[
+            "--listen".into(),
+            gateway.clone(),
+            "--metrics-listen".into(),
+            "none".into(),
+            "--backend".into(),
+            format!("S={instance}"),
+            "--redis".into(),
+            "none".into(),
+            "--threads".into(),
+            args.threads.to_string(),
+        ],
+    )?;
+    // Up once it relays a stream (it takes the instance in when its health says SERVING).
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Some(exit) = children.exited("dlb-gateway (streams)").await {
+            return Err(exit);
+        }
+        if streams::measure(
+            &gateway,
+            streams::Kind::ServerStream,
+            Duration::ZERO,
+            Duration::from_millis(50),
+        )
+        .await
+        .is_ok()
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !ready {
+        return Err("the streaming gateway never relayed a stream".into());
+    }
+    #[derive(Serialize)]
+    struct Row {
+        scenario: &'static str,
+        message_bytes: usize,
+        direct: Vec<streams::Measured>,
+        gateway: Vec<streams::Measured>,
+        ratio_median: f64,
+    }
+    let mut rows = Vec::new();
+    for kind in kinds {
+        let mut direct = Vec::new();
+        let mut through = Vec::new();
+        for rep in 0..args.reps {
+            for (path, addr) in [("direct", &instance), ("dlb-gateway", &gateway)] {
+                say(format!("{} via {path} (rep {})", kind.key(), rep + 1));
+                let measured = streams::measure(addr, *kind, warmup, duration)
+                    .await
+                    .map_err(|e| format!("{} via {path}: {e}", kind.key()))?;
+                if path == "direct" {
+                    direct.push(measured);
+                } else {
+                    through.push(measured);
+                }
+            }
+        }
+        let ratios: Vec<f64> = direct
+            .iter()
+            .zip(&through)
+            .map(|(d, g)| g.mb_per_sec / d.mb_per_sec.max(f64::MIN_POSITIVE))
+            .collect();
+        rows.push(Row {
+            scenario: kind.key(),
+            message_bytes: streams::MESSAGE_BYTES,
+            direct,
+            gateway: through,
+            ratio_median: median(ratios),
+        });
+    }
+    let peak_rss_mb = usage_of(&[pid]).1;
+    let path = args.out.join("streams.json");
+    let json = serde_json::json!({ "scenarios": &rows, "gateway_peak_rss_mb": peak_rss_mb });
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Streams of {} KiB messages, {} at once on one connection (medians of {} interleaved runs; \
+         the gateway's peak RSS {peak_rss_mb:.1} MB):\n",
+        streams::MESSAGE_BYTES / 1024,
+        4,
+        args.reps
+    );
+    let _ = writeln!(
+        out,
+        "| scenario | direct MB/s | dlb-gateway MB/s | dlb-gateway messages/s | ratio |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    for row in &rows {
+        let med = |v: &[streams::Measured], f: fn(&streams::Measured) -> f64| {
+            median(v.iter().map(f).collect())
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2}x |",
+            row.scenario,
+            med(&row.direct, |m| m.mb_per_sec),
+            med(&row.gateway, |m| m.mb_per_sec),
+            med(&row.gateway, |m| m.messages_per_sec),
+            row.ratio_median
+        );
+    }
+    println!("{out}");
+    say(format!("wrote {}", path.display()));
+    Ok(out)
 }
 
 /// Every scenario, in the order they run.

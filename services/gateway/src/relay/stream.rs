@@ -5,10 +5,12 @@
 //! slows the instance and the gateway holds at most a window per stream.
 //!
 //! Retries follow gRFC A6's transparent retry: a call may go to another instance only while
-//! nothing of the answer has reached the caller (no message, no status) and every byte of the
-//! request sent so far is still held, up to [`REPLAY_BYTES`]; past that bound the request is no
-//! longer held and a failure goes to the caller. Once an answer began, an instance that fails
-//! mid-stream ends the call at once with UNAVAILABLE.
+//! nothing of the answer has reached the caller (not even its headers: a Trailers-Only
+//! UNAVAILABLE, or a failure before any answer) and every byte of the request sent so far is
+//! still held, up to [`REPLAY_BYTES`]; past that bound the request is no longer held and a
+//! failure goes to the caller. The call is committed when the answer's headers come (they go
+//! to the caller at once: a caller may wait for them before it sends); from then on, an
+//! instance that fails mid-stream ends the call at once with UNAVAILABLE.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -161,9 +163,9 @@ impl Feed {
 
 /// How one streaming attempt ended before anything reached the caller.
 enum Attempt {
-    /// The answer began: it goes to the caller.
+    /// The answer's headers came: the answer goes to the caller.
     Committed(http::response::Parts, Box<StreamAnswer>),
-    /// The instance answered UNAVAILABLE with nothing before its status: may go elsewhere.
+    /// The instance answered UNAVAILABLE, Trailers-Only: may go elsewhere.
     Refused(http::response::Parts),
     /// Failed below gRPC before any answer: may go elsewhere.
     Failed(String),
@@ -334,7 +336,7 @@ impl GatewayService {
     }
 
     /// One try on the instance of `lease`: opens the stream, sends what is held and follows
-    /// the caller, until the answer's first message or its status comes.
+    /// the caller, until the answer's headers come.
     async fn attempt_stream(
         &self,
         head: &http::request::Parts,
@@ -392,7 +394,7 @@ impl GatewayService {
         };
         lease.answered();
         let (parts, body) = answer.into_parts();
-        let AnswerBody::Stream(mut recv) = body else {
+        let AnswerBody::Stream(recv) = body else {
             unreachable_answer()
         };
         if recv.is_end_stream() {
@@ -404,51 +406,13 @@ impl GatewayService {
             let code = grpc_code(&parts.headers);
             return Attempt::Committed(parts, answered_whole(None, code, lease, feed, send));
         }
-        // Nothing has reached the caller yet: wait for the first message or the status, still
-        // feeding the request (a bidi call's first answer may wait for a request message).
-        let first = match feed_until(
-            recv.data(),
-            feed,
-            &mut send,
-            &mut feeding,
-            expiry.as_mut(),
-            &lease,
-        )
-        .await
-        {
-            Ok(first) => first,
-            Err(ended) => return ended,
-        };
-        match first {
-            Some(Ok(data)) => {
-                let _ = recv.flow_control().release_capacity(data.len());
-                let mut answer = StreamAnswer::done();
-                answer.first = Some(data);
-                answer.recv = Some(recv);
-                answer.lease = Some(lease);
-                answer.feed = Some(send);
-                Attempt::Committed(parts, Box::new(answer))
-            }
-            Some(Err(error)) => {
-                lease.failed(&error);
-                Attempt::Failed(dlb::status::error_chain(&error))
-            }
-            None => match recv.trailers().await {
-                Ok(trailers) => {
-                    let code = trailers.as_ref().and_then(grpc_code);
-                    if code == Some(Code::Unavailable) {
-                        lease.finish();
-                        return Attempt::Refused(parts);
-                    }
-                    let code = Some(code.unwrap_or(Code::Unknown));
-                    Attempt::Committed(parts, answered_whole(trailers, code, lease, feed, send))
-                }
-                Err(error) => {
-                    lease.failed(&error);
-                    Attempt::Failed(dlb::status::error_chain(&error))
-                }
-            },
-        }
+        // The answer began (gRFC A6 commits a call on its response headers): it streams to
+        // the caller from here, and the request's rest follows on a task of its own.
+        let mut answer = StreamAnswer::done();
+        answer.recv = Some(recv);
+        answer.lease = Some(lease);
+        answer.feed = Some(send);
+        Attempt::Committed(parts, Box::new(answer))
     }
 
     fn trailers_only(
@@ -573,7 +537,7 @@ fn commit(
     }
     answer.messages_in = messages_in;
     answer.call = Some(call);
-    if answer.recv.is_none() && answer.first.is_none() {
+    if answer.recv.is_none() {
         let code = answer.code.unwrap_or(Code::Unknown);
         answer.end(code);
         if answer.trailers.is_none() {
@@ -592,7 +556,6 @@ fn unreachable_answer() -> ! {
 /// The answer of a call of another service as the caller reads it: the instance's messages
 /// as they come, then its trailers; an instance failing mid-stream ends it with UNAVAILABLE.
 struct StreamAnswer {
-    first: Option<Bytes>,
     recv: Option<h2::RecvStream>,
     /// The answer's trailers when they are known already.
     trailers: Option<http::HeaderMap>,
@@ -613,7 +576,6 @@ struct StreamAnswer {
 impl StreamAnswer {
     fn done() -> Self {
         Self {
-            first: None,
             recv: None,
             trailers: None,
             code: None,
@@ -675,9 +637,6 @@ impl http_body::Body for StreamAnswer {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
-        if let Some(first) = this.first.take() {
-            return Poll::Ready(Some(Ok(this.data(first))));
-        }
         if this.ended {
             return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
         }
@@ -721,7 +680,7 @@ impl http_body::Body for StreamAnswer {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.trailers.is_none() && self.first.is_none()
+        self.ended && self.trailers.is_none()
     }
 }
 
