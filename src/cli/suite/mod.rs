@@ -275,23 +275,13 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
         .map(|(id, addr)| format!("{id}={addr}"))
         .collect::<Vec<_>>()
         .join(",");
-    let pid = children.spawn(
+    let pid = spawn_gateway(
+        children,
         "dlb-gateway",
-        &bins.join("dlb-gateway"),
-        &[
-            "--listen".into(),
-            gateway.clone(),
-            "--metrics-listen".into(),
-            "none".into(),
-            "--backend".into(),
-            backend_flag,
-            "--redis".into(),
-            "none".into(),
-            "--threads".into(),
-            threads.to_string(),
-            "--max-concurrent-streams".into(),
-            STREAMS.to_string(),
-        ],
+        &bins,
+        &gateway,
+        &backend_flag,
+        threads,
     )?;
     wait_answers(children, "dlb-gateway", &gateway).await?;
     targets.push(Target {
@@ -489,6 +479,9 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
         Some(run_streams(args, children, &bins, &kinds, warmup, duration).await?)
     };
     if scenarios.is_empty() {
+        if let Some(streamed) = streamed {
+            println!("{streamed}");
+        }
         return Ok(());
     }
     let report = summarize(args, &targets, skipped, open_rate, runs, usage, &scenarios);
@@ -515,6 +508,36 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
     Ok(())
 }
 
+/// Starts a `dlb-gateway` on `listen` in front of `backends` (`ID=HOST:PORT,...`), without
+/// Redis or `/metrics`, with `threads` threads and [`STREAMS`] streams per caller connection.
+fn spawn_gateway(
+    children: &mut Children,
+    name: &str,
+    bins: &Path,
+    listen: &str,
+    backends: &str,
+    threads: usize,
+) -> Result<u32, String> {
+    children.spawn(
+        name,
+        &bins.join("dlb-gateway"),
+        &[
+            "--listen".into(),
+            listen.to_owned(),
+            "--metrics-listen".into(),
+            "none".into(),
+            "--backend".into(),
+            backends.to_owned(),
+            "--redis".into(),
+            "none".into(),
+            "--threads".into(),
+            threads.to_string(),
+            "--max-concurrent-streams".into(),
+            STREAMS.to_string(),
+        ],
+    )
+}
+
 /// The streaming scenarios: a streaming instance in this process, a `dlb-gateway` of its own
 /// in front of it, each kind measured straight and through the gateway, interleaved, `--reps`
 /// times. Writes `streams.json` and gives the report's markdown section.
@@ -530,21 +553,13 @@ async fn run_streams(
     let _stop_on_return = stop.clone().drop_guard();
     let instance = streams::start_instance(stop.clone()).await?;
     let gateway = format!("127.0.0.1:{}", free_port()?);
-    let pid = children.spawn(
+    let pid = spawn_gateway(
+        children,
         "dlb-gateway (streams)",
-        &bins.join("dlb-gateway"),
-        &[
-            "--listen".into(),
-            gateway.clone(),
-            "--metrics-listen".into(),
-            "none".into(),
-            "--backend".into(),
-            format!("S={instance}"),
-            "--redis".into(),
-            "none".into(),
-            "--threads".into(),
-            args.threads.to_string(),
-        ],
+        bins,
+        &gateway,
+        &format!("S={instance}"),
+        args.threads,
     )?;
     // Up once it relays a stream (it takes the instance in when its health says SERVING).
     let mut ready = false;
@@ -643,7 +658,6 @@ async fn run_streams(
             row.ratio_median
         );
     }
-    println!("{out}");
     say(format!("wrote {}", path.display()));
     Ok(out)
 }
