@@ -260,7 +260,11 @@ impl GatewayService {
             {
                 Ok(answer) => match answer.into_body() {
                     AnswerBody::Lease(lease) => lease,
-                    _ => unreachable_answer(),
+                    // The endpoint answers a lease request with a lease, always.
+                    _ => {
+                        let status = Status::internal("the balancer answered without a lease");
+                        return self.stream_error(&call, &feed, status);
+                    }
                 },
                 Err(error) if classify(&error) == Failure::NoInstance => {
                     call.attempts -= 1;
@@ -395,7 +399,8 @@ impl GatewayService {
         lease.answered();
         let (parts, body) = answer.into_parts();
         let AnswerBody::Stream(recv) = body else {
-            unreachable_answer()
+            // A connection answers with h2's stream, always.
+            return Attempt::Failed("the connection answered without a stream".into());
         };
         if recv.is_end_stream() {
             // Trailers-Only: the status in the headers.
@@ -546,11 +551,6 @@ fn commit(
         }
     }
     http::Response::from_parts(parts, Body::new(*answer))
-}
-
-fn unreachable_answer() -> ! {
-    // The endpoint answers a lease request with a lease, always.
-    panic!("the endpoint answered a streaming call's lease request with an answer")
 }
 
 /// The answer of a call of another service as the caller reads it: the instance's messages
