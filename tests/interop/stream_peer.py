@@ -223,6 +223,16 @@ def client(target, scenario, args):
                 attempts = trailing.get("x-attempts") or initial.get("x-attempts")
                 results.append({"code": error.code().name, "attempts": attempts, "message": error.details()})
         out["calls"] = results
+    elif scenario == "bidi-burst":
+        # COUNT messages sent at once, without waiting for echoes: every one must come back,
+        # in order (the instance sends its headers first, so the answer begins while the
+        # request is still arriving).
+        count = int(args[0])
+        echo = channel.stream_stream(path("Bidi"))
+        sent = [b"burst %d " % i + b"." * 1000 for i in range(count)]
+        got = list(echo(iter(sent), timeout=60))
+        out["echoed"] = len(got)
+        out["in_order"] = got == sent
     elif scenario == "bidi":
         rounds = int(args[0])
         requests = []

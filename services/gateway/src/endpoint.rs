@@ -429,6 +429,11 @@ impl Lease {
         self.shared.cut.cancelled().await;
     }
 
+    /// Cancelled when the instance stopped answering (see [`Lease::cut`]).
+    pub fn cut_token(&self) -> CancellationToken {
+        self.shared.cut.clone()
+    }
+
     /// The stream's answer began (headers came): progress, and no reset in a row.
     pub fn answered(&mut self) {
         self.shared.stats.mark_progress();

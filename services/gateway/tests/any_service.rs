@@ -264,6 +264,14 @@ fn every_call_kind_of_a_python_service_passes_through_the_gateway() {
     let bidi = client(target, None, &["bidi", "100"]);
     assert_eq!(bidi["rounds"], 100, "{bidi}");
 
+    // A burst: every message sent at once, all echoed in order (the answer begins while
+    // the request is still coming, and nothing of it may be lost then).
+    for _ in 0..5 {
+        let burst = client(target, None, &["bidi-burst", "300"]);
+        assert_eq!(burst["echoed"], 300, "{burst}");
+        assert_eq!(burst["in_order"], true, "{burst}");
+    }
+
     // A 1 GiB client stream of 1 MiB messages, with the gateway's memory bounded.
     let upload = client(
         target,

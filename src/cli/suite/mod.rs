@@ -552,6 +552,9 @@ async fn run_streams(
     let stop = tokio_util::sync::CancellationToken::new();
     let _stop_on_return = stop.clone().drop_guard();
     let instance = streams::start_instance(stop.clone()).await?;
+    // Each path: its name, its address, its processes.
+    let mut paths: Vec<(&'static str, String, Vec<u32>)> =
+        vec![("direct", instance.clone(), Vec::new())];
     let gateway = format!("127.0.0.1:{}", free_port()?);
     let pid = spawn_gateway(
         children,
@@ -561,105 +564,150 @@ async fn run_streams(
         &format!("S={instance}"),
         args.threads,
     )?;
-    // Up once it relays a stream (it takes the instance in when its health says SERVING).
-    let mut ready = false;
-    for _ in 0..200 {
-        if let Some(exit) = children.exited("dlb-gateway (streams)").await {
-            return Err(exit);
-        }
-        if streams::measure(
-            &gateway,
-            streams::Kind::ServerStream,
-            Duration::ZERO,
-            Duration::from_millis(50),
+    wait_streams(children, "dlb-gateway (streams)", &gateway).await?;
+    paths.push(("dlb-gateway", gateway, vec![pid]));
+    let haproxy = find_program("haproxy").filter(|_| !args.no_proxies && wanted(args, "haproxy"));
+    if let Some(haproxy) = haproxy {
+        let port = free_port()?;
+        let conf = args.out.join("work").join("haproxy-streams.cfg");
+        std::fs::write(
+            &conf,
+            haproxy_config(port, std::slice::from_ref(&instance), args.threads),
         )
-        .await
-        .is_ok()
-        {
-            ready = true;
-            break;
+        .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+        let addr = format!("127.0.0.1:{port}");
+        let pid = children.spawn(
+            "haproxy (streams)",
+            &haproxy,
+            &["-db".into(), "-f".into(), conf.display().to_string()],
+        )?;
+        match wait_streams(children, "haproxy (streams)", &addr).await {
+            Ok(()) => paths.push(("haproxy", addr, vec![pid])),
+            Err(error) => say(format!("streams: skipped haproxy: {error}")),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if !ready {
-        return Err("the streaming gateway never relayed a stream".into());
     }
     #[derive(Serialize)]
     struct Row {
         scenario: &'static str,
         message_bytes: usize,
-        direct: Vec<streams::Measured>,
-        gateway: Vec<streams::Measured>,
-        ratio_median: f64,
+        /// Every run, by path.
+        runs: BTreeMap<&'static str, Vec<streams::Measured>>,
+        /// The median of the per-repetition ratios to direct, by path.
+        ratio_median: BTreeMap<&'static str, f64>,
     }
     let mut rows = Vec::new();
     for kind in kinds {
-        let mut direct = Vec::new();
-        let mut through = Vec::new();
+        let mut runs: BTreeMap<&'static str, Vec<streams::Measured>> = BTreeMap::new();
         for rep in 0..args.reps {
-            for (path, addr) in [("direct", &instance), ("dlb-gateway", &gateway)] {
+            for (path, addr, _) in &paths {
                 say(format!("{} via {path} (rep {})", kind.key(), rep + 1));
                 let measured = streams::measure(addr, *kind, warmup, duration)
                     .await
                     .map_err(|e| format!("{} via {path}: {e}", kind.key()))?;
-                if path == "direct" {
-                    direct.push(measured);
-                } else {
-                    through.push(measured);
-                }
+                runs.entry(path).or_default().push(measured);
             }
         }
-        let ratios: Vec<f64> = direct
+        let direct = runs.get("direct").cloned().unwrap_or_default();
+        let ratio_median = runs
             .iter()
-            .zip(&through)
-            .map(|(d, g)| g.mb_per_sec / d.mb_per_sec.max(f64::MIN_POSITIVE))
+            .filter(|(path, _)| **path != "direct")
+            .map(|(path, measured)| {
+                let ratios = direct
+                    .iter()
+                    .zip(measured)
+                    .map(|(d, m)| m.mb_per_sec / d.mb_per_sec.max(f64::MIN_POSITIVE))
+                    .collect();
+                (*path, median(ratios))
+            })
             .collect();
         rows.push(Row {
             scenario: kind.key(),
             message_bytes: streams::MESSAGE_BYTES,
-            direct,
-            gateway: through,
-            ratio_median: median(ratios),
+            runs,
+            ratio_median,
         });
     }
-    let peak_rss_mb = usage_of(&[pid]).1;
+    let peak_rss_mb: BTreeMap<&str, f64> = paths
+        .iter()
+        .filter(|(_, _, pids)| !pids.is_empty())
+        .map(|(path, _, pids)| (*path, usage_of(pids).1))
+        .collect();
     let path = args.out.join("streams.json");
-    let json = serde_json::json!({ "scenarios": &rows, "gateway_peak_rss_mb": peak_rss_mb });
+    let json = serde_json::json!({ "scenarios": &rows, "peak_rss_mb": peak_rss_mb });
     std::fs::write(
         &path,
         serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
     )
     .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     let mut out = String::new();
+    let rss: Vec<String> = peak_rss_mb
+        .iter()
+        .map(|(path, mb)| format!("{path} {mb:.1} MB"))
+        .collect();
     let _ = writeln!(
         out,
-        "Streams of {} KiB messages, {} at once on one connection (medians of {} interleaved runs; \
-         the gateway's peak RSS {peak_rss_mb:.1} MB):\n",
+        "Streams of {} KiB messages, {} at once on one connection (medians of {} interleaved \
+         runs; peak RSS: {}):\n",
         streams::MESSAGE_BYTES / 1024,
-        4,
-        args.reps
+        streams::STREAMS,
+        args.reps,
+        rss.join(", ")
     );
     let _ = writeln!(
         out,
-        "| scenario | direct MB/s | dlb-gateway MB/s | dlb-gateway messages/s | ratio |"
+        "| scenario | path | MB/s | messages/s | ratio to direct |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|");
     for row in &rows {
-        let med = |v: &[streams::Measured], f: fn(&streams::Measured) -> f64| {
-            median(v.iter().map(f).collect())
-        };
-        let _ = writeln!(
-            out,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.2}x |",
-            row.scenario,
-            med(&row.direct, |m| m.mb_per_sec),
-            med(&row.gateway, |m| m.mb_per_sec),
-            med(&row.gateway, |m| m.messages_per_sec),
-            row.ratio_median
-        );
+        for (path, _, _) in &paths {
+            let measured = row.runs.get(path).map(Vec::as_slice).unwrap_or_default();
+            let med = |f: fn(&streams::Measured) -> f64| median(measured.iter().map(f).collect());
+            let ratio = row
+                .ratio_median
+                .get(path)
+                .map_or_else(|| "1.00x".to_owned(), |r| format!("{r:.2}x"));
+            let _ = writeln!(
+                out,
+                "| {} | {path} | {:.0} | {:.0} | {ratio} |",
+                row.scenario,
+                med(|m| m.mb_per_sec),
+                med(|m| m.messages_per_sec),
+            );
+        }
     }
     say(format!("wrote {}", path.display()));
     Ok(out)
+}
+
+/// Whether `--paths` lets `path` run (all run when it names none).
+fn wanted(args: &SuiteArgs, path: &str) -> bool {
+    args.paths.is_empty() || args.paths.iter().any(|p| p == path)
+}
+
+/// Waits until `addr` relays a short server stream (a proxy takes the instance in once its
+/// health says SERVING, or once it connects).
+async fn wait_streams(children: &mut Children, name: &str, addr: &str) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..200 {
+        if let Some(exit) = children.exited(name).await {
+            return Err(exit);
+        }
+        let probe = streams::measure(
+            addr,
+            streams::Kind::ServerStream,
+            Duration::ZERO,
+            Duration::from_millis(50),
+        );
+        match probe.await {
+            Ok(measured) if measured.mb_per_sec > 0.0 => return Ok(()),
+            Ok(_) => last = "no data".into(),
+            Err(error) => last = error,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!(
+        "{name} at {addr} relayed no stream in 20 s: {last}"
+    ))
 }
 
 /// Every scenario, in the order they run.

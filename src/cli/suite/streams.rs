@@ -27,7 +27,7 @@ const SERVICE: &str = "dlb.bench.v1.Streams";
 pub const MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Streams at once per run.
-const STREAMS: usize = 4;
+pub const STREAMS: usize = 4;
 
 /// Messages a bidi stream has sent and not yet seen echoed.
 const BIDI_WINDOW: u64 = 8;

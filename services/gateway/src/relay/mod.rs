@@ -295,20 +295,23 @@ impl GatewayService {
         self.inner.methods.key(path)
     }
 
-    /// Counts and logs a finished call of another service.
+    /// Counts and logs a finished call of another service: `blamed`, when given, is the
+    /// instance whose own answer it was (counted against it unless the caller's fault).
     #[allow(clippy::too_many_arguments)]
     fn record_stream(
         &self,
+        pool: usize,
         method: &Arc<str>,
         start: Instant,
         attempts: u32,
+        blamed: Option<&str>,
         served_by: Option<&str>,
         code: Code,
         messages_in: u64,
         messages_out: u64,
     ) {
         let inner = &self.inner;
-        let pool = self.pool_for(method);
+        let pool = &inner.pools[pool];
         let duration_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
         inner.methods.finished(
             method,
@@ -322,7 +325,7 @@ impl GatewayService {
         );
         if code != Code::Ok
             && !callers_fault(code)
-            && let Some(endpoint) = served_by.and_then(|id| pool.table.get(id))
+            && let Some(endpoint) = blamed.and_then(|id| pool.table.get(id))
         {
             endpoint.record_error();
         }
@@ -353,7 +356,7 @@ impl GatewayService {
         let start = Instant::now();
         let Some(method) = request.uri().path().strip_prefix(PATH_PREFIX) else {
             // Any other service: relayed as a stream of opaque messages.
-            let pool = self.pool_for(request.uri().path());
+            let pool = self.pool_index(request.uri().path());
             return self.relay_stream(pool, request).await;
         };
         let pool = self.pool_for(request.uri().path());

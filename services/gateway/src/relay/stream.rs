@@ -92,21 +92,28 @@ impl Feed {
         self.end_sent = false;
     }
 
-    /// Stops holding: the answer reached the caller, no retry is possible any more.
+    /// Stops holding: the answer reached the caller, no retry is possible any more. Held
+    /// chunks not yet sent on this attempt's stream stay, to be sent.
     fn release(&mut self) {
         self.replayable = false;
-        self.held = Vec::new();
+        self.held.drain(..self.sent);
+        self.sent = 0;
         self.held_bytes = 0;
+    }
+
+    /// Makes the next held chunk not yet sent on this attempt's stream the one to send.
+    fn take_next_held(&mut self) {
+        if self.pending.is_none() && self.sent < self.held.len() {
+            self.pending = Some(self.held[self.sent].clone());
+            self.sent += 1;
+        }
     }
 
     /// Moves the request one step: a chunk (or its end) to the instance, or one chunk read
     /// from the caller. Cancel-safe: what is not sent stays in `pending`. Pends forever once
     /// everything was sent.
     async fn step(&mut self, stream: &mut h2::SendStream<Bytes>) -> Result<(), FeedError> {
-        if self.pending.is_none() && self.sent < self.held.len() {
-            self.pending = Some(self.held[self.sent].clone());
-            self.sent += 1;
-        }
+        self.take_next_held();
         if let Some(pending) = &mut self.pending {
             send_flow(stream, pending)
                 .await
@@ -149,7 +156,8 @@ impl Feed {
                     self.held_bytes += data.len();
                     self.held.push(data);
                 } else {
-                    // Past the bound: no longer held, so no longer retried.
+                    // Past the bound: no longer held, so no longer retried (everything held
+                    // was sent: reading comes after).
                     if self.replayable {
                         self.release();
                     }
@@ -176,19 +184,38 @@ enum Attempt {
 /// What a call of another service needs to be finished: counted, logged, its permit returned.
 struct Call {
     service: GatewayService,
+    /// Its pool's index.
+    pool: usize,
     method: Arc<str>,
     start: Instant,
     attempts: u32,
     served_by: Option<Arc<str>>,
+    /// Counted and logged already.
+    finished: std::sync::atomic::AtomicBool,
     _permit: OwnedSemaphorePermit,
 }
 
+/// Whose status a call ended with: the instance's own answer counts against it (unless it
+/// is the caller's fault); the gateway's (failures below gRPC were counted as they happened,
+/// the caller's mistakes and cancels are not the instance's) does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Said {
+    Instance,
+    Gateway,
+}
+
 impl Call {
-    fn finish(&self, code: Code, messages_in: u64, messages_out: u64) {
+    /// Counts and logs the call, once.
+    fn finish(&self, code: Code, said: Said, messages_in: u64, messages_out: u64) {
+        if self.finished.swap(true, Ordering::Relaxed) {
+            return;
+        }
         self.service.record_stream(
+            self.pool,
             &self.method,
             self.start,
             self.attempts,
+            self.served_by.as_deref().filter(|_| said == Said::Instance),
             self.served_by.as_deref(),
             code,
             messages_in,
@@ -197,15 +224,24 @@ impl Call {
     }
 }
 
+impl Drop for Call {
+    /// A call dropped unfinished: the caller went before its answer began (hyper drops the
+    /// relay's future on the caller's RST_STREAM).
+    fn drop(&mut self) {
+        self.finish(Code::Cancelled, Said::Gateway, 0, 0);
+    }
+}
+
 impl GatewayService {
     /// Relays a call of any method to `pool`; every outcome is an HTTP response carrying a
     /// gRPC status.
     pub(super) async fn relay_stream(
         &self,
-        pool: &Pool,
+        pool_index: usize,
         request: http::Request<Body>,
     ) -> http::Response<Body> {
         let inner = &self.inner;
+        let pool: &Pool = &inner.pools[pool_index];
         let start = Instant::now();
         let method = self.method_key(request.uri().path());
         let Ok(permit) = Arc::clone(&inner.permits).try_acquire_owned() else {
@@ -213,7 +249,17 @@ impl GatewayService {
                 limit: inner.settings.max_in_flight,
             }
             .into();
-            self.record_stream(&method, start, 0, None, status.code(), 0, 0);
+            self.record_stream(
+                pool_index,
+                &method,
+                start,
+                0,
+                None,
+                None,
+                status.code(),
+                0,
+                0,
+            );
             return status.into_http();
         };
         // The caller's deadline only: a stream may rightly last longer than --timeout.
@@ -227,10 +273,12 @@ impl GatewayService {
         inner.budget.deposit();
         let mut call = Call {
             service: self.clone(),
+            pool: pool_index,
             method,
             start,
             attempts: 0,
             served_by: None,
+            finished: std::sync::atomic::AtomicBool::new(false),
             _permit: permit,
         };
         let mut previous: Option<Result<http::response::Parts, String>> = None;
@@ -242,12 +290,13 @@ impl GatewayService {
                     .saturating_sub(super::DEADLINE_MARGIN)
                     .is_zero()
             {
+                call.attempts -= 1;
                 return self.stream_error(
                     &call,
                     &feed,
                     Error::DeadlineExceeded {
                         deadline: deadline - start,
-                        attempts: call.attempts - 1,
+                        attempts: call.attempts,
                     }
                     .into(),
                 );
@@ -415,6 +464,7 @@ impl GatewayService {
         // the caller from here, and the request's rest follows on a task of its own.
         let mut answer = StreamAnswer::done();
         answer.recv = Some(recv);
+        answer.cut = Some(Box::pin(lease.cut_token().cancelled_owned()));
         answer.lease = Some(lease);
         answer.feed = Some(send);
         Attempt::Committed(parts, Box::new(answer))
@@ -428,12 +478,12 @@ impl GatewayService {
     ) -> http::Response<Body> {
         add_headers(&mut parts.headers, call.served_by.as_deref(), call.attempts);
         let code = grpc_code(&parts.headers).unwrap_or(Code::Unknown);
-        call.finish(code, feed.messages.count(), 0);
+        call.finish(code, Said::Instance, feed.messages.count(), 0);
         http::Response::from_parts(parts, Body::empty())
     }
 
     fn stream_error(&self, call: &Call, feed: &Feed, status: Status) -> http::Response<Body> {
-        call.finish(status.code(), feed.messages.count(), 0);
+        call.finish(status.code(), Said::Gateway, feed.messages.count(), 0);
         let mut metadata = tonic::metadata::MetadataMap::new();
         if let Some(value) = call
             .served_by
@@ -530,8 +580,10 @@ fn commit(
                 match step {
                     Ok(()) => {}
                     Err(FeedError::Caller(status)) => {
-                        send.send_reset(h2::Reason::CANCEL);
+                        // The answer hears why first: resetting wakes its reader, which must
+                        // not take our own reset for the instance's failure.
                         let _ = failed.send(status);
+                        send.send_reset(h2::Reason::CANCEL);
                         return;
                     }
                     // The instance will say why in its answer.
@@ -544,7 +596,7 @@ fn commit(
     answer.call = Some(call);
     if answer.recv.is_none() {
         let code = answer.code.unwrap_or(Code::Unknown);
-        answer.end(code);
+        answer.end(code, Said::Instance);
         if answer.trailers.is_none() {
             // Trailers-Only: hyper ends the stream on the HEADERS frame itself.
             return http::Response::from_parts(parts, Body::empty());
@@ -571,6 +623,8 @@ struct StreamAnswer {
     call: Option<Call>,
     ended: bool,
     counter: MessageCounter,
+    /// Resolves when the instance is found to have stopped answering.
+    cut: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
 }
 
 impl StreamAnswer {
@@ -588,11 +642,12 @@ impl StreamAnswer {
             call: None,
             ended: false,
             counter: MessageCounter::new(usize::MAX, true),
+            cut: None,
         }
     }
 
     /// Finishes the call with `code`, once.
-    fn end(&mut self, code: Code) {
+    fn end(&mut self, code: Code, said: Said) {
         if self.ended {
             return;
         }
@@ -605,14 +660,16 @@ impl StreamAnswer {
         if let Some(call) = self.call.take() {
             call.finish(
                 code,
+                said,
                 self.messages_in.load(Ordering::Relaxed),
                 self.counter.count(),
             );
         }
     }
 
+    /// Ends the answer with the gateway's own status.
     fn status_trailers(&mut self, status: &Status) -> Frame<Bytes> {
-        self.end(status.code());
+        self.end(status.code(), Said::Gateway);
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from(status.code() as i32));
         if let Ok(value) = http::HeaderValue::from_str(&percent_encode(status.message())) {
@@ -650,9 +707,24 @@ impl http_body::Body for StreamAnswer {
                 return Poll::Ready(Some(Ok(this.status_trailers(&status))));
             }
         }
+        if let Some(cut) = &mut this.cut
+            && cut.as_mut().poll(cx).is_ready()
+        {
+            // The instance stopped answering (the stall check probed it): the stream will
+            // not go on.
+            this.cut = None;
+            let id = this
+                .lease
+                .as_ref()
+                .map_or_else(String::new, |l| l.id().to_string());
+            let status = Status::unavailable(format!(
+                "instance {id} stopped answering (no reply to a health probe); stream cut"
+            ));
+            return Poll::Ready(Some(Ok(this.status_trailers(&status))));
+        }
         let Some(recv) = &mut this.recv else {
             let code = this.code.unwrap_or(Code::Unknown);
-            this.end(code);
+            this.end(code, Said::Instance);
             return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
         };
         match recv.poll_data(cx) {
@@ -664,7 +736,10 @@ impl http_body::Body for StreamAnswer {
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Ok(this.failed(&error)))),
             Poll::Ready(None) => match recv.poll_trailers(cx) {
                 Poll::Ready(Ok(Some(trailers))) => {
-                    this.end(grpc_code(&trailers).unwrap_or(Code::Unknown));
+                    this.end(
+                        grpc_code(&trailers).unwrap_or(Code::Unknown),
+                        Said::Instance,
+                    );
                     Poll::Ready(Some(Ok(Frame::trailers(trailers))))
                 }
                 Poll::Ready(Ok(None)) => {
@@ -692,7 +767,12 @@ impl StreamAnswer {
             .lease
             .as_ref()
             .map_or_else(|| "?".to_owned(), |l| l.id().to_string());
-        if let Some(lease) = &self.lease {
+        // Our own reset (the caller went, or broke its request) is no failure of the
+        // instance's.
+        let ours = error.is_reset() && !error.is_remote();
+        if let Some(lease) = &self.lease
+            && !ours
+        {
             lease.failed(error);
         }
         let status = Status::unavailable(format!(
@@ -709,7 +789,7 @@ impl Drop for StreamAnswer {
             pump.abort();
         }
         // Dropped before its end: the caller went (cancel, or its deadline).
-        self.end(Code::Cancelled);
+        self.end(Code::Cancelled, Said::Gateway);
     }
 }
 
@@ -729,5 +809,50 @@ fn percent_encode(message: &str) -> String {
 impl std::fmt::Debug for StreamAnswer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamAnswer").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed_holding(chunks: &[&'static [u8]]) -> Feed {
+        let mut feed = Feed::new(Body::empty(), 1024, false);
+        for chunk in chunks {
+            feed.held.push(Bytes::from_static(chunk));
+            feed.held_bytes += chunk.len();
+        }
+        feed
+    }
+
+    fn sends(feed: &mut Feed) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        loop {
+            feed.take_next_held();
+            match feed.pending.take() {
+                Some(chunk) => out.push(chunk),
+                None => return out,
+            }
+        }
+    }
+
+    #[test]
+    fn a_retry_sends_everything_held_again_in_order() {
+        let mut feed = feed_holding(&[b"a", b"b", b"c"]);
+        assert_eq!(sends(&mut feed), ["a", "b", "c"]);
+        feed.rewind();
+        assert_eq!(sends(&mut feed), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn what_was_held_but_not_sent_when_the_answer_began_is_still_sent() {
+        // "a" went out; "b" and "c" were read and held, and the answer's headers came before
+        // they were sent: the call commits, and they must still reach the instance.
+        let mut feed = feed_holding(&[b"a", b"b", b"c"]);
+        feed.take_next_held();
+        feed.pending = None;
+        feed.release();
+        assert!(!feed.replayable);
+        assert_eq!(sends(&mut feed), ["b", "c"]);
     }
 }
