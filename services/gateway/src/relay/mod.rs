@@ -352,7 +352,6 @@ impl GatewayService {
 
     /// Relays one call; every outcome is an HTTP response carrying a gRPC status.
     async fn relay(&self, request: http::Request<Body>) -> http::Response<Body> {
-        let inner = &self.inner;
         let start = Instant::now();
         let Some(method) = request.uri().path().strip_prefix(PATH_PREFIX) else {
             // Any other service: relayed as a stream of opaque messages.
@@ -366,6 +365,28 @@ impl GatewayService {
             let status = Status::unimplemented(dlb::status::unknown_method(request.uri().path()));
             return status.into_http();
         };
+        // Counted even if the caller goes before its answer (hyper then drops this future).
+        let mut call = Unanswered {
+            service: self,
+            op,
+            start,
+            answered: false,
+        };
+        let response = self.relay_op(pool, op, start, request).await;
+        call.answered = true;
+        response
+    }
+
+    /// Relays one of the five operations: [`GatewayService::relay`] once the operation is
+    /// known.
+    async fn relay_op(
+        &self,
+        pool: &Pool,
+        op: &'static str,
+        start: Instant,
+        request: http::Request<Body>,
+    ) -> http::Response<Body> {
+        let inner = &self.inner;
         let Ok(_permit) = inner.permits.try_acquire() else {
             let status: Status = Error::Overloaded {
                 limit: inner.settings.max_in_flight,
@@ -659,6 +680,24 @@ impl GatewayService {
             attempts,
             input: preview(input),
         });
+    }
+}
+
+/// A call of the five operations being relayed: dropped unanswered only when the caller
+/// went before its answer, and then counted and logged as CANCELLED.
+struct Unanswered<'a> {
+    service: &'a GatewayService,
+    op: &'static str,
+    start: Instant,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.service
+                .record(self.op, "", self.start, 0, None, "CANCELLED");
+        }
     }
 }
 

@@ -85,3 +85,37 @@ async fn a_short_deadline_is_exceeded_and_the_instance_stops_the_work() {
     .expect("in-flight count back to zero");
     stop(gateway, computes).await;
 }
+
+/// A caller that goes before its answer (no deadline: it cancels) is still counted, as a
+/// CANCELLED call, in the gateway's totals and by method.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_goes_before_its_answer_is_still_counted() {
+    let ids = ["A"];
+    let (computes, gateway, gw) = gateway_over(&ids, Config::for_tests(vec![])).await;
+    let mut client = OperationsClient::new(gw.clone());
+    let slow =
+        tokio::spawn(async move { client.fibonacci(FibonacciRequest { n: 10_000_000 }).await });
+    dlb_compute::testing::wait_busy(&channel(&computes[0].uri()).await).await;
+    // Dropping the call resets its stream: the gateway's relay is dropped unanswered.
+    slow.abort();
+    let totals = dlb::testing::eventually("the cancelled call counted", || {
+        let gw = gw.clone();
+        async move {
+            let s = stats(&gw).await;
+            (s.requests == 1).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(totals.failures, 1, "{totals:?}");
+    let fibonacci = totals
+        .methods
+        .iter()
+        .find(|m| m.method == "/dlb.v1.Operations/Fibonacci")
+        .expect("Fibonacci counted by method");
+    assert_eq!(
+        (fibonacci.calls, fibonacci.failures),
+        (1, 1),
+        "{fibonacci:?}"
+    );
+    stop(gateway, computes).await;
+}
