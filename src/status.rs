@@ -205,6 +205,19 @@ pub fn oversize_message(found: impl std::fmt::Display, limit: impl std::fmt::Dis
     )
 }
 
+/// The trailers of a status the gateway gives itself mid-answer (or in place of a missing
+/// one): `grpc-status` and, when there is one, the percent-encoded `grpc-message`.
+pub fn trailers(code: tonic::Code, message: &str) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from(code as i32));
+    if !message.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&percent_encode(message))
+    {
+        trailers.insert("grpc-message", value);
+    }
+    trailers
+}
+
 /// Encodes a `grpc-message` value as the gRPC over HTTP/2 protocol says: every byte outside
 /// printable ASCII, and `%` itself, as `%XX` of its UTF-8 bytes.
 fn percent_encode(text: &str) -> String {

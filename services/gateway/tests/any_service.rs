@@ -36,6 +36,19 @@ fn now() -> f64 {
         .as_secs_f64()
 }
 
+/// A child's stdout lines, as they are printed.
+fn lines_of(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
+    let (send, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    lines
+}
+
 /// A Python grpcio instance: its address, and its event lines ("cancelled ...") as they come.
 struct Peer {
     child: KillOnDrop,
@@ -59,15 +72,7 @@ impl Peer {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("python peer");
-        let stdout = child.stdout.take().unwrap();
-        let (send, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if send.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        let lines = lines_of(child.stdout.take().unwrap());
         let first = lines
             .recv_timeout(PATIENCE)
             .expect("the peer's listening line");
@@ -171,15 +176,7 @@ fn client_lines(target: &str, args: &[&str]) -> (Child, mpsc::Receiver<String>) 
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (send, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if send.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let lines = lines_of(child.stdout.take().unwrap());
     (child, lines)
 }
 

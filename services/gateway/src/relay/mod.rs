@@ -630,12 +630,7 @@ impl GatewayService {
             served_by,
             dlb::status::code_name(status.code()),
         );
-        let mut metadata = MetadataMap::new();
-        if let Some(value) = served_by.and_then(|s| MetadataValue::try_from(s).ok()) {
-            metadata.insert(dlb::metadata::SERVED_BY, value);
-        }
-        metadata.insert(dlb::metadata::ATTEMPTS, MetadataValue::from(attempts));
-        Status::with_metadata(status.code(), status.message(), metadata).into_http()
+        error_response(&status, served_by, attempts)
     }
 
     fn record(
@@ -720,13 +715,19 @@ fn callers_fault(code: Code) -> bool {
 
 /// Trailers for an answer that came without a grpc-status.
 fn no_status_trailers(http_status: http::StatusCode) -> http::HeaderMap {
-    let mut trailers = http::HeaderMap::new();
-    trailers.insert("grpc-status", http::HeaderValue::from(Code::Unknown as i32));
     let message = format!("the instance answered HTTP {http_status} without a gRPC status");
-    if let Ok(value) = http::HeaderValue::from_str(&message.replace(' ', "%20")) {
-        trailers.insert("grpc-message", value);
+    dlb::status::trailers(Code::Unknown, &message)
+}
+
+/// The gateway's own answer with `status`, marked with who answered and how many tries it
+/// took (Trailers-Only).
+fn error_response(status: &Status, served_by: Option<&str>, attempts: u32) -> http::Response<Body> {
+    let mut metadata = MetadataMap::new();
+    if let Some(value) = served_by.and_then(|s| MetadataValue::try_from(s).ok()) {
+        metadata.insert(dlb::metadata::SERVED_BY, value);
     }
-    trailers
+    metadata.insert(dlb::metadata::ATTEMPTS, MetadataValue::from(attempts));
+    Status::with_metadata(status.code(), status.message(), metadata).into_http()
 }
 
 fn grpc_code(headers: &http::HeaderMap) -> Option<Code> {

@@ -31,7 +31,7 @@ use tower::ServiceExt;
 use tower::retry::budget::Budget;
 
 use super::framing::{Counted, MessageCounter};
-use super::{GatewayService, Pool, add_headers, grpc_code};
+use super::{GatewayService, Pool, add_headers, error_response, grpc_code};
 use crate::conn::{AnswerBody, send_flow};
 use crate::endpoint::{Lease, Outgoing};
 use crate::error::Error;
@@ -324,18 +324,7 @@ impl GatewayService {
                             &feed,
                             Error::NoHealthyInstance { summary }.into(),
                         ),
-                        Some(Ok(refused)) => self.trailers_only(&call, &feed, refused),
-                        Some(Err(last)) => self.stream_error(
-                            &call,
-                            &feed,
-                            Error::Unreachable {
-                                attempts: call.attempts,
-                                last: format!(
-                                    "{last} (and no other instance is healthy: {summary})"
-                                ),
-                            }
-                            .into(),
-                        ),
+                        Some(last) => self.give_up(&call, &feed, last, Some(summary)),
                     };
                 }
                 Err(error) => {
@@ -368,16 +357,7 @@ impl GatewayService {
             tracing::debug!(method = %call.method, attempts = call.attempts, "retrying the stream");
         }
         match previous {
-            Some(Ok(refused)) => self.trailers_only(&call, &feed, refused),
-            Some(Err(last)) => self.stream_error(
-                &call,
-                &feed,
-                Error::Unreachable {
-                    attempts: call.attempts,
-                    last,
-                }
-                .into(),
-            ),
+            Some(last) => self.give_up(&call, &feed, last, None),
             None => self.stream_error(&call, &feed, Status::internal("no attempt was made")),
         }
     }
@@ -484,19 +464,34 @@ impl GatewayService {
 
     fn stream_error(&self, call: &Call, feed: &Feed, status: Status) -> http::Response<Body> {
         call.finish(status.code(), Said::Gateway, feed.messages.count(), 0);
-        let mut metadata = tonic::metadata::MetadataMap::new();
-        if let Some(value) = call
-            .served_by
-            .as_deref()
-            .and_then(|s| tonic::metadata::MetadataValue::try_from(s).ok())
-        {
-            metadata.insert(dlb::metadata::SERVED_BY, value);
+        error_response(&status, call.served_by.as_deref(), call.attempts)
+    }
+
+    /// No attempt is left: the last refusal is relayed, or the last failure told (with why no
+    /// other instance was tried, when that is known).
+    fn give_up(
+        &self,
+        call: &Call,
+        feed: &Feed,
+        last: Result<http::response::Parts, String>,
+        none_left: Option<String>,
+    ) -> http::Response<Body> {
+        match last {
+            Ok(refused) => self.trailers_only(call, feed, refused),
+            Err(last) => {
+                let last = match none_left {
+                    Some(summary) => {
+                        format!("{last} (and no other instance is healthy: {summary})")
+                    }
+                    None => last,
+                };
+                let error = Error::Unreachable {
+                    attempts: call.attempts,
+                    last,
+                };
+                self.stream_error(call, feed, error.into())
+            }
         }
-        metadata.insert(
-            dlb::metadata::ATTEMPTS,
-            tonic::metadata::MetadataValue::from(call.attempts),
-        );
-        Status::with_metadata(status.code(), status.message(), metadata).into_http()
     }
 }
 
@@ -670,12 +665,7 @@ impl StreamAnswer {
     /// Ends the answer with the gateway's own status.
     fn status_trailers(&mut self, status: &Status) -> Frame<Bytes> {
         self.end(status.code(), Said::Gateway);
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", http::HeaderValue::from(status.code() as i32));
-        if let Ok(value) = http::HeaderValue::from_str(&percent_encode(status.message())) {
-            trailers.insert("grpc-message", value);
-        }
-        Frame::trailers(trailers)
+        Frame::trailers(dlb::status::trailers(status.code(), status.message()))
     }
 
     fn data(&mut self, data: Bytes) -> Frame<Bytes> {
@@ -791,19 +781,6 @@ impl Drop for StreamAnswer {
         // Dropped before its end: the caller went (cancel, or its deadline).
         self.end(Code::Cancelled, Said::Gateway);
     }
-}
-
-/// Percent-encodes a grpc-message (the gRPC spec's rule: outside printable ASCII, and %).
-fn percent_encode(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    for byte in message.bytes() {
-        if (0x20..0x7f).contains(&byte) && byte != b'%' {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
 }
 
 impl std::fmt::Debug for StreamAnswer {
