@@ -6,6 +6,12 @@ pub const SERVED_BY: &str = "x-served-by";
 /// Responses through the gateway carry `x-attempts: <n>`, how many instances were tried.
 pub const ATTEMPTS: &str = "x-attempts";
 
+/// gRFC A6 server pushback, on a refusal: the call was not started, so it may be sent again
+/// (after this many milliseconds to the same server). dlb's computes put it on a refusal
+/// because their pool is full, and the gateway then sends the call to another instance at
+/// once.
+pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
+
 /// The longest instance id accepted (`--id`), in bytes; ids travel in metadata.
 pub const MAX_INSTANCE_ID_LEN: usize = 64;
 

@@ -13,6 +13,10 @@ server: an instance of dlb.v1.Operations written in another stack, for the gatew
         x-want-message (UTF-8 in hex) and x-want-details-bin make it answer that error instead,
         with nothing before its status. It prints
         "dlb-peer listening on 127.0.0.1:PORT" when ready and serves until stdin closes.
+        Lines on stdin change how it answers, each acknowledged with "done: LINE" on stdout
+        (its health stays SERVING throughout, as a degraded instance's does):
+        "fail CODE" (a number) answers every Operations call with that status; "heal"
+        answers well again; "delay MS" answers every call MS milliseconds late.
 """
 
 import json
@@ -78,7 +82,15 @@ def client():
             print(json.dumps(call(channel, case)), flush=True)
 
 
+# How this instance misbehaves: set from stdin (see the module's doc).
+FAULT = {"code": None, "delay_ms": 0}
+
+
 def echo(request, context):
+    if FAULT["delay_ms"]:
+        threading.Event().wait(FAULT["delay_ms"] / 1000)
+    if FAULT["code"] is not None:
+        context.abort(FAULT["code"], "fault injected by the test")
     received = context.invocation_metadata()
     wanted = {key: value for key, value in received}
     if "x-want-code" in wanted:
@@ -118,7 +130,16 @@ def server():
     port = srv.add_insecure_port("127.0.0.1:0")
     srv.start()
     print(f"dlb-peer listening on 127.0.0.1:{port}", flush=True)
-    sys.stdin.read()
+    for line in sys.stdin:
+        words = line.split()
+        if words[:1] == ["fail"]:
+            FAULT["code"] = next(c for c in grpc.StatusCode if c.value[0] == int(words[1]))
+        elif words[:1] == ["heal"]:
+            FAULT["code"] = None
+            FAULT["delay_ms"] = 0
+        elif words[:1] == ["delay"]:
+            FAULT["delay_ms"] = int(words[1])
+        print(f"done: {line.strip()}", flush=True)
     srv.stop(grace=1).wait()
 
 

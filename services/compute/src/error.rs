@@ -49,10 +49,20 @@ impl From<InstanceError<'_>> for Status {
             Error::Number { .. } | Error::FibTooLarge { .. } | Error::TopTooLarge { .. } => {
                 Status::invalid_argument(error.to_string())
             }
-            Error::Pool(PoolError::Full { .. }) => Status::new(
-                Code::ResourceExhausted,
-                format!("instance {instance} is overloaded: {error}; retry later or elsewhere"),
-            ),
+            Error::Pool(PoolError::Full { .. }) => {
+                // Refused before any work: safe to send elsewhere at once (gRFC A6 pushback,
+                // which the gateway reads).
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                metadata.insert(
+                    dlb::metadata::RETRY_PUSHBACK_MS,
+                    tonic::metadata::MetadataValue::from(0u32),
+                );
+                Status::with_metadata(
+                    Code::ResourceExhausted,
+                    format!("instance {instance} is overloaded: {error}; retry later or elsewhere"),
+                    metadata,
+                )
+            }
             Error::Pool(PoolError::Cancelled(_)) => Status::cancelled("call cancelled"),
             Error::Pool(PoolError::Join(source)) => {
                 tracing::error!(instance, error = %source, "CPU job failed");

@@ -277,6 +277,63 @@ pub struct Config {
     #[arg(long, env = "DLB_GATEWAY_STALL_TIMEOUT_MS", default_value_t = DEFAULT_STALL_TIMEOUT_MS)]
     pub stall_timeout_ms: u64,
 
+    /// Outlier detection: failures in a row (statuses of --outlier-codes) that eject an
+    /// instance (0: never by count).
+    #[arg(long, env = "DLB_GATEWAY_OUTLIER_CONSECUTIVE", default_value_t = 5)]
+    pub outlier_consecutive: u32,
+
+    /// Outlier detection: the failure percentage over --outlier-window-ms that ejects an
+    /// instance, once the window holds --outlier-min-volume calls (0: never by rate).
+    #[arg(
+        long,
+        env = "DLB_GATEWAY_OUTLIER_FAILURE_PERCENT",
+        default_value_t = 50
+    )]
+    pub outlier_failure_percent: u32,
+
+    /// Outlier detection: calls the window must hold before its failure rate counts.
+    #[arg(long, env = "DLB_GATEWAY_OUTLIER_MIN_VOLUME", default_value_t = 20)]
+    pub outlier_min_volume: u32,
+
+    /// Outlier detection: how far back the failure rate looks, in milliseconds.
+    #[arg(long, env = "DLB_GATEWAY_OUTLIER_WINDOW_MS", default_value_t = 10_000)]
+    pub outlier_window_ms: u64,
+
+    /// Outlier detection: the first ejection's length in milliseconds; the n-th lasts n
+    /// times as long (up to --outlier-max-ejection-ms). Back on probation after it.
+    #[arg(
+        long,
+        env = "DLB_GATEWAY_OUTLIER_EJECTION_MS",
+        default_value_t = 30_000
+    )]
+    pub outlier_ejection_ms: u64,
+
+    /// Outlier detection: the longest ejection, in milliseconds.
+    #[arg(
+        long,
+        env = "DLB_GATEWAY_OUTLIER_MAX_EJECTION_MS",
+        default_value_t = 300_000
+    )]
+    pub outlier_max_ejection_ms: u64,
+
+    /// Outlier detection: the most of a pool ejected at once, percent of its instances (a
+    /// pool of one is never ejected).
+    #[arg(
+        long,
+        env = "DLB_GATEWAY_OUTLIER_MAX_EJECTED_PERCENT",
+        default_value_t = 50
+    )]
+    pub outlier_max_ejected_percent: u32,
+
+    /// Outlier detection: the statuses that count as an instance's failure, of internal,
+    /// unknown, data-loss, unavailable, aborted ("" turns outlier detection off).
+    #[arg(
+        long,
+        env = "DLB_GATEWAY_OUTLIER_CODES",
+        default_value = "internal,unknown,data-loss,unavailable"
+    )]
+    pub outlier_codes: String,
+
     /// HTTP/2 connections opened to each instance.
     #[arg(long, env = "DLB_GATEWAY_CONNECTIONS", default_value_t = DEFAULT_CONNECTIONS)]
     pub connections: usize,
@@ -331,6 +388,14 @@ impl Config {
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             stall_timeout_ms: DEFAULT_STALL_TIMEOUT_MS,
             connections: DEFAULT_CONNECTIONS,
+            outlier_consecutive: 5,
+            outlier_failure_percent: 50,
+            outlier_min_volume: 20,
+            outlier_window_ms: 10_000,
+            outlier_ejection_ms: 30_000,
+            outlier_max_ejection_ms: 300_000,
+            outlier_max_ejected_percent: 50,
+            outlier_codes: "internal,unknown,data-loss,unavailable".to_owned(),
             threads: 0,
             max_message_bytes: 4 * 1024 * 1024,
             health_listen: None,
@@ -461,6 +526,26 @@ impl Config {
         })
     }
 
+    /// Outlier detection's settings.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the bad `--outlier-*` flag.
+    pub fn outlier(&self) -> Result<crate::outlier::OutlierSettings, String> {
+        let settings = crate::outlier::OutlierSettings {
+            consecutive: self.outlier_consecutive,
+            failure_percent: self.outlier_failure_percent,
+            min_volume: self.outlier_min_volume,
+            window: Duration::from_millis(self.outlier_window_ms),
+            base_ejection: Duration::from_millis(self.outlier_ejection_ms),
+            max_ejection: Duration::from_millis(self.outlier_max_ejection_ms),
+            max_ejected_percent: self.outlier_max_ejected_percent,
+            codes: crate::outlier::parse_codes(&self.outlier_codes)?,
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
     /// Checks what clap cannot.
     ///
     /// # Errors
@@ -468,6 +553,7 @@ impl Config {
     /// A one-line message naming the bad setting.
     pub fn validate(&self) -> Result<(), String> {
         self.plan()?;
+        self.outlier()?;
         dlb::metadata::validate_instance_id(&self.id).map_err(|e| format!("--id: {e}"))?;
         let mut ids: Vec<&str> = self.backends.iter().map(|b| b.id.as_str()).collect();
         ids.sort_unstable();

@@ -20,6 +20,7 @@ use tower::Service;
 use crate::conn::{Answer, Conn};
 use crate::failure::{Failure, classify};
 use crate::lock;
+use crate::outlier::{Detector, Ejection, OutlierSettings};
 
 /// How far back the request rate looks.
 pub const RATE_WINDOW: Duration = Duration::from_secs(10);
@@ -87,6 +88,10 @@ pub struct EndpointStats {
     progress_us: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
     rate_samples: Mutex<VecDeque<(Instant, u64)>>,
+    /// Its answers as outlier detection sees them, and its ejection.
+    outlier: Mutex<Detector>,
+    /// Woken when an outlier ejection starts (its monitor takes it out of the ring).
+    outlier_ejected: Notify,
 }
 
 /// A point-in-time copy of [`EndpointStats`].
@@ -112,6 +117,10 @@ pub struct EndpointSnapshot {
     pub p50_us: f64,
     /// 99th percentile latency, microseconds.
     pub p99_us: f64,
+    /// The outlier ejection in force: why, and when it ends (ms since the epoch).
+    pub ejection: Option<(String, u64)>,
+    /// Outlier ejections so far.
+    pub ejections: u64,
 }
 
 impl EndpointStats {
@@ -133,6 +142,8 @@ impl EndpointStats {
                 Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid histogram bounds"),
             ),
             rate_samples: Mutex::new(VecDeque::new()),
+            outlier: Mutex::new(Detector::new(Instant::now())),
+            outlier_ejected: Notify::new(),
         }
     }
 
@@ -168,6 +179,29 @@ impl EndpointStats {
     /// Counts a failed call (a status from the instance, or a connection failure).
     pub fn record_error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The outlier ejection in force, if any.
+    pub fn ejection(&self) -> Option<Ejection> {
+        lock(&self.outlier).ejection().cloned()
+    }
+
+    /// Ends the outlier ejection if its time has come; says whether it did (the instance is
+    /// then on probation).
+    pub fn end_ejection_if_due(&self) -> bool {
+        lock(&self.outlier).end_if_due(Instant::now())
+    }
+
+    /// Resolves when an outlier ejection starts, or the one in force is due to end.
+    pub async fn outlier_change(&self) {
+        let until = lock(&self.outlier).ejection().map(|e| e.until);
+        match until {
+            Some(until) => tokio::select! {
+                () = tokio::time::sleep_until(until.into()) => {}
+                () = self.outlier_ejected.notified() => {}
+            },
+            None => self.outlier_ejected.notified().await,
+        }
     }
 
     /// Notes that the instance answered (a call or a probe) just now.
@@ -227,7 +261,16 @@ impl EndpointStats {
                 )
             }
         };
+        let (ejection, ejections) = {
+            let outlier = lock(&self.outlier);
+            (
+                outlier.ejection().map(|e| (e.reason.clone(), e.back_at_ms)),
+                outlier.total(),
+            )
+        };
         EndpointSnapshot {
+            ejection,
+            ejections,
             id: self.id.to_string(),
             addr: self.addr.clone(),
             state,
@@ -253,9 +296,63 @@ pub struct EndpointTable {
     endpoints: RwLock<BTreeMap<String, Arc<EndpointStats>>>,
     /// Removed endpoints, oldest removal first, at most [`RETIRED_MAX`].
     retired: Mutex<VecDeque<Arc<EndpointStats>>>,
+    /// How outliers are ejected.
+    outlier: OutlierSettings,
+    /// Held while deciding an ejection, so two at once cannot pass the cap together.
+    ejecting: Mutex<()>,
 }
 
 impl EndpointTable {
+    /// A table whose endpoints are ejected as outliers by `outlier`.
+    pub fn new(outlier: OutlierSettings) -> Self {
+        Self {
+            outlier,
+            ..Self::default()
+        }
+    }
+
+    /// Counts the answer of the instance `id` with `code` (a status it sent itself): an
+    /// error against it unless the caller's fault, and an answer for outlier detection,
+    /// which may eject it (within the pool's cap).
+    pub fn answered(&self, id: &str, code: tonic::Code) {
+        let Some(endpoint) = self.get(id) else {
+            return;
+        };
+        if code != tonic::Code::Ok && !crate::outlier::callers_fault(code) {
+            endpoint.record_error();
+        }
+        let now = Instant::now();
+        let Some(reason) = lock(&endpoint.outlier).observe(code, now, &self.outlier) else {
+            return;
+        };
+        let _deciding = lock(&self.ejecting);
+        let all = self.all();
+        let ejected = all.iter().filter(|e| e.ejection().is_some()).count();
+        if !self.outlier.may_eject(ejected, all.len()) {
+            tracing::debug!(
+                instance = %endpoint.id,
+                %reason,
+                ejected,
+                of = all.len(),
+                "outlier kept in: the pool has as many ejected as --outlier-max-ejected-percent allows"
+            );
+            return;
+        }
+        let mut detector = lock(&endpoint.outlier);
+        if detector.ejection().is_some() {
+            return; // ejected meanwhile by another answer
+        }
+        let ejection = detector.eject(reason, now, &self.outlier);
+        tracing::info!(
+            instance = %endpoint.id,
+            reason = %ejection.reason,
+            for_ms = ejection.length.as_millis(),
+            "outlier ejected"
+        );
+        drop(detector);
+        endpoint.outlier_ejected.notify_one();
+    }
+
     /// The stats of a member `id` at `addr` joining: new, with the totals of the endpoint it
     /// replaces or of a removed one with the same id.
     pub fn join(&self, id: &str, addr: &str) -> Arc<EndpointStats> {

@@ -18,6 +18,7 @@ pub mod failure;
 pub mod membership;
 pub mod methods;
 pub mod monitor;
+pub mod outlier;
 pub mod reflection;
 pub mod relay;
 pub mod routing;
@@ -96,6 +97,7 @@ pub async fn run(
     let (events, writer) = EventLog::spawn(events_config, "gateway", &config.id);
 
     let plan = config.plan().map_err(RunError::Config)?;
+    let outlier = config.outlier().map_err(RunError::Config)?;
     let settings = |health_service: &str| MonitorSettings {
         interval: config.health_interval(),
         probe_timeout: config.probe_timeout(),
@@ -105,7 +107,7 @@ pub async fn run(
         health_service: health_service.to_owned(),
     };
     let start_pool = |name: &str, members: Box<dyn Membership>, settings: MonitorSettings| {
-        let table = Arc::new(EndpointTable::default());
+        let table = Arc::new(EndpointTable::new(outlier.clone()));
         let (changes, discovered) = mpsc::unbounded_channel();
         let balancer = build_balancer(config.policy, UnboundedReceiverStream::new(discovered));
         tracker.spawn(membership::supervise(

@@ -137,6 +137,10 @@ struct Watcher<'a> {
     cut: CancellationToken,
     eject: Arc<Notify>,
     in_ring: bool,
+    /// The state health (and connection failures) last gave it, before outlier ejection.
+    health: State,
+    /// Outlier ejections already told (events), so each is told once.
+    ejections_told: u64,
 }
 
 fn state_of(status: ServingStatus) -> State {
@@ -189,10 +193,20 @@ impl<'a> Watcher<'a> {
             eject,
             monitor,
             in_ring: false,
+            health: State::Connecting,
+            ejections_told: 0,
         })
     }
 
-    fn set(&mut self, state: State) {
+    /// Sets the state health gives it; while ejected as an outlier, SERVING still reads
+    /// `Ejected` (out of the ring).
+    fn set(&mut self, health: State) {
+        self.health = health;
+        let state = if health == State::Serving && self.monitor.stats.ejection().is_some() {
+            State::Ejected
+        } else {
+            health
+        };
         let m = self.monitor;
         let old = m.stats.set_state(state);
         if old != state {
@@ -221,6 +235,33 @@ impl<'a> Watcher<'a> {
             }
             None => {}
         }
+    }
+
+    /// An outlier ejection started or is due to end: out of the ring, or back on probation
+    /// if health says SERVING; told once each.
+    fn outlier_changed(&mut self) {
+        let m = self.monitor;
+        if m.stats.end_ejection_if_due() {
+            tracing::info!(instance = %m.stats.id, "outlier back on probation");
+            m.events.health(
+                "outlier back on probation",
+                &[("instance", &m.stats.id), ("health", self.health.name())],
+            );
+        } else if let Some(ejection) = m.stats.ejection() {
+            let total = m.stats.snapshot().ejections;
+            if total != self.ejections_told {
+                self.ejections_told = total;
+                m.events.health(
+                    "outlier ejected",
+                    &[
+                        ("instance", &m.stats.id),
+                        ("reason", &ejection.reason),
+                        ("for_ms", &ejection.length.as_millis().to_string()),
+                    ],
+                );
+            }
+        }
+        self.set(self.health);
     }
 
     /// Takes the endpoint out, fails its calls in flight (they are retried elsewhere), and
@@ -339,6 +380,7 @@ impl<'a> Watcher<'a> {
                     }
                 }
                 () = eject.notified() => return self.set(State::Ejected),
+                () = m.stats.outlier_change() => self.outlier_changed(),
                 () = m.cancel.cancelled() => return,
             }
         }
@@ -361,6 +403,10 @@ impl<'a> Watcher<'a> {
                     continue;
                 }
                 () = eject.notified() => return self.set(State::Ejected),
+                () = m.stats.outlier_change() => {
+                    self.outlier_changed();
+                    continue;
+                }
                 () = m.cancel.cancelled() => return,
             }
             let request = HealthCheckRequest {

@@ -65,6 +65,9 @@ impl StatsSource {
                         p99_us: s.p99_us,
                         state_since_ms: s.state_since_ms,
                         pool: pool.name.clone(),
+                        back_at_ms: s.ejection.as_ref().map_or(0, |e| e.1),
+                        ejection: s.ejection.map(|e| e.0).unwrap_or_default(),
+                        ejections: s.ejections,
                     }
                 })
                 .collect(),
@@ -161,6 +164,18 @@ impl StatsSource {
             "gauge",
             "1 when the instance is in the rotation.",
             per(&|i| u8::from(i.state == "serving").to_string()),
+        );
+        metric(
+            "dlb_gateway_instance_outlier_ejected",
+            "gauge",
+            "1 while the instance is ejected as an outlier (its answers failed).",
+            per(&|i| u8::from(!i.ejection.is_empty()).to_string()),
+        );
+        metric(
+            "dlb_gateway_instance_outlier_ejections_total",
+            "counter",
+            "Times the instance was ejected as an outlier.",
+            per(&|i| i.ejections.to_string()),
         );
         // Methods: a bounded set (see crate::methods), paths of [A-Za-z0-9._/] (anything
         // else is escaped as the exposition format asks).

@@ -210,8 +210,14 @@ function updateRow(row, i) {
     i.trail.length > 1 ? trailNode(i.trail) : null,
     i.last_error ? el('div', { class: 'error-text', text: i.last_error }) : null,
   ].filter(Boolean));
-  setCell(cells[3], JSON.stringify([i.health]), () => [
-    el('span', { class: pillClass(i.health), text: i.health || 'not in rotation' })]);
+  // Ejected as an outlier: why, and when it is back (the server's clock, as at_ms).
+  const back = i.ejection ? Math.max(0, (i.back_at_ms || 0) - snapshot.at_ms) : 0;
+  const ejection = i.ejection
+    ? `ejected: ${i.ejection}, back in ${back < 1000 ? '<1 s' : fmtDuration(back)}` : '';
+  setCell(cells[3], JSON.stringify([i.health, ejection]), () => [
+    el('span', { class: pillClass(i.health), text: i.health || 'not in rotation' }),
+    ejection ? el('div', { class: 'error-text outlier', text: ejection }) : null,
+  ].filter(Boolean));
   setText(cells[4], i.requests.toLocaleString());
   setText(cells[5], fmtRate(i.rate));
   setText(cells[6], fmtUs(i.p50_us));

@@ -118,6 +118,10 @@ pub struct InstanceView {
     pub health: Option<String>,
     /// Since when the gateway has seen that health (ms since the epoch).
     pub health_since_ms: Option<u64>,
+    /// Why the gateway ejected it as an outlier ("5 x INTERNAL in a row"), while it is.
+    pub ejection: Option<String>,
+    /// When that ejection ends (ms since the epoch).
+    pub back_at_ms: Option<u64>,
     /// Calls the gateway sent it.
     pub requests: u64,
     /// Of which failed.
@@ -264,6 +268,10 @@ impl Model {
                 }
                 view.health = Some(s.state.clone());
                 view.health_since_ms = Some(s.state_since_ms);
+                if !s.ejection.is_empty() {
+                    view.ejection = Some(s.ejection.clone());
+                    view.back_at_ms = Some(s.back_at_ms);
+                }
                 view.requests = s.requests;
                 view.errors = s.errors;
                 view.in_flight = s.in_flight;

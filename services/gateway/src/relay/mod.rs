@@ -323,11 +323,8 @@ impl GatewayService {
                 duration_us,
             },
         );
-        if code != Code::Ok
-            && !callers_fault(code)
-            && let Some(endpoint) = blamed.and_then(|id| pool.table.get(id))
-        {
-            endpoint.record_error();
+        if let Some(id) = blamed {
+            pool.table.answered(id, code);
         }
         inner.counters.requests.fetch_add(1, Ordering::Relaxed);
         if code != Code::Ok {
@@ -448,11 +445,17 @@ impl GatewayService {
                 inner.counters.retries.fetch_add(1, Ordering::Relaxed);
             }
             let retry = match outcome {
-                Attempt::Answered(answer) if answer.status != Code::Unavailable => {
+                Attempt::Answered(answer)
+                    if !refused(
+                        answer.status,
+                        &answer.head.headers,
+                        answer.trailers.as_ref(),
+                    ) =>
+                {
                     break Ok(answer);
                 }
-                // Refused by the instance (draining, overloaded by its own account): it may
-                // go elsewhere; when it cannot, the instance's answer is relayed.
+                // Refused by the instance (draining, or full with a pushback): it may go
+                // elsewhere; when it cannot, the instance's answer is relayed.
                 Attempt::Answered(answer) => Retry::Refused(answer),
                 Attempt::NoInstance => {
                     let summary = pool.summary();
@@ -496,7 +499,7 @@ impl GatewayService {
             }
         };
         match answer {
-            Ok(answer) => self.answer(pool, op, &input, start, attempts, answer),
+            Ok(answer) => self.answer(op, &input, start, attempts, answer),
             Err(error) => self.answer_error(op, &input, start, attempts, None, error.into()),
         }
     }
@@ -545,6 +548,9 @@ impl GatewayService {
                 Some(status) => (status, trailers),
                 None => (Code::Unknown, Some(no_status_trailers(head.status))),
             };
+            if let Some(id) = &served_by {
+                pool.table.answered(id, status);
+            }
             Attempt::Answered(Box::new(Whole {
                 head,
                 data,
@@ -561,7 +567,6 @@ impl GatewayService {
     /// Passes an instance's answer on, marked with who answered and how many tries it took.
     fn answer(
         &self,
-        pool: &Pool,
         op: &'static str,
         input: &str,
         start: Instant,
@@ -581,12 +586,6 @@ impl GatewayService {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         });
-        if status != Code::Ok
-            && !callers_fault(status)
-            && let Some(endpoint) = served_by.as_deref().and_then(|id| pool.table.get(id))
-        {
-            endpoint.record_error();
-        }
         self.record(
             op,
             input,
@@ -696,23 +695,6 @@ impl Drop for Unanswered<'_> {
     }
 }
 
-/// Bad input is the caller's mistake, not the instance's: not counted against it. So is a
-/// method or an encoding the instance does not have (UNIMPLEMENTED).
-fn callers_fault(code: Code) -> bool {
-    matches!(
-        code,
-        Code::InvalidArgument
-            | Code::Unimplemented
-            | Code::NotFound
-            | Code::OutOfRange
-            | Code::FailedPrecondition
-            | Code::AlreadyExists
-            | Code::ResourceExhausted
-            | Code::DeadlineExceeded
-            | Code::Cancelled
-    )
-}
-
 /// Trailers for an answer that came without a grpc-status.
 fn no_status_trailers(http_status: http::StatusCode) -> http::HeaderMap {
     let message = format!("the instance answered HTTP {http_status} without a gRPC status");
@@ -728,6 +710,23 @@ fn error_response(status: &Status, served_by: Option<&str>, attempts: u32) -> ht
     }
     metadata.insert(dlb::metadata::ATTEMPTS, MetadataValue::from(attempts));
     Status::with_metadata(status.code(), status.message(), metadata).into_http()
+}
+
+/// Whether an answer with `code` refused the call untouched, so that it may go to another
+/// instance: UNAVAILABLE (draining, shedding), or RESOURCE_EXHAUSTED with a gRFC A6
+/// pushback (`grpc-retry-pushback-ms`, as dlb's computes send when their pool is full). A
+/// RESOURCE_EXHAUSTED without it (a quota, an oversize message) would fail as well elsewhere.
+fn refused(code: Code, headers: &http::HeaderMap, trailers: Option<&http::HeaderMap>) -> bool {
+    let pushback = |h: &http::HeaderMap| {
+        h.get(dlb::metadata::RETRY_PUSHBACK_MS)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.parse::<u64>().is_ok())
+    };
+    match code {
+        Code::Unavailable => true,
+        Code::ResourceExhausted => pushback(headers) || trailers.is_some_and(pushback),
+        _ => false,
+    }
 }
 
 fn grpc_code(headers: &http::HeaderMap) -> Option<Code> {

@@ -433,7 +433,8 @@ impl GatewayService {
         };
         if recv.is_end_stream() {
             // Trailers-Only: the status in the headers.
-            if grpc_code(&parts.headers) == Some(Code::Unavailable) {
+            let code = grpc_code(&parts.headers).unwrap_or(Code::Unknown);
+            if super::refused(code, &parts.headers, None) {
                 lease.finish();
                 return Attempt::Refused(parts);
             }

@@ -1,0 +1,369 @@
+//! Gray failures: instances that degrade instead of dying, behind a real `dlb-gateway`
+//! process. The degraded instances are Python grpcio servers (`tests/interop/grpc_peer.py`)
+//! told on stdin to fail while their health stays SERVING; the full ones are real
+//! `dlb-compute` processes with room for two calls each.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use dlb::proto::v1::operations_client::OperationsClient;
+use dlb::proto::v1::{FibonacciRequest, InstanceStats, ReverseRequest};
+use dlb::testing::{KillOnDrop, PATIENCE, listening_addr};
+use support::interop::workspace_file;
+use support::{ComputeProcess, channel, stats};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// A Python grpcio instance whose answers the test changes on its stdin.
+struct Peer {
+    id: &'static str,
+    addr: String,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+    _child: KillOnDrop,
+}
+
+impl Peer {
+    fn start(id: &'static str) -> Self {
+        let mut child = Command::new(workspace_file(".venv/bin/python"))
+            .arg(workspace_file("tests/interop/grpc_peer.py"))
+            .arg("server")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python peer");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (send, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let first = lines
+            .recv_timeout(PATIENCE)
+            .expect("the peer's listening line");
+        let addr = first.rsplit(' ').next().unwrap().to_owned();
+        Self {
+            id,
+            addr,
+            stdin,
+            lines,
+            _child: KillOnDrop(child),
+        }
+    }
+
+    /// Tells it how to answer ("fail 13", "heal"); returns once it has applied it.
+    fn tell(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").unwrap();
+        let done = self
+            .lines
+            .recv_timeout(PATIENCE)
+            .expect("the peer's answer");
+        assert_eq!(done, format!("done: {line}"));
+    }
+}
+
+/// A `dlb-gateway` process over `backends` with `flags`, and a channel to it.
+async fn gateway(backends: &[(&str, &str)], flags: &[&str]) -> (KillOnDrop, Channel) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dlb-gateway"));
+    command
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--redis",
+            "none",
+            "--metrics-listen",
+            "none",
+        ])
+        .args(["--health-interval-ms", "200"])
+        .args(flags)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (id, addr) in backends {
+        command.args(["--backend", &format!("{id}={addr}")]);
+    }
+    let mut child = KillOnDrop(command.spawn().unwrap());
+    let addr = listening_addr(&mut child.0);
+    let channel = channel(&format!("http://{addr}")).await;
+    (child, channel)
+}
+
+async fn instances(gateway: &Channel) -> BTreeMap<String, InstanceStats> {
+    stats(gateway)
+        .await
+        .instances
+        .into_iter()
+        .map(|i| (i.instance.clone(), i))
+        .collect()
+}
+
+async fn wait_serving(gateway: &Channel, n: usize) {
+    dlb::testing::eventually("every instance serving", || async {
+        let all = instances(gateway).await;
+        (all.values().filter(|i| i.state == "serving").count() == n).then_some(())
+    })
+    .await;
+}
+
+/// What `n` calls made `concurrency` at a time got.
+#[derive(Debug, Default)]
+struct Tally {
+    ok: usize,
+    failed: BTreeMap<String, usize>,
+    served_by: BTreeMap<String, usize>,
+}
+
+impl Tally {
+    fn failures(&self) -> usize {
+        self.failed.values().sum()
+    }
+}
+
+/// `n` Reverse calls, `concurrency` at a time, each with `metadata` (the peers echo the
+/// request, so "hello" comes back as is).
+async fn reverse_calls(
+    gateway: &Channel,
+    n: usize,
+    concurrency: usize,
+    metadata: &[(&'static str, &'static str)],
+) -> Tally {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let mut client = OperationsClient::new(gateway.clone());
+        let next = std::sync::Arc::clone(&next);
+        let metadata = metadata.to_vec();
+        tasks.spawn(async move {
+            let mut tally = Tally::default();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                let mut request = tonic::Request::new(ReverseRequest {
+                    text: "hello".into(),
+                });
+                request.set_timeout(Duration::from_secs(5));
+                for (key, value) in &metadata {
+                    request.metadata_mut().insert(*key, value.parse().unwrap());
+                }
+                match client.reverse(request).await {
+                    Ok(answer) => {
+                        let by = answer.metadata().get("x-served-by").unwrap();
+                        *tally
+                            .served_by
+                            .entry(by.to_str().unwrap().to_owned())
+                            .or_default() += 1;
+                        tally.ok += 1;
+                    }
+                    Err(status) => {
+                        let name = dlb::status::code_name(status.code()).to_owned();
+                        *tally.failed.entry(name).or_default() += 1;
+                    }
+                }
+            }
+            tally
+        });
+    }
+    let mut total = Tally::default();
+    while let Some(tally) = tasks.join_next().await {
+        let tally = tally.unwrap();
+        total.ok += tally.ok;
+        for (k, v) in tally.failed {
+            *total.failed.entry(k).or_default() += v;
+        }
+        for (k, v) in tally.served_by {
+            *total.served_by.entry(k).or_default() += v;
+        }
+    }
+    total
+}
+
+/// An instance answering INTERNAL to every call while its health says SERVING is ejected:
+/// after 600 calls, at most 1% of the next 3,000 fail (the bar). Its ejection is
+/// told in stats (why, until when) and it comes back within two ejection periods of answering
+/// well again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_failing_while_serving_is_ejected_and_back_once_it_answers_well() {
+    let mut peers: Vec<Peer> = ["A", "B", "C"].into_iter().map(Peer::start).collect();
+    let backends: Vec<(&str, &str)> = peers.iter().map(|p| (p.id, p.addr.as_str())).collect();
+    // Ejections of 1 s (the default is 30 s, growing): the test sees several come and go.
+    let (_gateway, gw) = gateway(
+        &backends,
+        &[
+            "--outlier-ejection-ms",
+            "1000",
+            "--outlier-max-ejection-ms",
+            "1000",
+        ],
+    )
+    .await;
+    wait_serving(&gw, 3).await;
+
+    peers[1].tell("fail 13");
+    let warm = reverse_calls(&gw, 600, 8, &[]).await;
+    let ejected = instances(&gw).await["B"].clone();
+    assert!(ejected.ejections >= 1, "{ejected:?} after {warm:?}");
+    let after = reverse_calls(&gw, 3_000, 8, &[]).await;
+    eprintln!("first 600: {warm:?}\nnext 3,000: {after:?}");
+    assert!(
+        after.failures() <= 30,
+        "{} of the next 3,000 calls failed: {after:?}",
+        after.failures()
+    );
+    assert!(
+        after.failed.keys().all(|k| k == "INTERNAL"),
+        "only B's own answers fail: {after:?}"
+    );
+
+    // Seen in stats while out: why, and when it is back.
+    let seen = dlb::testing::eventually("B ejected, with why", || async {
+        let b = instances(&gw).await["B"].clone();
+        (!b.ejection.is_empty()).then_some(b)
+    })
+    .await;
+    assert_eq!(seen.state, "ejected");
+    assert!(seen.ejection.contains("INTERNAL"), "{:?}", seen.ejection);
+    assert!(seen.back_at_ms > 0, "{seen:?}");
+
+    peers[1].tell("heal");
+    let healed = Instant::now();
+    dlb::testing::eventually("B serving calls again", || async {
+        let tally = reverse_calls(&gw, 30, 1, &[]).await;
+        (tally.failures() == 0 && tally.served_by.get("B").copied().unwrap_or(0) > 0).then_some(())
+    })
+    .await;
+    let back_after = healed.elapsed();
+    assert!(
+        back_after <= Duration::from_millis(2_000),
+        "back {back_after:?} after answering well (two 1 s ejection periods allowed)"
+    );
+    let b = instances(&gw).await["B"].clone();
+    assert!(b.ejection.is_empty() && b.state == "serving", "{b:?}");
+}
+
+/// The cap: with 3 of 4 instances failing and the default 50% cap, exactly two are ejected
+/// and the third stays in; the good one is never ejected. Before that, calls failing as the
+/// caller's mistake (INVALID_ARGUMENT) eject nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cap_keeps_half_the_pool_and_the_callers_own_errors_eject_nothing() {
+    let mut peers: Vec<Peer> = ["A", "B", "C", "D"].into_iter().map(Peer::start).collect();
+    let backends: Vec<(&str, &str)> = peers.iter().map(|p| (p.id, p.addr.as_str())).collect();
+    let (_gateway, gw) = gateway(&backends, &[]).await;
+    wait_serving(&gw, 4).await;
+
+    // x-want-code makes each peer answer that status: the caller's fault, counted nowhere.
+    let invalid = reverse_calls(&gw, 200, 4, &[("x-want-code", "3")]).await;
+    assert_eq!(
+        invalid.failed.get("INVALID_ARGUMENT"),
+        Some(&200),
+        "{invalid:?}"
+    );
+    let all = instances(&gw).await;
+    assert!(
+        all.values()
+            .all(|i| i.ejections == 0 && i.state == "serving"),
+        "{all:?}"
+    );
+
+    for peer in &mut peers[..3] {
+        peer.tell("fail 13");
+    }
+    let tally = reverse_calls(&gw, 400, 4, &[]).await;
+    let all = instances(&gw).await;
+    let ejected: Vec<&str> = all
+        .values()
+        .filter(|i| !i.ejection.is_empty())
+        .map(|i| i.instance.as_str())
+        .collect();
+    assert_eq!(ejected.len(), 2, "{all:?} after {tally:?}");
+    assert!(!ejected.contains(&"D"), "the good one stays: {all:?}");
+    assert_eq!(all["D"].ejections, 0, "{all:?}");
+    let kept: Vec<&InstanceStats> = all
+        .values()
+        .filter(|i| i.instance != "D" && i.ejection.is_empty())
+        .collect();
+    assert_eq!(kept.len(), 1, "one failing instance stays in: {all:?}");
+    assert_eq!(kept[0].state, "serving", "{all:?}");
+    // What the kept one answers still reaches callers; D serves the rest.
+    assert!(tally.served_by.contains_key("D"), "{tally:?}");
+}
+
+/// Three computes with room for two calls each (`--workers 1 --queue 1`) and five callers of
+/// Fibonacci(100000): a compute refusing for a full pool says so with a pushback
+/// (`grpc-retry-pushback-ms`), the gateway sends the call to another with room, and no caller
+/// sees RESOURCE_EXHAUSTED. The refusals did happen: the gateway counts retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_refused_by_a_full_pool_go_to_one_with_room() {
+    let computes: Vec<ComputeProcess> = ["F1", "F2", "F3"]
+        .into_iter()
+        .map(|id| {
+            ComputeProcess::start_with(
+                &[],
+                id,
+                "127.0.0.1:0",
+                &["--redis", "none", "--workers", "1", "--queue", "1"],
+            )
+        })
+        .collect();
+    let backends: Vec<(&str, &str)> = computes
+        .iter()
+        .map(|c| (c.id.as_str(), c.addr.as_str()))
+        .collect();
+    let (_gateway, gw) = gateway(&backends, &[]).await;
+    wait_serving(&gw, 3).await;
+
+    let calls = 150usize;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..5 {
+        let mut client = OperationsClient::new(gw.clone());
+        let next = std::sync::Arc::clone(&next);
+        tasks.spawn(async move {
+            let mut failed = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < calls {
+                let mut request = tonic::Request::new(FibonacciRequest { n: 100_000 });
+                request.set_timeout(PATIENCE);
+                match client.fibonacci(request).await {
+                    Ok(answer) => assert_eq!(answer.into_inner().digits, 20_899),
+                    Err(status) => failed.push((status.code(), status.message().to_owned())),
+                }
+            }
+            failed
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        failed.extend(result.unwrap());
+    }
+    let s = stats(&gw).await;
+    eprintln!(
+        "{calls} calls: {} failed, {} retries; served {:?}",
+        failed.len(),
+        s.retries,
+        s.instances
+            .iter()
+            .map(|i| (i.instance.clone(), i.requests))
+            .collect::<Vec<_>>()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(
+        !failed
+            .iter()
+            .any(|(code, _)| *code == Code::ResourceExhausted),
+        "no RESOURCE_EXHAUSTED reached a caller"
+    );
+    assert!(s.retries > 0, "the pools were full at times: {s:?}");
+    assert!(
+        s.instances.iter().all(|i| i.ejections == 0),
+        "refusals for load eject nobody: {s:?}"
+    );
+}
