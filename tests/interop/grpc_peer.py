@@ -16,7 +16,8 @@ server: an instance of dlb.v1.Operations written in another stack, for the gatew
         Lines on stdin change how it answers, each acknowledged with "done: LINE" on stdout
         (its health stays SERVING throughout, as a degraded instance's does):
         "fail CODE" (a number) answers every Operations call with that status; "heal"
-        answers well again; "delay MS" answers every call MS milliseconds late.
+        answers well again; "delay MS" answers every call MS milliseconds late, and prints
+        "cancelled" for a call that ends before (its caller cancelled it).
 """
 
 import json
@@ -88,7 +89,12 @@ FAULT = {"code": None, "delay_ms": 0}
 
 def echo(request, context):
     if FAULT["delay_ms"]:
-        threading.Event().wait(FAULT["delay_ms"] / 1000)
+        # Ends early if the call does (cancelled by the caller): then says so on stdout.
+        ended = threading.Event()
+        context.add_callback(ended.set)
+        if ended.wait(FAULT["delay_ms"] / 1000):
+            print("cancelled", flush=True)
+            return request
     if FAULT["code"] is not None:
         context.abort(FAULT["code"], "fault injected by the test")
     received = context.invocation_metadata()

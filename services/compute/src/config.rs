@@ -54,6 +54,11 @@ pub struct Config {
     #[arg(long, env = "DLB_COMPUTE_QUEUE", default_value_t = pool::DEFAULT_QUEUE)]
     pub queue: usize,
 
+    /// Answers every operation this many milliseconds late: a slow instance on purpose, to
+    /// see what a gateway does with one (0: off).
+    #[arg(long, env = "DLB_COMPUTE_INJECT_DELAY_MS", default_value_t = 0)]
+    pub inject_delay_ms: u64,
+
     /// Seconds to wait for in-flight calls after SIGTERM before stopping anyway.
     #[arg(long, env = "DLB_COMPUTE_GRACE_PERIOD_SECS", default_value_t = DEFAULT_GRACE_PERIOD_SECS)]
     pub grace_period_secs: u64,
@@ -121,6 +126,7 @@ impl Config {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             workers: None,
             queue: pool::DEFAULT_QUEUE,
+            inject_delay_ms: 0,
             grace_period_secs: DEFAULT_GRACE_PERIOD_SECS,
             exit_with_parent: false,
             register: false,

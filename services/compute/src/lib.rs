@@ -55,6 +55,7 @@ pub async fn run(
     let limits = Limits {
         max_prime_digits: config.max_prime_digits,
         max_fib_n: config.max_fib_n,
+        inject_delay: std::time::Duration::from_millis(config.inject_delay_ms),
     };
     let events_config = config.events.config().map_err(RunError::Config)?;
     let (events, writer) = EventLog::spawn(events_config, "compute", &config.id);

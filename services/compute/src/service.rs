@@ -26,6 +26,8 @@ pub struct Limits {
     pub max_prime_digits: usize,
     /// Largest n for `Fibonacci`.
     pub max_fib_n: u64,
+    /// Every answer this much late (`--inject-delay-ms`: a slow instance, to try a gateway).
+    pub inject_delay: Duration,
 }
 
 /// Implements `dlb.v1.Operations`. Cheap to clone.
@@ -172,6 +174,20 @@ impl OperationsService {
         T: Send + 'static,
         F: FnOnce(&Cancel) -> Result<T, ops::Cancelled> + Send + 'static,
     {
+        if !self.shared.limits.inject_delay.is_zero() {
+            // A slow instance on purpose; the deadline and a cancel still end the call.
+            let delay = self.shared.limits.inject_delay;
+            match deadline {
+                Some(deadline) if deadline <= delay => {
+                    tokio::time::sleep(deadline.saturating_sub(dlb::deadline::MARGIN)).await;
+                    return Err(Status::deadline_exceeded(format!(
+                        "deadline of {deadline:?} exceeded (--inject-delay-ms {})",
+                        delay.as_millis()
+                    )));
+                }
+                _ => tokio::time::sleep(delay).await,
+            }
+        }
         if inline {
             return job(&Cancel::new()).map_err(|e| self.status(PoolError::from(e)));
         }

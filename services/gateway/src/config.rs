@@ -59,6 +59,9 @@ pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
 /// milliseconds.
 pub const DEFAULT_STALL_TIMEOUT_MS: u64 = 250;
 
+/// Default slow start of `--policy weighted`, milliseconds.
+pub const DEFAULT_SLOW_START_MS: u64 = 15_000;
+
 /// Default interval between DNS resolutions (`--discover dns:...`), milliseconds.
 pub const DEFAULT_DNS_INTERVAL_MS: u64 = 5_000;
 
@@ -73,6 +76,9 @@ pub enum Policy {
     RoundRobin,
     /// tower's power of two choices over peak-EWMA latency, for comparison.
     P2c,
+    /// Smooth weighted round robin by latency, recent failures and calls in flight, with
+    /// slow start (ours).
+    Weighted,
 }
 
 impl Policy {
@@ -81,6 +87,7 @@ impl Policy {
         match self {
             Policy::RoundRobin => "round-robin",
             Policy::P2c => "p2c",
+            Policy::Weighted => "weighted",
         }
     }
 }
@@ -231,9 +238,20 @@ pub struct Config {
         long,
         env = "DLB_GATEWAY_POLICY",
         value_enum,
-        default_value = "round-robin"
+        default_value = "weighted"
     )]
     pub policy: Policy,
+
+    /// With --policy weighted: how long a new or returning instance's share takes to ramp up
+    /// from 10% of its weight to all of it, in milliseconds (0: no slow start).
+    #[arg(long, env = "DLB_GATEWAY_SLOW_START_MS", default_value_t = DEFAULT_SLOW_START_MS)]
+    pub slow_start_ms: u64,
+
+    /// Hedging of the five operations (all pure): a call unanswered this long is sent again
+    /// to another instance, within the retry budget, and the slower copy is cancelled. A
+    /// number of milliseconds, `auto` (the operation's p95 over the last 5 s), or `off`.
+    #[arg(long, env = "DLB_GATEWAY_HEDGE_AFTER", default_value = "off")]
+    pub hedge_after: crate::relay::hedge::Hedge,
 
     /// Calls served at once before new ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "DLB_GATEWAY_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
@@ -379,6 +397,8 @@ impl Config {
             dns_server: None,
             dns_interval_ms: DEFAULT_DNS_INTERVAL_MS,
             policy: Policy::RoundRobin,
+            slow_start_ms: DEFAULT_SLOW_START_MS,
+            hedge_after: crate::relay::hedge::Hedge::Off,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_connections: None,

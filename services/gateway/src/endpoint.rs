@@ -59,6 +59,24 @@ impl State {
 #[derive(Debug, Clone)]
 pub struct ServedBy(pub Arc<str>);
 
+/// Filled by the endpoint a request goes to with its id, as soon as it is picked (an http
+/// extension): a hedge then goes to another.
+#[derive(Debug, Clone, Default)]
+pub struct PickedBy(pub Arc<std::sync::OnceLock<Arc<str>>>);
+
+/// Marks a request with the instances its call already tried (an http extension): the
+/// balancer sends it elsewhere if another instance is ready (see [`crate::balance::Avoid`]).
+#[derive(Debug, Clone)]
+pub struct Tried(pub Vec<Arc<str>>);
+
+impl crate::balance::Avoid<Arc<str>> for http::Request<Outgoing> {
+    fn avoids(&self, key: &Arc<str>) -> bool {
+        self.extensions()
+            .get::<Tried>()
+            .is_some_and(|tried| tried.0.contains(key))
+    }
+}
+
 /// Microseconds since the first call, on the monotonic clock (never steps with the wall clock).
 fn monotonic_us() -> u64 {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -92,7 +110,14 @@ pub struct EndpointStats {
     outlier: Mutex<Detector>,
     /// Woken when an outlier ejection starts (its monitor takes it out of the ring).
     outlier_ejected: Notify,
+    /// Latency of its unary answers, microseconds, as an EWMA over [`LATENCY_DECAY`], and
+    /// when it last moved (the weighted policy's input).
+    latency_ewma: Mutex<Option<(f64, Instant)>>,
 }
+
+/// The time constant of an endpoint's latency EWMA: a sample after a pause this long moves it
+/// 63% of the way; a stream of samples, by their share of it.
+pub const LATENCY_DECAY: Duration = Duration::from_secs(1);
 
 /// A point-in-time copy of [`EndpointStats`].
 #[derive(Debug, Clone)]
@@ -144,6 +169,7 @@ impl EndpointStats {
             rate_samples: Mutex::new(VecDeque::new()),
             outlier: Mutex::new(Detector::new(Instant::now())),
             outlier_ejected: Notify::new(),
+            latency_ewma: Mutex::new(None),
         }
     }
 
@@ -179,6 +205,30 @@ impl EndpointStats {
     /// Counts a failed call (a status from the instance, or a connection failure).
     pub fn record_error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Moves the latency EWMA towards `latency` (a unary call answered).
+    fn observe_latency(&self, latency: Duration) {
+        let now = Instant::now();
+        let sample = latency.as_secs_f64() * 1e6;
+        let mut ewma = lock(&self.latency_ewma);
+        *ewma = Some(match *ewma {
+            None => (sample, now),
+            Some((value, at)) => {
+                let elapsed = now.saturating_duration_since(at).as_secs_f64();
+                let keep = (-elapsed / LATENCY_DECAY.as_secs_f64()).exp();
+                (sample + (value - sample) * keep, now)
+            }
+        });
+    }
+
+    /// What the weighted policy weighs it by.
+    pub fn load(&self) -> crate::balance::Load {
+        crate::balance::Load {
+            latency_us: lock(&self.latency_ewma).map(|(value, _)| value),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            failure_ratio: lock(&self.outlier).failure_ratio(),
+        }
     }
 
     /// The outlier ejection in force, if any.
@@ -544,7 +594,7 @@ impl Lease {
     pub fn finish(&mut self) {
         self.shared.stats.mark_progress();
         if let Some(in_flight) = self.in_flight.take() {
-            in_flight.finish();
+            let _ = in_flight.finish();
         }
     }
 
@@ -552,6 +602,12 @@ impl Lease {
     /// [`EndpointService`]), ejecting the instance when the connection failed.
     pub fn failed(&self, error: &(dyn std::error::Error + 'static)) {
         report_failure(&self.shared, error);
+    }
+}
+
+impl crate::balance::Weigh for EndpointService {
+    fn load(&self) -> crate::balance::Load {
+        self.shared.stats.load()
     }
 }
 
@@ -579,7 +635,11 @@ impl Service<http::Request<Outgoing>> for EndpointService {
         let shared = Arc::clone(&self.shared);
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         // Counted out on drop, so a call abandoned mid-way (deadline, client gone) is too.
-        let guard = InFlight::new(Arc::clone(&shared.stats));
+        let unary = matches!(request.body(), Outgoing::Whole(_));
+        let guard = InFlight::new(Arc::clone(&shared.stats), unary);
+        if let Some(picked) = request.extensions().get::<PickedBy>() {
+            let _ = picked.0.set(Arc::clone(&shared.stats.id));
+        }
         let (head, body) = request.into_parts();
         let body = match body {
             Outgoing::Whole(body) => body,
@@ -604,9 +664,10 @@ impl Service<http::Request<Outgoing>> for EndpointService {
                 }
             };
             shared.stats.mark_progress();
-            guard.finish();
+            let latency = guard.finish();
             match result {
                 Ok(mut response) => {
+                    shared.stats.observe_latency(latency);
                     shared.stats.resets_in_a_row.store(0, Ordering::Relaxed);
                     response
                         .extensions_mut()
@@ -672,15 +733,19 @@ fn report_failure(shared: &Shared, error: &(dyn std::error::Error + 'static)) {
 pub const RESETS_BEFORE_EJECTION: u32 = 5;
 
 /// One call in flight to an endpoint: counted in on creation, out on drop; latency recorded
-/// when the call finishes normally.
+/// when the call finishes normally. A unary call dropped unanswered (its hedge won, its
+/// deadline passed) moves the latency EWMA towards how long it waited: the instance took at
+/// least that long, and one that answers nothing in time must not look fast.
 #[derive(Debug)]
 struct InFlight {
     stats: Arc<EndpointStats>,
     start: Instant,
+    unary: bool,
+    finished: bool,
 }
 
 impl InFlight {
-    fn new(stats: Arc<EndpointStats>) -> Self {
+    fn new(stats: Arc<EndpointStats>, unary: bool) -> Self {
         if stats.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
             // Idle until now: a stall is counted from here.
             stats.mark_progress();
@@ -688,17 +753,26 @@ impl InFlight {
         Self {
             stats,
             start: Instant::now(),
+            unary,
+            finished: false,
         }
     }
 
-    fn finish(self) {
-        self.stats.record(self.start.elapsed());
+    /// Records its latency, and returns it.
+    fn finish(mut self) -> Duration {
+        self.finished = true;
+        let latency = self.start.elapsed();
+        self.stats.record(latency);
+        latency
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.unary && !self.finished {
+            self.stats.observe_latency(self.start.elapsed());
+        }
     }
 }
 

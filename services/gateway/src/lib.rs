@@ -46,7 +46,7 @@ use tower::{Layer, ServiceExt};
 pub use config::Config;
 pub use dlb::server::RunError;
 
-use crate::balance::RoundRobinLayer;
+use crate::balance::{Pick, RoundRobin, RoundRobinLayer};
 use crate::config::Policy;
 use crate::endpoint::EndpointTable;
 use crate::membership::{Membership, MonitorSettings};
@@ -58,11 +58,18 @@ use crate::stats::{GatewayStatsService, StatsSource};
 /// How long shutdown waits for calls in flight.
 pub const GRACE_PERIOD: Duration = Duration::from_secs(10);
 
-fn build_balancer(policy: Policy, discover: membership::Discovered) -> Balanced {
+fn build_balancer(
+    policy: Policy,
+    slow_start: Duration,
+    discover: membership::Discovered,
+) -> Balanced {
     match policy {
         Policy::RoundRobin => {
             BoxCloneSyncService::new(RoundRobinLayer::new().layer(discover).map_err(ForwardError))
         }
+        Policy::Weighted => BoxCloneSyncService::new(
+            RoundRobin::with_pick(discover, Pick::Weighted { slow_start }).map_err(ForwardError),
+        ),
         Policy::P2c => {
             let ewma = tower::load::PeakEwmaDiscover::new(
                 discover,
@@ -109,7 +116,11 @@ pub async fn run(
     let start_pool = |name: &str, members: Box<dyn Membership>, settings: MonitorSettings| {
         let table = Arc::new(EndpointTable::new(outlier.clone()));
         let (changes, discovered) = mpsc::unbounded_channel();
-        let balancer = build_balancer(config.policy, UnboundedReceiverStream::new(discovered));
+        let balancer = build_balancer(
+            config.policy,
+            Duration::from_millis(config.slow_start_ms),
+            UnboundedReceiverStream::new(discovered),
+        );
         tracker.spawn(membership::supervise(
             members,
             Arc::clone(&table),
@@ -163,6 +174,7 @@ pub async fn run(
             max_attempts: config.max_attempts,
             default_timeout: Duration::from_secs(config.timeout_secs),
             max_message_bytes: config.max_message_bytes,
+            hedge: config.hedge_after,
         },
         events.clone(),
         Arc::clone(&counters),

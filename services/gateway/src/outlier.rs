@@ -325,6 +325,17 @@ impl Detector {
         })
     }
 
+    /// The share of the answers in its window that failed, 0 to 1 (0 with none).
+    pub fn failure_ratio(&self) -> f64 {
+        let failed = self.current.failed + self.previous.failed;
+        let total = failed + self.current.ok + self.previous.ok;
+        if total == 0 {
+            0.0
+        } else {
+            f64::from(failed) / f64::from(total)
+        }
+    }
+
     /// Ends the ejection if its time has come (it is then on probation); says whether it did.
     pub fn end_if_due(&mut self, now: Instant) -> bool {
         match &self.ejection {

@@ -95,6 +95,7 @@ impl StatsSource {
             max_in_flight: self.max_in_flight as u64,
             requests: self.counters.requests.load(Ordering::Relaxed),
             retries: self.counters.retries.load(Ordering::Relaxed),
+            hedges: self.counters.hedges.load(Ordering::Relaxed),
             failures: self.counters.failures.load(Ordering::Relaxed),
             health_interval_ms: self.health_interval_ms,
             probe_timeout_ms: self.probe_timeout_ms,
@@ -234,6 +235,12 @@ impl StatsSource {
             "counter",
             "Retries on another instance.",
             one(s.retries),
+        );
+        metric(
+            "dlb_gateway_hedges_total",
+            "counter",
+            "Second copies of calls slower than --hedge-after (the slower copy is cancelled).",
+            one(s.hedges),
         );
         metric(
             "dlb_gateway_failures_total",

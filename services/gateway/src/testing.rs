@@ -54,6 +54,26 @@ impl RunningGateway {
         })
     }
 
+    /// Starts a gateway whose instances come from `membership` alone (a test sends the
+    /// changes), with `config` (use port 0), no `/metrics`.
+    ///
+    /// # Errors
+    ///
+    /// The bind error.
+    pub async fn with_membership(
+        config: Config,
+        membership: Box<dyn crate::membership::Membership>,
+    ) -> std::io::Result<Self> {
+        let server = InProcess::start(config.listen, move |listener, shutdown| {
+            run(listener, None, config, membership, shutdown)
+        })
+        .await?;
+        Ok(Self {
+            server,
+            metrics_addr: None,
+        })
+    }
+
     /// Drains and waits for [`run`] to return; a panic in it is passed on.
     ///
     /// # Errors

@@ -205,11 +205,11 @@ fn every_call_kind_of_a_python_service_passes_through_the_gateway() {
         Peer::start("P2", "test.v1.Streams"),
         Peer::start("P3", "test.v1.Streams"),
     ];
-    let gateway = Gateway::start(&backends(&[
-        ("A", &peers[0]),
-        ("B", &peers[1]),
-        ("C", &peers[2]),
-    ]));
+    // Strict rotation, which the unary calls below count exactly (the default, weighted,
+    // follows the instances' latencies).
+    let mut args = backends(&[("A", &peers[0]), ("B", &peers[1]), ("C", &peers[2])]);
+    args.extend(["--policy".to_owned(), "round-robin".to_owned()]);
+    let gateway = Gateway::start(&args);
     wait_all_serving(&gateway, 3);
     let target = gateway.addr.as_str();
 

@@ -13,9 +13,14 @@ use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use dlb::client::bench::{self, BenchConfig, Progress};
 use dlb::proto::v1::operations_client::OperationsClient;
 use dlb::proto::v1::{FibonacciRequest, InstanceStats, ReverseRequest};
 use dlb::testing::{KillOnDrop, PATIENCE, listening_addr};
+use dlb_gateway::Config;
+use dlb_gateway::config::Policy;
+use dlb_gateway::membership::{MemberChange, Membership};
+use dlb_gateway::testing::RunningGateway;
 use support::interop::workspace_file;
 use support::{ComputeProcess, channel, stats};
 use tonic::Code;
@@ -72,7 +77,22 @@ impl Peer {
             .expect("the peer's answer");
         assert_eq!(done, format!("done: {line}"));
     }
+
+    /// Waits until it has said `n` calls were cancelled before their answer (bounded).
+    fn wait_cancelled(&mut self, n: usize) {
+        for seen in 0..n {
+            let line = self
+                .lines
+                .recv_timeout(PATIENCE)
+                .unwrap_or_else(|_| panic!("{seen} of {n} calls cancelled at {}", self.id));
+            assert_eq!(line, "cancelled");
+        }
+    }
 }
+
+/// The tests here measure shares and counts under load: one at a time, so that another's
+/// load does not skew them on two cores.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A `dlb-gateway` process over `backends` with `flags`, and a channel to it.
 async fn gateway(backends: &[(&str, &str)], flags: &[&str]) -> (KillOnDrop, Channel) {
@@ -193,6 +213,7 @@ async fn reverse_calls(
 /// well again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_failing_while_serving_is_ejected_and_back_once_it_answers_well() {
+    let _turn = TURN.lock().await;
     let mut peers: Vec<Peer> = ["A", "B", "C"].into_iter().map(Peer::start).collect();
     let backends: Vec<(&str, &str)> = peers.iter().map(|p| (p.id, p.addr.as_str())).collect();
     // Ejections of 1 s (the default is 30 s, growing): the test sees several come and go.
@@ -255,6 +276,7 @@ async fn an_instance_failing_while_serving_is_ejected_and_back_once_it_answers_w
 /// caller's mistake (INVALID_ARGUMENT) eject nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cap_keeps_half_the_pool_and_the_callers_own_errors_eject_nothing() {
+    let _turn = TURN.lock().await;
     let mut peers: Vec<Peer> = ["A", "B", "C", "D"].into_iter().map(Peer::start).collect();
     let backends: Vec<(&str, &str)> = peers.iter().map(|p| (p.id, p.addr.as_str())).collect();
     let (_gateway, gw) = gateway(&backends, &[]).await;
@@ -298,11 +320,12 @@ async fn the_cap_keeps_half_the_pool_and_the_callers_own_errors_eject_nothing() 
 }
 
 /// Three computes with room for two calls each (`--workers 1 --queue 1`) and five callers of
-/// Fibonacci(100000): a compute refusing for a full pool says so with a pushback
+/// Fibonacci(100000) (300 calls): a compute refusing for a full pool says so with a pushback
 /// (`grpc-retry-pushback-ms`), the gateway sends the call to another with room, and no caller
 /// sees RESOURCE_EXHAUSTED. The refusals did happen: the gateway counts retries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_refused_by_a_full_pool_go_to_one_with_room() {
+    let _turn = TURN.lock().await;
     let computes: Vec<ComputeProcess> = ["F1", "F2", "F3"]
         .into_iter()
         .map(|id| {
@@ -318,10 +341,12 @@ async fn calls_refused_by_a_full_pool_go_to_one_with_room() {
         .iter()
         .map(|c| (c.id.as_str(), c.addr.as_str()))
         .collect();
-    let (_gateway, gw) = gateway(&backends, &[]).await;
+    // Strict rotation, which fills a pool while another has room. (The weighted policy,
+    // the default, sees the calls in flight and seldom sends one to a full pool at all.)
+    let (_gateway, gw) = gateway(&backends, &["--policy", "round-robin"]).await;
     wait_serving(&gw, 3).await;
 
-    let calls = 150usize;
+    let calls = 300usize;
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..5 {
@@ -366,4 +391,168 @@ async fn calls_refused_by_a_full_pool_go_to_one_with_room() {
         s.instances.iter().all(|i| i.ejections == 0),
         "refusals for load eject nobody: {s:?}"
     );
+}
+
+/// Membership a test drives: each change sent is applied.
+struct Driven(tokio::sync::mpsc::UnboundedReceiver<MemberChange>);
+
+impl Membership for Driven {
+    fn changes(
+        self: Box<Self>,
+    ) -> std::pin::Pin<Box<dyn tokio_stream::Stream<Item = MemberChange> + Send>> {
+        Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(self.0))
+    }
+}
+
+/// Who answered the calls of one second of open-loop load at `rate` calls per second.
+async fn one_second_at(gateway: std::net::SocketAddr, rate: f64) -> BTreeMap<String, u64> {
+    let config = BenchConfig {
+        addrs: vec![gateway.to_string()],
+        op: dlb::client::Op::Reverse {
+            text: "hello".into(),
+        },
+        concurrency: 64,
+        rate: Some(rate),
+        connections: 2,
+        warmup: Duration::ZERO,
+        duration: Duration::from_secs(1),
+        requests: None,
+        timeout: Duration::from_secs(5),
+        tls: None,
+    };
+    let report = bench::run(config, std::sync::Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.error_samples);
+    report.per_instance
+}
+
+fn share(counts: &BTreeMap<String, u64>, id: &str) -> f64 {
+    let total: u64 = counts.values().sum();
+    counts.get(id).copied().unwrap_or(0) as f64 / total.max(1) as f64
+}
+
+/// Slow start (`--policy weighted`, 15 s by default): an instance added under an open loop
+/// of 2,000 calls per second over three gets at most 10% of the calls in its first 5 s (its
+/// steady share is 25%), then its share grows second by second, without a dip, to about a
+/// quarter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_ramps_up_from_a_small_share() {
+    let _turn = TURN.lock().await;
+    let computes: Vec<ComputeProcess> = ["A", "B", "C", "D"]
+        .into_iter()
+        .map(|id| ComputeProcess::start(id, "127.0.0.1:0"))
+        .collect();
+    let (changes, membership) = tokio::sync::mpsc::unbounded_channel();
+    let mut config = Config::for_tests(vec![]);
+    config.policy = Policy::Weighted;
+    let gateway = RunningGateway::with_membership(config, Box::new(Driven(membership)))
+        .await
+        .unwrap();
+    let gw = channel(&gateway.uri()).await;
+    for compute in &computes[..3] {
+        changes
+            .send(MemberChange::Upsert(compute.backend()))
+            .unwrap();
+    }
+    wait_serving(&gw, 3).await;
+    // The three have been in for a while (slow start is over) and their latencies are known.
+    for _ in 0..3 {
+        one_second_at(gateway.addr, 2_000.0).await;
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(15) {
+        one_second_at(gateway.addr, 500.0).await;
+    }
+
+    changes
+        .send(MemberChange::Upsert(computes[3].backend()))
+        .unwrap();
+    wait_serving(&gw, 4).await;
+    let mut first = BTreeMap::new();
+    let mut shares = Vec::new();
+    let added = Instant::now();
+    while added.elapsed() < Duration::from_secs(5) {
+        let counts = one_second_at(gateway.addr, 2_000.0).await;
+        shares.push(share(&counts, "D"));
+        for (id, n) in counts {
+            *first.entry(id).or_insert(0) += n;
+        }
+    }
+    let early = share(&first, "D");
+    while added.elapsed() < Duration::from_secs(19) {
+        shares.push(share(&one_second_at(gateway.addr, 2_000.0).await, "D"));
+    }
+    eprintln!(
+        "D's share in its first 5 s: {:.1}%; second by second: {:?}",
+        early * 100.0,
+        shares
+            .iter()
+            .map(|s| (s * 1000.0).round() / 10.0)
+            .collect::<Vec<_>>()
+    );
+    assert!(early <= 0.10, "{:.1}% in the first 5 s", early * 100.0);
+    // Rising without a dip: each second at least the best before it, less 4 points of noise.
+    let mut best: f64 = 0.0;
+    for (second, s) in shares.iter().enumerate() {
+        assert!(
+            *s >= best - 0.04,
+            "second {second}: {:.1}% after {:.1}% ({shares:?})",
+            s * 100.0,
+            best * 100.0
+        );
+        best = best.max(*s);
+    }
+    let last = shares[shares.len() - 1];
+    assert!(
+        (0.20..=0.30).contains(&last),
+        "steady share {:.1}% (a quarter expected)",
+        last * 100.0
+    );
+    gateway.shutdown().await.unwrap();
+}
+
+/// Hedging (`--hedge-after`): a call its instance has not answered within the delay is sent to
+/// another instance; the first answer goes to the caller and the slower copy is cancelled at
+/// its instance, whose work on it stops there (the peer says so). Every call succeeds, and
+/// the gateway counts the hedges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_first_instance_sits_on_is_hedged_and_the_copy_cancelled() {
+    let _turn = TURN.lock().await;
+    let mut peers: Vec<Peer> = ["A", "B"].into_iter().map(Peer::start).collect();
+    peers[1].tell("delay 5000");
+    let backends: Vec<(&str, &str)> = peers.iter().map(|p| (p.id, p.addr.as_str())).collect();
+    // Strict rotation, so that half of the first copies go to B.
+    let (_gateway, gw) = gateway(
+        &backends,
+        &["--policy", "round-robin", "--hedge-after", "50"],
+    )
+    .await;
+    wait_serving(&gw, 2).await;
+    let mut client = OperationsClient::new(gw.clone());
+    let mut hedged = 0;
+    for _ in 0..10 {
+        let answer = client
+            .reverse(ReverseRequest {
+                text: "hello".into(),
+            })
+            .await
+            .unwrap();
+        let attempts = answer
+            .metadata()
+            .get("x-attempts")
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert_eq!(answer.metadata().get("x-served-by").unwrap(), "A");
+        if attempts == "2" {
+            hedged += 1;
+        }
+    }
+    // B got at least every other first copy (a hedge's pick moves the rotation on too);
+    // each was hedged to A, and cancelled at B.
+    assert!(hedged >= 5, "{hedged} hedged");
+    peers[1].wait_cancelled(hedged);
+    let s = stats(&gw).await;
+    assert_eq!((s.hedges, s.failures), (hedged as u64, 0), "{s:?}");
 }

@@ -693,6 +693,28 @@ mod tests {
     }
 
     #[test]
+    fn an_outlier_ejection_reaches_the_row_while_it_lasts() {
+        let collector = Collector::new("boot", "gw", None, None);
+        let stats = |ejection: &str, back_at_ms| StatsResponse {
+            instances: vec![dlb::proto::v1::InstanceStats {
+                instance: "B".into(),
+                state: "ejected".into(),
+                ejection: ejection.into(),
+                back_at_ms,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        collector.update(|m| m.set_stats(Some(stats("5 x INTERNAL in a row", 1_700))));
+        let b = collector.snapshot().instances[0].clone();
+        assert_eq!(b.ejection.as_deref(), Some("5 x INTERNAL in a row"));
+        assert_eq!(b.back_at_ms, Some(1_700));
+        collector.update(|m| m.set_stats(Some(stats("", 0))));
+        let b = collector.snapshot().instances[0].clone();
+        assert_eq!((b.ejection, b.back_at_ms), (None, None));
+    }
+
+    #[test]
     fn history_is_bounded() {
         let collector = Collector::new("boot", "gw", None, None);
         for _ in 0..HISTORY_MAX_POINTS + 10 {

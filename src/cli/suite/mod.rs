@@ -10,6 +10,7 @@
 //!
 //! Output: `target/bench/suite.md` (a table), `suite.json` and `suite.svg` (a chart).
 
+mod degraded;
 mod proxies;
 mod report;
 mod streams;
@@ -62,8 +63,8 @@ pub struct SuiteArgs {
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// Only these scenarios (of saturation, c1, open, fib, reverse_1mib, stream_server,
-    /// stream_bidi; comma-separated; open needs saturation, whose direct rate it takes half
-    /// of).
+    /// stream_bidi, slow_instance, paused, and mixed, which runs only when named; comma-separated;
+    /// open needs saturation, whose direct rate it takes half of).
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
 }
@@ -239,25 +240,12 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
     std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
 
     // Three instances.
-    let mut backends = Vec::new();
-    for id in ["A", "B", "C"] {
-        let addr = format!("127.0.0.1:{}", free_port()?);
-        let name = format!("compute {id}");
-        children.spawn(
-            &name,
-            &bins.join("dlb-compute"),
-            &[
-                "--id".into(),
-                id.into(),
-                "--listen".into(),
-                addr.clone(),
-                "--redis".into(),
-                "none".into(),
-            ],
-        )?;
-        wait_answers(children, &name, &addr).await?;
-        backends.push(addr);
-    }
+    let backends: Vec<String> =
+        start_computes(children, &bins, "", &[("A", &[]), ("B", &[]), ("C", &[])])
+            .await?
+            .into_iter()
+            .map(|c| c.addr)
+            .collect();
     say(format!("instances: {}", backends.join(", ")));
 
     let mut targets = vec![Target {
@@ -282,6 +270,7 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
         &gateway,
         &backend_flag,
         threads,
+        &[],
     )?;
     wait_answers(children, "dlb-gateway", &gateway).await?;
     targets.push(Target {
@@ -377,10 +366,20 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
         .into_iter()
         .filter(|k| args.scenarios.is_empty() || args.scenarios.iter().any(|w| w == k.key()))
         .collect();
+    let slow_instance =
+        args.scenarios.is_empty() || args.scenarios.iter().any(|w| w == SLOW_INSTANCE);
+    let paused = args.scenarios.is_empty() || args.scenarios.iter().any(|w| w == PAUSED);
+    // Long (its two loads must settle): only when asked for.
+    let mixed = args.scenarios.iter().any(|w| w == MIXED);
     let unary_wanted: Vec<String> = args
         .scenarios
         .iter()
-        .filter(|w| !stream_keys.iter().any(|k| k.key() == w.as_str()))
+        .filter(|w| {
+            !stream_keys.iter().any(|k| k.key() == w.as_str())
+                && *w != SLOW_INSTANCE
+                && *w != MIXED
+                && *w != PAUSED
+        })
         .cloned()
         .collect();
     let scenarios = if !args.scenarios.is_empty() && unary_wanted.is_empty() {
@@ -478,18 +477,39 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
     } else {
         Some(run_streams(args, children, &bins, &kinds, warmup, duration).await?)
     };
+    let slowed = if slow_instance && wanted(args, "dlb-gateway") {
+        Some(degraded::run_slow_instance(args, children, &bins, warmup, duration).await?)
+    } else {
+        None
+    };
+    let mixed = if mixed && wanted(args, "dlb-gateway") {
+        Some(degraded::run_mixed(args, children, &bins, warmup, duration).await?)
+    } else {
+        None
+    };
+    let paused = if paused && wanted(args, "dlb-gateway") {
+        Some(degraded::run_paused(args, children, &bins, warmup, duration).await?)
+    } else {
+        None
+    };
+    let extra: Vec<String> = streamed
+        .into_iter()
+        .chain(slowed)
+        .chain(paused)
+        .chain(mixed)
+        .collect();
     if scenarios.is_empty() {
-        if let Some(streamed) = streamed {
-            println!("{streamed}");
+        for section in extra {
+            println!("{section}");
         }
         return Ok(());
     }
     let report = summarize(args, &targets, skipped, open_rate, runs, usage, &scenarios);
     let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     let mut markdown = markdown(&report, &scenarios);
-    if let Some(streamed) = streamed {
+    for section in extra {
         markdown.push('\n');
-        markdown.push_str(&streamed);
+        markdown.push_str(&section);
     }
     let chart = svg::svg(&report, &scenarios);
     for (name, text) in [
@@ -508,6 +528,43 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
     Ok(())
 }
 
+/// A compute instance the suite started.
+struct Started {
+    /// `ID=HOST:PORT`, for `--backend`.
+    backend: String,
+    /// HOST:PORT.
+    addr: String,
+    pid: u32,
+}
+
+/// Starts a `dlb-compute` for each `(id, extra flags)` (named `compute ID` plus `tag`), without
+/// Redis, and waits until each answers.
+async fn start_computes(
+    children: &mut Children,
+    bins: &Path,
+    tag: &str,
+    instances: &[(&str, &[&str])],
+) -> Result<Vec<Started>, String> {
+    let mut started = Vec::new();
+    for (id, extra) in instances {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let name = format!("compute {id}{tag}");
+        let mut flags: Vec<String> = ["--id", id, "--listen", &addr, "--redis", "none"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        flags.extend(extra.iter().map(|s| (*s).to_owned()));
+        let pid = children.spawn(&name, &bins.join("dlb-compute"), &flags)?;
+        wait_answers(children, &name, &addr).await?;
+        started.push(Started {
+            backend: format!("{id}={addr}"),
+            addr,
+            pid,
+        });
+    }
+    Ok(started)
+}
+
 /// Starts a `dlb-gateway` on `listen` in front of `backends` (`ID=HOST:PORT,...`), without
 /// Redis or `/metrics`, with `threads` threads and [`STREAMS`] streams per caller connection.
 fn spawn_gateway(
@@ -517,25 +574,24 @@ fn spawn_gateway(
     listen: &str,
     backends: &str,
     threads: usize,
+    extra: &[String],
 ) -> Result<u32, String> {
-    children.spawn(
-        name,
-        &bins.join("dlb-gateway"),
-        &[
-            "--listen".into(),
-            listen.to_owned(),
-            "--metrics-listen".into(),
-            "none".into(),
-            "--backend".into(),
-            backends.to_owned(),
-            "--redis".into(),
-            "none".into(),
-            "--threads".into(),
-            threads.to_string(),
-            "--max-concurrent-streams".into(),
-            STREAMS.to_string(),
-        ],
-    )
+    let mut flags: Vec<String> = vec![
+        "--listen".into(),
+        listen.to_owned(),
+        "--metrics-listen".into(),
+        "none".into(),
+        "--backend".into(),
+        backends.to_owned(),
+        "--redis".into(),
+        "none".into(),
+        "--threads".into(),
+        threads.to_string(),
+        "--max-concurrent-streams".into(),
+        STREAMS.to_string(),
+    ];
+    flags.extend_from_slice(extra);
+    children.spawn(name, &bins.join("dlb-gateway"), &flags)
 }
 
 /// The streaming scenarios: a streaming instance in this process, a `dlb-gateway` of its own
@@ -563,6 +619,7 @@ async fn run_streams(
         &gateway,
         &format!("S={instance}"),
         args.threads,
+        &[],
     )?;
     wait_streams(children, "dlb-gateway (streams)", &gateway).await?;
     paths.push(("dlb-gateway", gateway, vec![pid]));
@@ -709,6 +766,15 @@ async fn wait_streams(children: &mut Children, name: &str, addr: &str) -> Result
         "{name} at {addr} relayed no stream in 20 s: {last}"
     ))
 }
+
+/// The key of the scenario of one slow instance (see [`degraded`]).
+const SLOW_INSTANCE: &str = "slow_instance";
+
+/// The key of the scenario of a paused instance and hedging (see [`degraded`]).
+const PAUSED: &str = "paused";
+
+/// The key of the mixed-load scenario (see [`degraded`]); run only when named.
+const MIXED: &str = "mixed";
 
 /// Every scenario, in the order they run.
 fn all_scenarios() -> [Scenario; 5] {

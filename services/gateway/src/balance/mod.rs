@@ -26,4 +26,4 @@ mod tests;
 
 pub use error::BalanceError;
 pub use layer::RoundRobinLayer;
-pub use service::RoundRobin;
+pub use service::{Avoid, Load, Pick, RoundRobin, Weigh};

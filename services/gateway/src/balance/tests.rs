@@ -3,7 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
-use std::task::Poll;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -12,26 +13,66 @@ use tower::discover::Change;
 use tower::{Service, ServiceExt};
 use tower_test::mock::{self, Handle, Mock};
 
-use super::{BalanceError, RoundRobin};
+use super::{Avoid, BalanceError, Load, Pick, RoundRobin, Weigh};
 
 type Req = &'static str;
-type Endpoint = Mock<Req, Req>;
 type Changes = mpsc::UnboundedSender<Result<Change<&'static str, Endpoint>, Infallible>>;
+
+/// A mock endpoint whose load the test sets.
+#[derive(Clone)]
+struct Endpoint {
+    mock: Mock<Req, Req>,
+    load: Arc<Mutex<Load>>,
+}
+
+impl Service<Req> for Endpoint {
+    type Response = Req;
+    type Error = tower::BoxError;
+    type Future = <Mock<Req, Req> as Service<Req>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.mock.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        self.mock.call(request)
+    }
+}
+
+/// A request `"avoid A,B"` avoids A and B.
+impl Avoid<&'static str> for &'static str {
+    fn avoids(&self, key: &&'static str) -> bool {
+        self.strip_prefix("avoid ")
+            .is_some_and(|keys| keys.split(',').any(|k| k == *key))
+    }
+}
+
+impl Weigh for Endpoint {
+    fn load(&self) -> Load {
+        *self.load.lock().unwrap()
+    }
+}
 
 struct Fixture {
     balancer: RoundRobin<&'static str, Endpoint>,
     changes: Changes,
     handles: Vec<(&'static str, Handle<Req, Req>)>,
+    loads: Vec<(&'static str, Arc<Mutex<Load>>)>,
 }
 
 impl Fixture {
     async fn new(keys: &[&'static str]) -> Self {
+        Self::with_pick(keys, Pick::RoundRobin).await
+    }
+
+    async fn with_pick(keys: &[&'static str], pick: Pick) -> Self {
         let (changes, rx) = mpsc::unbounded_channel();
-        let balancer = RoundRobin::new(UnboundedReceiverStream::new(rx));
+        let balancer = RoundRobin::with_pick(UnboundedReceiverStream::new(rx), pick);
         let mut fixture = Self {
             balancer,
             changes,
             handles: Vec::new(),
+            loads: Vec::new(),
         };
         for key in keys {
             fixture.insert(key).await;
@@ -40,10 +81,33 @@ impl Fixture {
     }
 
     async fn insert(&mut self, key: &'static str) {
-        let (service, handle) = mock::pair();
+        let (mock, handle) = mock::pair();
+        let load = Arc::new(Mutex::new(Load::default()));
+        let service = Endpoint {
+            mock,
+            load: Arc::clone(&load),
+        };
         self.changes.send(Ok(Change::Insert(key, service))).unwrap();
         self.handles.push((key, handle));
+        self.loads.push((key, load));
         self.wait_for(|keys| keys.contains(&key)).await;
+    }
+
+    fn set_load(&self, key: &str, load: Load) {
+        let (_, shared) = self.loads.iter().find(|(k, _)| *k == key).unwrap();
+        *shared.lock().unwrap() = load;
+    }
+
+    /// Who gets each of `n` calls.
+    async fn route(&mut self, n: usize) -> Vec<&'static str> {
+        let mut order = Vec::with_capacity(n);
+        for _ in 0..n {
+            order.push(self.route_one().await);
+            // A fresh poll of this task each time: tokio's cooperative budget (128 channel
+            // operations per poll) would otherwise make the mocks' channel look empty.
+            tokio::task::yield_now().await;
+        }
+        order
     }
 
     async fn remove(&mut self, key: &'static str) {
@@ -197,4 +261,132 @@ async fn no_endpoints_fails_at_once() {
         error.downcast_ref::<BalanceError>(),
         Some(&BalanceError::NoneReady { endpoints: 1 })
     );
+}
+
+fn latency(us: f64) -> Load {
+    Load {
+        latency_us: Some(us),
+        ..Load::default()
+    }
+}
+
+const WEIGHTED: Pick = Pick::Weighted {
+    slow_start: Duration::ZERO,
+};
+
+fn count(order: &[&'static str], key: &str) -> usize {
+    order.iter().filter(|k| **k == key).count()
+}
+
+#[tokio::test]
+async fn weighted_with_equal_loads_is_exact_rotation() {
+    let mut f = Fixture::with_pick(&["A", "B", "C"], WEIGHTED).await;
+    assert_eq!(f.route(6).await, ["A", "B", "C", "A", "B", "C"]);
+}
+
+#[tokio::test]
+async fn weighted_shares_follow_inverse_latency_smoothly() {
+    let mut f = Fixture::with_pick(&["A", "B"], WEIGHTED).await;
+    f.set_load("A", latency(1_000.0));
+    f.set_load("B", latency(3_000.0));
+    let order = f.route(400).await;
+    assert_eq!((count(&order, "A"), count(&order, "B")), (300, 100));
+    // Smooth: B every fourth pick, never two A-runs longer than three.
+    let longest_run = order.split(|k| *k == "B").map(<[&str]>::len).max().unwrap();
+    assert!(longest_run <= 3, "{order:?}");
+    // Failures weigh an endpoint down (until outlier detection takes it out).
+    f.set_load("B", latency(1_000.0));
+    f.set_load(
+        "A",
+        Load {
+            failure_ratio: 0.5,
+            ..latency(1_000.0)
+        },
+    );
+    let order = f.route(300).await;
+    assert_eq!((count(&order, "A"), count(&order, "B")), (100, 200));
+}
+
+#[tokio::test]
+async fn a_slow_endpoint_never_holds_more_than_its_share_of_the_calls_in_flight() {
+    let mut f = Fixture::with_pick(&["A", "B", "C"], WEIGHTED).await;
+    // C is 40 times slower, and holds one call of the 16 in flight: its share of 16 is
+    // under one, so it gets no second call however its credit grows.
+    f.set_load(
+        "A",
+        Load {
+            in_flight: 8,
+            ..latency(5_000.0)
+        },
+    );
+    f.set_load(
+        "B",
+        Load {
+            in_flight: 7,
+            ..latency(5_000.0)
+        },
+    );
+    f.set_load(
+        "C",
+        Load {
+            in_flight: 1,
+            ..latency(200_000.0)
+        },
+    );
+    let order = f.route(500).await;
+    assert_eq!(count(&order, "C"), 0, "{order:?}");
+    // With nothing in flight it is picked, by its weight: 1 in 81, and once more for the
+    // credit it earned while passed over (bounded to one round's worth).
+    f.set_load("A", latency(5_000.0));
+    f.set_load("B", latency(5_000.0));
+    f.set_load("C", latency(200_000.0));
+    let order = f.route(810).await;
+    assert_eq!(count(&order, "C"), 11);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_endpoint_starts_at_a_tenth_of_its_weight() {
+    let slow_start = Pick::Weighted {
+        slow_start: Duration::from_secs(3_600),
+    };
+    let mut f = Fixture::with_pick(&["A", "B"], slow_start).await;
+    f.set_load("A", latency(1_000.0));
+    f.set_load("B", latency(1_000.0));
+    // A and B have been in for the whole window; a new C starts at 10% of its weight (the
+    // floor), with no latency of its own yet (it counts as the pool's mean).
+    tokio::time::advance(Duration::from_secs(3_600)).await;
+    f.insert("C").await;
+    let order = f.route(210).await;
+    assert_eq!(count(&order, "C"), 10, "{order:?}");
+    assert_eq!(count(&order, "A"), 100);
+    // Halfway through, C has half its weight; at the end, all of it.
+    tokio::time::advance(Duration::from_secs(1_800)).await;
+    let order = f.route(250).await;
+    assert_eq!(count(&order, "C"), 50, "{order:?}");
+    tokio::time::advance(Duration::from_secs(1_800)).await;
+    let order = f.route(300).await;
+    assert_eq!(count(&order, "C"), 100, "{order:?}");
+}
+
+#[tokio::test]
+async fn a_retry_goes_to_an_endpoint_its_call_has_not_tried() {
+    let mut f = Fixture::new(&["A", "B", "C"]).await;
+    assert_eq!(f.route_one().await, "A");
+    // B is next in rotation, but the call tried B already: C gets it.
+    let ready = f.balancer.ready().await.unwrap();
+    let _response = ready.call("avoid B");
+    assert_eq!(f.received(), Some("C"));
+    // Every one tried: the pick stands (a retry needs an instance more than a new one).
+    let ready = f.balancer.ready().await.unwrap();
+    let _response = ready.call("avoid A,B,C");
+    assert!(f.received().is_some());
+    // A not ready is not taken in B's place either.
+    f.handle("C").allow(0);
+    let mut order = Vec::new();
+    for _ in 0..2 {
+        let ready = f.balancer.ready().await.unwrap();
+        let _response = ready.call("avoid B");
+        order.push(f.received().unwrap());
+    }
+    assert!(!order.contains(&"C"), "{order:?}");
 }

@@ -25,12 +25,13 @@ use tower::util::BoxCloneSyncService;
 use tower::{BoxError, ServiceExt};
 
 mod framing;
+pub mod hedge;
 mod preview;
 pub mod stream;
 
 use self::framing::{ReadAnswerError, copy_prefix, may_be_compressed, read_answer, read_request};
 use self::preview::{PREVIEW_BYTES, framed_preview};
-use crate::endpoint::{EndpointTable, Outgoing, ServedBy};
+use crate::endpoint::{self, EndpointTable, Outgoing, ServedBy, Tried};
 use crate::error::Error;
 use crate::failure::{Failure, classify};
 use crate::methods::{Finished, MethodTable};
@@ -71,6 +72,8 @@ pub struct ForwardSettings {
     pub default_timeout: Duration,
     /// Largest message either way.
     pub max_message_bytes: usize,
+    /// When a call of the five operations gets a second copy.
+    pub hedge: hedge::Hedge,
 }
 
 /// Gateway-wide counters.
@@ -80,6 +83,8 @@ pub struct Counters {
     pub requests: AtomicU64,
     /// Retries made.
     pub retries: AtomicU64,
+    /// Hedges sent.
+    pub hedges: AtomicU64,
     /// Calls answered with an error.
     pub failures: AtomicU64,
 }
@@ -147,6 +152,8 @@ struct Inner {
     methods: Arc<MethodTable>,
     /// The five operations' keys in `methods`, in [`METHODS`] order.
     op_keys: [Arc<str>; 5],
+    /// The five operations' recent latencies, for `--hedge-after auto`.
+    recent: [hedge::RecentLatency; 5],
     permits: Arc<Semaphore>,
     budget: TpsBudget,
     settings: ForwardSettings,
@@ -254,6 +261,7 @@ impl GatewayService {
                 routes: routes.into_iter().map(|r| (r.prefix, r.pool)).collect(),
                 methods: Arc::new(MethodTable::default()),
                 op_keys: METHODS.map(|m| Arc::from(format!("{PATH_PREFIX}{m}"))),
+                recent: Default::default(),
                 permits: Arc::new(Semaphore::new(settings.max_in_flight)),
                 // Retries may add 20% to the load, plus 10 per second, over a 10 s window.
                 budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
@@ -429,17 +437,23 @@ impl GatewayService {
         // How the last attempt that may be retried went: what to answer if no instance is
         // left to retry on.
         let mut previous: Option<Retry> = None;
+        // The instances that refused it: a retry goes to another if one is ready.
+        let mut tried: Vec<Arc<str>> = Vec::new();
         let answer = loop {
             attempts += 1;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let budget = remaining.saturating_sub(DEADLINE_MARGIN);
+            let budget = deadline
+                .saturating_duration_since(Instant::now())
+                .saturating_sub(DEADLINE_MARGIN);
             if budget.is_zero() {
                 break Err(Error::DeadlineExceeded {
                     deadline: timeout,
                     attempts: attempts - 1,
                 });
             }
-            let outcome = self.attempt(pool, &head, &message, remaining, budget).await;
+            let (outcome, hedged) = self
+                .attempt_or_hedge(op, pool, &head, &message, deadline, &tried)
+                .await;
+            attempts += hedged;
             if previous.is_some() && !matches!(outcome, Attempt::NoInstance) {
                 // A retry counts as made once it reached an instance (as x-attempts does).
                 inner.counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -456,7 +470,10 @@ impl GatewayService {
                 }
                 // Refused by the instance (draining, or full with a pushback): it may go
                 // elsewhere; when it cannot, the instance's answer is relayed.
-                Attempt::Answered(answer) => Retry::Refused(answer),
+                Attempt::Answered(answer) => {
+                    tried.extend(answer.served_by.clone());
+                    Retry::Refused(answer)
+                }
                 Attempt::NoInstance => {
                     let summary = pool.summary();
                     let Some(previous) = previous else {
@@ -504,7 +521,97 @@ impl GatewayService {
         }
     }
 
-    /// One try on whichever instance the balancer picks, bounded by `budget`.
+    /// The hedge delay of `op` now, if it is hedged.
+    fn hedge_delay(&self, op: usize) -> Option<Duration> {
+        match self.inner.settings.hedge {
+            hedge::Hedge::Off => None,
+            hedge::Hedge::After(delay) => Some(delay),
+            hedge::Hedge::Auto => self.inner.recent[op].p95(),
+        }
+    }
+
+    /// One try (see [`GatewayService::attempt`]), and a second copy on another instance if
+    /// the first has no answer within the hedge delay and the retry budget allows: the first
+    /// useful outcome (an answer other than a refusal) wins, and dropping the other cancels
+    /// it at its instance. Also says how many copies were added (0 or 1).
+    async fn attempt_or_hedge(
+        &self,
+        op: &'static str,
+        pool: &Pool,
+        head: &http::request::Parts,
+        message: &Chunks,
+        deadline: Instant,
+        tried: &[Arc<str>],
+    ) -> (Attempt, u32) {
+        let start = Instant::now();
+        let limits = || {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            (remaining, remaining.saturating_sub(DEADLINE_MARGIN))
+        };
+        let index = METHODS.iter().position(|m| *m == op).unwrap_or(0);
+        let delay = self.hedge_delay(index);
+        let picked = endpoint::PickedBy::default();
+        let (remaining, budget) = limits();
+        let first = self.attempt(pool, head, message, remaining, budget, tried, Some(&picked));
+        tokio::pin!(first);
+        let outcome = match delay {
+            None => (first.await, 0),
+            Some(delay) => {
+                tokio::select! {
+                    outcome = &mut first => (outcome, 0),
+                    () = tokio::time::sleep(delay) => {
+                        let mut avoid = tried.to_vec();
+                        avoid.extend(picked.0.get().cloned());
+                        self.hedge(pool, head, message, limits, &avoid, first).await
+                    }
+                }
+            }
+        };
+        if let Attempt::Answered(_) = &outcome.0
+            && self.inner.settings.hedge == hedge::Hedge::Auto
+        {
+            self.inner.recent[index].record(start.elapsed(), Instant::now());
+        }
+        outcome
+    }
+
+    /// Sends the hedge of a call whose `first` try is still unanswered, to an instance not in
+    /// `avoid` if one is ready, and races the two.
+    async fn hedge(
+        &self,
+        pool: &Pool,
+        head: &http::request::Parts,
+        message: &Chunks,
+        limits: impl Fn() -> (Duration, Duration),
+        avoid: &[Arc<str>],
+        mut first: Pin<&mut impl Future<Output = Attempt>>,
+    ) -> (Attempt, u32) {
+        if !self.inner.budget.withdraw() {
+            return (first.await, 0);
+        }
+        self.inner.counters.hedges.fetch_add(1, Ordering::Relaxed);
+        let (remaining, budget) = limits();
+        let second = self.attempt(pool, head, message, remaining, budget, avoid, None);
+        tokio::pin!(second);
+        let useful = |outcome: &Attempt| match outcome {
+            Attempt::Answered(answer) => !refused(
+                answer.status,
+                &answer.head.headers,
+                answer.trailers.as_ref(),
+            ),
+            Attempt::TooLarge => true,
+            Attempt::NoInstance | Attempt::Failed(_) | Attempt::TimedOut => false,
+        };
+        let outcome = tokio::select! {
+            outcome = &mut first => if useful(&outcome) { outcome } else { second.await },
+            outcome = &mut second => if useful(&outcome) { outcome } else { first.await },
+        };
+        (outcome, 1)
+    }
+
+    /// One try on whichever instance the balancer picks, bounded by `budget`; `picked`, if
+    /// given, learns which.
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         pool: &Pool,
@@ -512,8 +619,16 @@ impl GatewayService {
         message: &Chunks,
         remaining: Duration,
         budget: Duration,
+        tried: &[Arc<str>],
+        picked: Option<&endpoint::PickedBy>,
     ) -> Attempt {
         let mut request = http::Request::new(Outgoing::Whole(message.clone()));
+        if !tried.is_empty() {
+            request.extensions_mut().insert(Tried(tried.to_vec()));
+        }
+        if let Some(picked) = picked {
+            request.extensions_mut().insert(picked.clone());
+        }
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = head.uri.clone();
         *request.headers_mut() = head.headers.clone();

@@ -33,7 +33,7 @@ use tower::retry::budget::Budget;
 use super::framing::{Counted, MessageCounter};
 use super::{GatewayService, Pool, add_headers, error_response, grpc_code};
 use crate::conn::{AnswerBody, send_flow};
-use crate::endpoint::{Lease, Outgoing};
+use crate::endpoint::{Lease, Outgoing, Tried};
 use crate::error::Error;
 use crate::failure::{Failure, classify};
 
@@ -282,6 +282,8 @@ impl GatewayService {
             _permit: permit,
         };
         let mut previous: Option<Result<http::response::Parts, String>> = None;
+        // The instances that refused it: a retry goes to another if one is ready.
+        let mut tried: Vec<Arc<str>> = Vec::new();
         loop {
             call.attempts += 1;
             if let Some(deadline) = deadline
@@ -301,12 +303,11 @@ impl GatewayService {
                     .into(),
                 );
             }
-            let lease = match pool
-                .balancer
-                .clone()
-                .oneshot(http::Request::new(Outgoing::Lease))
-                .await
-            {
+            let mut request = http::Request::new(Outgoing::Lease);
+            if !tried.is_empty() {
+                request.extensions_mut().insert(Tried(tried.clone()));
+            }
+            let lease = match pool.balancer.clone().oneshot(request).await {
                 Ok(answer) => match answer.into_body() {
                     AnswerBody::Lease(lease) => lease,
                     // The endpoint answers a lease request with a lease, always.
@@ -348,7 +349,10 @@ impl GatewayService {
                     return commit(call, feed, parts, answer);
                 }
                 Attempt::Ended(status) => return self.stream_error(&call, &feed, status),
-                Attempt::Refused(parts) => previous = Some(Ok(parts)),
+                Attempt::Refused(parts) => {
+                    tried.extend(call.served_by.clone());
+                    previous = Some(Ok(parts));
+                }
                 Attempt::Failed(why) => previous = Some(Err(why)),
             }
             if !self.may_retry(&call, &feed) {

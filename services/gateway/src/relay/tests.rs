@@ -36,6 +36,7 @@ fn relay(max_attempts: u32) -> (GatewayService, Instances) {
             max_attempts,
             default_timeout: Duration::from_secs(30),
             max_message_bytes: 1 << 20,
+            hedge: super::hedge::Hedge::Off,
         },
         events,
         Arc::new(Counters::default()),
