@@ -334,8 +334,8 @@ pub struct Config {
     )]
     pub outlier_max_ejection_ms: u64,
 
-    /// Outlier detection: the most of a pool ejected at once, percent of its instances (a
-    /// pool of one is never ejected).
+    /// Outlier detection: the most of a pool ejected at once, percent of its instances
+    /// serving or ejected so (its last instance serving is never ejected).
     #[arg(
         long,
         env = "DLB_GATEWAY_OUTLIER_MAX_EJECTED_PERCENT",

@@ -67,13 +67,22 @@ pub struct PickedBy(pub Arc<std::sync::OnceLock<Arc<str>>>);
 /// Marks a request with the instances its call already tried (an http extension): the
 /// balancer sends it elsewhere if another instance is ready (see [`crate::balance::Avoid`]).
 #[derive(Debug, Clone)]
-pub struct Tried(pub Vec<Arc<str>>);
+pub struct Tried {
+    /// The instances.
+    pub ids: Vec<Arc<str>>,
+    /// A hedge: never to one of them (see [`crate::balance::Avoid::strictly`]).
+    pub strictly: bool,
+}
 
 impl crate::balance::Avoid<Arc<str>> for http::Request<Outgoing> {
     fn avoids(&self, key: &Arc<str>) -> bool {
         self.extensions()
             .get::<Tried>()
-            .is_some_and(|tried| tried.0.contains(key))
+            .is_some_and(|tried| tried.ids.contains(key))
+    }
+
+    fn strictly(&self) -> bool {
+        self.extensions().get::<Tried>().is_some_and(|t| t.strictly)
     }
 }
 
@@ -114,6 +123,10 @@ pub struct EndpointStats {
     /// when it last moved (the weighted policy's input).
     latency_ewma: Mutex<Option<(f64, Instant)>>,
 }
+
+/// How fast an endpoint's latency fades while no answer updates it (the weighted policy then
+/// tries it again): to 37% after this long.
+pub const LATENCY_STALE: Duration = Duration::from_secs(10);
 
 /// The time constant of an endpoint's latency EWMA: a sample after a pause this long moves it
 /// 63% of the way; a stream of samples, by their share of it.
@@ -184,6 +197,8 @@ impl EndpointStats {
             .errors
             .store(earlier.errors.load(Ordering::Relaxed), Ordering::Relaxed);
         *lock(&stats.latency_us) = lock(&earlier.latency_us).clone();
+        let ejections = lock(&earlier.outlier).total();
+        lock(&stats.outlier).carry_total(ejections);
         stats
     }
 
@@ -209,11 +224,18 @@ impl EndpointStats {
 
     /// Moves the latency EWMA towards `latency` (a unary call answered).
     fn observe_latency(&self, latency: Duration) {
+        self.observe_latency_sample(latency, false);
+    }
+
+    /// Moves the latency EWMA towards `latency`; with `at_least`, only up (a call dropped
+    /// unanswered took at least that long: it must not make the instance look faster).
+    fn observe_latency_sample(&self, latency: Duration, at_least: bool) {
         let now = Instant::now();
         let sample = latency.as_secs_f64() * 1e6;
         let mut ewma = lock(&self.latency_ewma);
         *ewma = Some(match *ewma {
             None => (sample, now),
+            Some((value, _)) if at_least && sample <= value => return,
             Some((value, at)) => {
                 let elapsed = now.saturating_duration_since(at).as_secs_f64();
                 let keep = (-elapsed / LATENCY_DECAY.as_secs_f64()).exp();
@@ -222,10 +244,16 @@ impl EndpointStats {
         });
     }
 
-    /// What the weighted policy weighs it by.
+    /// What the weighted policy weighs it by. The latency of an instance not heard from for a
+    /// while fades (by [`LATENCY_STALE`]), so that one slow spell, or one long call dropped at
+    /// its deadline, does not starve it for good: it gets a call again and is measured anew.
     pub fn load(&self) -> crate::balance::Load {
+        let latency_us = lock(&self.latency_ewma).map(|(value, at)| {
+            let age = at.elapsed().as_secs_f64();
+            value * (-age / LATENCY_STALE.as_secs_f64()).exp()
+        });
         crate::balance::Load {
-            latency_us: lock(&self.latency_ewma).map(|(value, _)| value),
+            latency_us,
             in_flight: self.in_flight.load(Ordering::Relaxed),
             failure_ratio: lock(&self.outlier).failure_ratio(),
         }
@@ -313,8 +341,14 @@ impl EndpointStats {
         };
         let (ejection, ejections) = {
             let outlier = lock(&self.outlier);
+            let now = Instant::now();
             (
-                outlier.ejection().map(|e| (e.reason.clone(), e.back_at_ms)),
+                // In force only: one whose time is up is over, even before its monitor has
+                // put the instance back (it may be unreachable meanwhile).
+                outlier
+                    .ejection()
+                    .filter(|e| e.until > now)
+                    .map(|e| (e.reason.clone(), e.back_at_ms)),
                 outlier.total(),
             )
         };
@@ -376,15 +410,24 @@ impl EndpointTable {
             return;
         };
         let _deciding = lock(&self.ejecting);
+        // The cap counts the instances that serve or would (in rotation, or out only as
+        // outliers); down or draining ones are no help either way. The last one serving is
+        // never ejected: a failing instance serves some calls, an empty pool none.
         let all = self.all();
-        let ejected = all.iter().filter(|e| e.ejection().is_some()).count();
-        if !self.outlier.may_eject(ejected, all.len()) {
+        let in_force = |e: &EndpointStats| e.ejection().is_some_and(|j| j.until > now);
+        let ejected = all.iter().filter(|e| in_force(e)).count();
+        let serving = all
+            .iter()
+            .filter(|e| e.state() == State::Serving && !in_force(e))
+            .count();
+        let members = ejected + serving;
+        if serving <= 1 || !self.outlier.may_eject(ejected, members) {
             tracing::debug!(
                 instance = %endpoint.id,
                 %reason,
                 ejected,
-                of = all.len(),
-                "outlier kept in: the pool has as many ejected as --outlier-max-ejected-percent allows"
+                of = members,
+                "outlier kept in: the pool has as many ejected as --outlier-max-ejected-percent allows, or no other instance serving"
             );
             return;
         }
@@ -667,7 +710,12 @@ impl Service<http::Request<Outgoing>> for EndpointService {
             let latency = guard.finish();
             match result {
                 Ok(mut response) => {
-                    shared.stats.observe_latency(latency);
+                    // Only a real answer's latency: an error in the headers (Trailers-Only:
+                    // a refusal, a failure, UNIMPLEMENTED) comes at once, and would make a
+                    // failing instance look the fastest.
+                    if !response.headers().contains_key("grpc-status") {
+                        shared.stats.observe_latency(latency);
+                    }
                     shared.stats.resets_in_a_row.store(0, Ordering::Relaxed);
                     response
                         .extensions_mut()
@@ -771,7 +819,8 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         if self.unary && !self.finished {
-            self.stats.observe_latency(self.start.elapsed());
+            self.stats
+                .observe_latency_sample(self.start.elapsed(), true);
         }
     }
 }

@@ -8,8 +8,8 @@
 //! neither. An endpoint is ejected after [`OutlierSettings::consecutive`] failures in a row, or
 //! when at least [`OutlierSettings::failure_percent`] of its calls over the window failed (with
 //! at least [`OutlierSettings::min_volume`] calls). It stays out for the base time multiplied
-//! by the times it was ejected (capped; the multiplier drops by one for each base time it
-//! then stays clean), then comes back on probation: its health must say SERVING, and its
+//! by the times it was ejected (capped; the multiplier drops by one for each base time from
+//! its return to its next ejection), then comes back on probation: its health must say SERVING, and its
 //! first failure within a base time of its return ejects it again. The pool never has more
 //! than [`OutlierSettings::max_ejected_percent`] of its instances ejected so (see
 //! [`crate::endpoint::EndpointTable::answered`]): with 2 of 3 bad at 50%, one stays.
@@ -185,7 +185,7 @@ pub struct Detector {
     current: Bucket,
     previous: Bucket,
     ejection: Option<Ejection>,
-    /// The multiplier of the next ejection, less one (decays while clean).
+    /// The multiplier of the next ejection, less one (decays while back in).
     times: u32,
     /// When it last came back from an ejection.
     back_since: Option<Instant>,
@@ -220,6 +220,11 @@ impl Detector {
     /// Ejections so far.
     pub fn total(&self) -> u64 {
         self.total
+    }
+
+    /// Goes on counting ejections from `total` (the same instance, joining again).
+    pub fn carry_total(&mut self, total: u64) {
+        self.total = total;
     }
 
     /// Moves the buckets on to `now`.
@@ -295,7 +300,7 @@ impl Detector {
     /// Ejects it now, for the base time times its multiplier; returns the ejection.
     pub fn eject(&mut self, reason: String, now: Instant, settings: &OutlierSettings) -> &Ejection {
         if let Some(back) = self.back_since {
-            // One step down for each base time it stayed clean since it came back.
+            // One step down for each base time it has been back in since its last ejection.
             let clean = now.saturating_duration_since(back).as_nanos()
                 / settings.base_ejection.as_nanos().max(1);
             self.times = self

@@ -59,6 +59,13 @@ pub trait Avoid<K> {
     fn avoids(&self, _key: &K) -> bool {
         false
     }
+
+    /// Whether it must not go to an avoided endpoint at all (a hedge: a second copy on the
+    /// same instance helps nothing): with none other ready, the call fails with
+    /// [`BalanceError::NoneReady`] instead.
+    fn strictly(&self) -> bool {
+        false
+    }
 }
 
 /// The smallest share of its weight a new endpoint starts with (Envoy's default too).
@@ -254,19 +261,24 @@ impl<K: Ord + Clone, S> RoundRobin<K, S> {
         Req: Avoid<K>,
     {
         let shared = Arc::clone(&self.ring);
-        let ring = lock(&shared);
+        let mut ring = lock(&shared);
         // Not waiting to be woken: a pick that is not ready now is not taken.
         let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut chosen = None;
         for (key, slot) in ring.rotation() {
             if request.avoids(key) {
                 continue;
             }
             let mut candidate = slot.service.clone();
             if let Poll::Ready(Ok(())) = candidate.poll_ready(&mut cx) {
-                return Some(candidate);
+                chosen = Some((key.clone(), candidate));
+                break;
             }
         }
-        None
+        let (key, service) = chosen?;
+        // The rotation goes on from the endpoint that got the call.
+        ring.last = Some(key);
+        Some(service)
     }
 
     /// Strict rotation: the first ready endpoint after the last pick.
@@ -283,7 +295,7 @@ impl<K: Ord + Clone, S> RoundRobin<K, S> {
     }
 
     /// Smooth weighted round robin over the ready endpoints. An endpoint's weight is the
-    /// inverse of its latency (the pool's mean while it has none), less for recent failures,
+    /// inverse of its latency (the pool's median while it has none), less for recent failures,
     /// times its slow-start factor. One holding more than its weight's share of the calls in
     /// flight (plus one) is passed over, so a slow endpoint never gathers the callers of a
     /// closed loop. Ties go in rotation order.
@@ -319,19 +331,22 @@ impl<K: Ord + Clone, S> RoundRobin<K, S> {
         if ready.is_empty() {
             return None;
         }
-        let (sum, n) = ready
+        // The pool's typical latency, for endpoints with none yet: the median, which one very
+        // slow endpoint does not drag up.
+        let mut known: Vec<f64> = ready
             .iter()
             .filter_map(|(_, latency, _)| *latency)
-            .fold((0.0, 0u32), |(sum, n), l| (sum + l, n + 1));
-        let mean = if n > 0 { sum / f64::from(n) } else { 1.0 };
+            .collect();
+        known.sort_by(f64::total_cmp);
+        let typical = known.get(known.len() / 2).copied().unwrap_or(1.0);
         let candidates: Vec<Candidate<K, S>> = ready
             .into_iter()
             .map(|(mut c, latency, factor)| {
-                let latency = latency.unwrap_or(mean);
+                let latency = latency.unwrap_or(typical);
                 // While it ramps up, a fast (idle, fresh) endpoint counts as no faster than
-                // the pool's mean: its share is at most its factor of a fair one.
+                // the pool's median: its share is at most its factor of a fair one.
                 let latency = if factor < 1.0 {
-                    latency.max(mean)
+                    latency.max(typical)
                 } else {
                     latency
                 };
@@ -429,10 +444,16 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         match self.picked.take() {
             Some((key, mut service)) => {
-                if request.avoids(&key)
-                    && let Some(other) = self.other_than_avoided(&request)
-                {
-                    service = other;
+                if request.avoids(&key) {
+                    match self.other_than_avoided(&request) {
+                        Some(other) => service = other,
+                        None if request.strictly() => {
+                            let endpoints = lock(&self.ring).endpoints.len();
+                            let error = BalanceError::NoneReady { endpoints };
+                            return Box::pin(std::future::ready(Err(error.into())));
+                        }
+                        None => {}
+                    }
                 }
                 let future = service.call(request);
                 Box::pin(async move { future.await.map_err(Into::into) })

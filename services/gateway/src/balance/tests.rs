@@ -39,11 +39,16 @@ impl Service<Req> for Endpoint {
     }
 }
 
-/// A request `"avoid A,B"` avoids A and B.
+/// A request `"avoid A,B"` avoids A and B; `"strictly avoid A,B"` never goes to them.
 impl Avoid<&'static str> for &'static str {
     fn avoids(&self, key: &&'static str) -> bool {
-        self.strip_prefix("avoid ")
+        self.trim_start_matches("strictly ")
+            .strip_prefix("avoid ")
             .is_some_and(|keys| keys.split(',').any(|k| k == *key))
+    }
+
+    fn strictly(&self) -> bool {
+        self.starts_with("strictly ")
     }
 }
 
@@ -376,10 +381,11 @@ async fn a_retry_goes_to_an_endpoint_its_call_has_not_tried() {
     let ready = f.balancer.ready().await.unwrap();
     let _response = ready.call("avoid B");
     assert_eq!(f.received(), Some("C"));
-    // Every one tried: the pick stands (a retry needs an instance more than a new one).
+    // The rotation goes on from C. Every one tried: the pick (A) stands (a retry needs an
+    // instance more than a new one).
     let ready = f.balancer.ready().await.unwrap();
     let _response = ready.call("avoid A,B,C");
-    assert!(f.received().is_some());
+    assert_eq!(f.received(), Some("A"));
     // A not ready is not taken in B's place either.
     f.handle("C").allow(0);
     let mut order = Vec::new();
@@ -389,4 +395,10 @@ async fn a_retry_goes_to_an_endpoint_its_call_has_not_tried() {
         order.push(f.received().unwrap());
     }
     assert!(!order.contains(&"C"), "{order:?}");
+    // A hedge never goes to an instance it avoids: with no other ready, it fails instead.
+    f.handle("C").allow(u64::MAX);
+    let ready = f.balancer.ready().await.unwrap();
+    let error = ready.call("strictly avoid A,B,C").await.unwrap_err();
+    assert!(error.downcast_ref::<BalanceError>().is_some(), "{error}");
+    assert_eq!(f.received(), None);
 }

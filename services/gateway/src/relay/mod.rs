@@ -202,6 +202,16 @@ enum Attempt {
     TooLarge,
 }
 
+/// Where an attempt may go.
+struct Steer {
+    /// Instances its call tried already: it goes to another if one is ready.
+    tried: Vec<Arc<str>>,
+    /// Never to one of `tried` (a hedge).
+    strictly: bool,
+    /// Learns which instance it went to.
+    picked: Option<endpoint::PickedBy>,
+}
+
 /// An attempt that may be made again on another instance.
 enum Retry {
     /// The instance answered UNAVAILABLE.
@@ -450,8 +460,9 @@ impl GatewayService {
                     attempts: attempts - 1,
                 });
             }
+            let may_hedge = attempts < inner.settings.max_attempts;
             let (outcome, hedged) = self
-                .attempt_or_hedge(op, pool, &head, &message, deadline, &tried)
+                .attempt_or_hedge(op, pool, &head, &message, deadline, &tried, may_hedge)
                 .await;
             attempts += hedged;
             if previous.is_some() && !matches!(outcome, Attempt::NoInstance) {
@@ -530,10 +541,11 @@ impl GatewayService {
         }
     }
 
-    /// One try (see [`GatewayService::attempt`]), and a second copy on another instance if
-    /// the first has no answer within the hedge delay and the retry budget allows: the first
-    /// useful outcome (an answer other than a refusal) wins, and dropping the other cancels
-    /// it at its instance. Also says how many copies were added (0 or 1).
+    /// One try (see [`GatewayService::attempt`]), and, when `may_hedge`, a second copy on
+    /// another instance if the first has no answer within the hedge delay and the retry
+    /// budget allows (see [`GatewayService::hedge`]). Also says how many copies were added
+    /// (0 or 1).
+    #[allow(clippy::too_many_arguments)]
     async fn attempt_or_hedge(
         &self,
         op: &'static str,
@@ -542,17 +554,18 @@ impl GatewayService {
         message: &Chunks,
         deadline: Instant,
         tried: &[Arc<str>],
+        may_hedge: bool,
     ) -> (Attempt, u32) {
         let start = Instant::now();
-        let limits = || {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            (remaining, remaining.saturating_sub(DEADLINE_MARGIN))
-        };
         let index = METHODS.iter().position(|m| *m == op).unwrap_or(0);
-        let delay = self.hedge_delay(index);
+        let delay = self.hedge_delay(index).filter(|_| may_hedge);
         let picked = endpoint::PickedBy::default();
-        let (remaining, budget) = limits();
-        let first = self.attempt(pool, head, message, remaining, budget, tried, Some(&picked));
+        let first = Steer {
+            tried: tried.to_vec(),
+            strictly: false,
+            picked: Some(picked.clone()),
+        };
+        let first = self.attempt(pool, head, message, deadline, first);
         tokio::pin!(first);
         let outcome = match delay {
             None => (first.await, 0),
@@ -562,7 +575,9 @@ impl GatewayService {
                     () = tokio::time::sleep(delay) => {
                         let mut avoid = tried.to_vec();
                         avoid.extend(picked.0.get().cloned());
-                        self.hedge(pool, head, message, limits, &avoid, first).await
+                        let second = Steer { tried: avoid, strictly: true, picked: None };
+                        let second = self.attempt(pool, head, message, deadline, second);
+                        self.hedge(first, second).await
                     }
                 }
             }
@@ -575,59 +590,93 @@ impl GatewayService {
         outcome
     }
 
-    /// Sends the hedge of a call whose `first` try is still unanswered, to an instance not in
-    /// `avoid` if one is ready, and races the two.
+    /// Races a call's `first` try, still unanswered, against its `second` copy (on another
+    /// instance, never the same), within the retry budget. The first good outcome wins, and
+    /// dropping the other cancels it at its instance. Good is an answer that is neither a
+    /// refusal nor the instance's own failure (INTERNAL, UNKNOWN, DATA_LOSS, ABORTED): the
+    /// operations are pure, so a quick failure of one copy waits for the other. If neither is
+    /// good, an answer is preferred to no answer. Says whether the copy went out (0 or 1).
     async fn hedge(
         &self,
-        pool: &Pool,
-        head: &http::request::Parts,
-        message: &Chunks,
-        limits: impl Fn() -> (Duration, Duration),
-        avoid: &[Arc<str>],
         mut first: Pin<&mut impl Future<Output = Attempt>>,
+        second: impl Future<Output = Attempt>,
     ) -> (Attempt, u32) {
         if !self.inner.budget.withdraw() {
             return (first.await, 0);
         }
-        self.inner.counters.hedges.fetch_add(1, Ordering::Relaxed);
-        let (remaining, budget) = limits();
-        let second = self.attempt(pool, head, message, remaining, budget, avoid, None);
         tokio::pin!(second);
-        let useful = |outcome: &Attempt| match outcome {
-            Attempt::Answered(answer) => !refused(
-                answer.status,
-                &answer.head.headers,
-                answer.trailers.as_ref(),
-            ),
+        let good = |outcome: &Attempt| match outcome {
+            Attempt::Answered(answer) => {
+                !refused(
+                    answer.status,
+                    &answer.head.headers,
+                    answer.trailers.as_ref(),
+                ) && !matches!(
+                    answer.status,
+                    Code::Internal | Code::Unknown | Code::DataLoss | Code::Aborted
+                )
+            }
             Attempt::TooLarge => true,
             Attempt::NoInstance | Attempt::Failed(_) | Attempt::TimedOut => false,
         };
-        let outcome = tokio::select! {
-            outcome = &mut first => if useful(&outcome) { outcome } else { second.await },
-            outcome = &mut second => if useful(&outcome) { outcome } else { first.await },
+        let answered = |outcome: &Attempt| matches!(outcome, Attempt::Answered(_));
+        let (outcome, copy_sent) = tokio::select! {
+            outcome = &mut first => {
+                if good(&outcome) {
+                    // The copy may not have reached an instance yet: counted as sent anyway,
+                    // it was (or is being) made.
+                    (outcome, true)
+                } else {
+                    let other = second.await;
+                    let sent = !matches!(other, Attempt::NoInstance);
+                    if good(&other) || !answered(&outcome) && sent {
+                        (other, sent)
+                    } else {
+                        (outcome, sent)
+                    }
+                }
+            }
+            outcome = &mut second => {
+                let sent = !matches!(outcome, Attempt::NoInstance);
+                if good(&outcome) {
+                    (outcome, sent)
+                } else {
+                    let other = first.await;
+                    if good(&other) || answered(&other) || !answered(&outcome) {
+                        (other, sent)
+                    } else {
+                        (outcome, sent)
+                    }
+                }
+            }
         };
-        (outcome, 1)
+        if copy_sent {
+            self.inner.counters.hedges.fetch_add(1, Ordering::Relaxed);
+        }
+        (outcome, u32::from(copy_sent))
     }
 
-    /// One try on whichever instance the balancer picks, bounded by `budget`; `picked`, if
-    /// given, learns which.
-    #[allow(clippy::too_many_arguments)]
+    /// One try on whichever instance the balancer picks, steered by `steer`, within what is
+    /// left of `deadline` (less the margin).
     async fn attempt(
         &self,
         pool: &Pool,
         head: &http::request::Parts,
         message: &Chunks,
-        remaining: Duration,
-        budget: Duration,
-        tried: &[Arc<str>],
-        picked: Option<&endpoint::PickedBy>,
+        deadline: Instant,
+        steer: Steer,
     ) -> Attempt {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let budget = remaining.saturating_sub(DEADLINE_MARGIN);
         let mut request = http::Request::new(Outgoing::Whole(message.clone()));
-        if !tried.is_empty() {
-            request.extensions_mut().insert(Tried(tried.to_vec()));
+        if !steer.tried.is_empty() {
+            request.extensions_mut().insert(Tried {
+                ids: steer.tried,
+                strictly: steer.strictly,
+            });
         }
-        if let Some(picked) = picked {
-            request.extensions_mut().insert(picked.clone());
+        if let Some(picked) = steer.picked {
+            request.extensions_mut().insert(picked);
         }
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = head.uri.clone();

@@ -305,7 +305,10 @@ impl GatewayService {
             }
             let mut request = http::Request::new(Outgoing::Lease);
             if !tried.is_empty() {
-                request.extensions_mut().insert(Tried(tried.clone()));
+                request.extensions_mut().insert(Tried {
+                    ids: tried.clone(),
+                    strictly: false,
+                });
             }
             let lease = match pool.balancer.clone().oneshot(request).await {
                 Ok(answer) => match answer.into_body() {
