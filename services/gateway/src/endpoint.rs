@@ -119,10 +119,15 @@ pub struct EndpointStats {
     outlier: Mutex<Detector>,
     /// Woken when an outlier ejection starts (its monitor takes it out of the ring).
     outlier_ejected: Notify,
-    /// Latency of its unary answers, microseconds, as an EWMA over [`LATENCY_DECAY`], and
-    /// when it last moved (the weighted policy's input).
-    latency_ewma: Mutex<Option<(f64, Instant)>>,
+    /// Latency of its unary answers, microseconds, as an EWMA over [`LATENCY_DECAY`] and at
+    /// least [`LATENCY_SAMPLES`] answers, when it last moved, and the answers seen (the
+    /// weighted policy's input).
+    latency_ewma: Mutex<Option<(f64, Instant, u32)>>,
 }
+
+/// Each answer moves an endpoint's latency EWMA at least by 1/this (the first ones are
+/// averaged), however close together they come.
+pub const LATENCY_SAMPLES: u32 = 20;
 
 /// How fast an endpoint's latency fades while no answer updates it (the weighted policy then
 /// tries it again): to 37% after this long.
@@ -234,12 +239,21 @@ impl EndpointStats {
         let sample = latency.as_secs_f64() * 1e6;
         let mut ewma = lock(&self.latency_ewma);
         *ewma = Some(match *ewma {
-            None => (sample, now),
-            Some((value, _)) if at_least && sample <= value => return,
-            Some((value, at)) => {
+            None => (sample, now, 1),
+            Some((value, _, _)) if at_least && sample <= value => return,
+            Some((value, at, samples)) => {
+                // By time (63% after LATENCY_DECAY without a sample), and at least by count:
+                // the first answers are averaged, so that one slow first call (it opened the
+                // connection) does not set the instance's weight for a second.
                 let elapsed = now.saturating_duration_since(at).as_secs_f64();
-                let keep = (-elapsed / LATENCY_DECAY.as_secs_f64()).exp();
-                (sample + (value - sample) * keep, now)
+                let by_time = 1.0 - (-elapsed / LATENCY_DECAY.as_secs_f64()).exp();
+                let by_count = 1.0 / f64::from(samples.saturating_add(1).min(LATENCY_SAMPLES));
+                let weight = by_time.max(by_count);
+                (
+                    value + (sample - value) * weight,
+                    now,
+                    samples.saturating_add(1),
+                )
             }
         });
     }
@@ -248,7 +262,7 @@ impl EndpointStats {
     /// while fades (by [`LATENCY_STALE`]), so that one slow spell, or one long call dropped at
     /// its deadline, does not starve it for good: it gets a call again and is measured anew.
     pub fn load(&self) -> crate::balance::Load {
-        let latency_us = lock(&self.latency_ewma).map(|(value, at)| {
+        let latency_us = lock(&self.latency_ewma).map(|(value, at, _)| {
             let age = at.elapsed().as_secs_f64();
             value * (-age / LATENCY_STALE.as_secs_f64()).exp()
         });
@@ -864,6 +878,25 @@ mod tests {
         assert_eq!(snapshot.state, State::Connecting);
         // Another id starts from nothing.
         assert_eq!(table.join("B", "127.0.0.1:13002").snapshot().requests, 0);
+    }
+
+    #[test]
+    fn the_latency_average_starts_as_a_mean_and_dropped_calls_only_raise_it() {
+        let e = EndpointStats::new("A", "127.0.0.1:1");
+        assert_eq!(e.load().latency_us, None);
+        // A slow first call (it opened the connection), then nine quick ones: their mean.
+        e.observe_latency(Duration::from_millis(10));
+        for _ in 0..9 {
+            e.observe_latency(Duration::from_millis(1));
+        }
+        let mean = e.load().latency_us.unwrap();
+        assert!((1_890.0..1_910.0).contains(&mean), "{mean}");
+        // A call dropped after 0.1 ms says nothing of a 1.9 ms instance; one dropped after
+        // 50 ms raises it.
+        e.observe_latency_sample(Duration::from_micros(100), true);
+        assert!((mean - e.load().latency_us.unwrap()).abs() < 1.0);
+        e.observe_latency_sample(Duration::from_millis(50), true);
+        assert!(e.load().latency_us.unwrap() > 4_000.0);
     }
 
     #[test]

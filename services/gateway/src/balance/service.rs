@@ -71,6 +71,9 @@ pub trait Avoid<K> {
 /// The smallest share of its weight a new endpoint starts with (Envoy's default too).
 const SLOW_START_FLOOR: f64 = 0.1;
 
+/// The most times slower than the pool's median an endpoint's latency counts.
+const MAX_SLOWER: f64 = 10.0;
+
 /// An endpoint failing every call keeps this share of its weight (outlier detection is what
 /// takes it out).
 const FAILURE_FLOOR: f64 = 0.1;
@@ -342,7 +345,11 @@ impl<K: Ord + Clone, S> RoundRobin<K, S> {
         let candidates: Vec<Candidate<K, S>> = ready
             .into_iter()
             .map(|(mut c, latency, factor)| {
-                let latency = latency.unwrap_or(typical);
+                // At most MAX_SLOWER times the pool's median: the bound on calls in flight
+                // is what keeps a much slower endpoint from gathering calls; its weight need
+                // only say "less". Past that, one slow spell (a cold first call) would starve
+                // it of the calls that would show it fast again.
+                let latency = latency.unwrap_or(typical).min(typical * MAX_SLOWER);
                 // While it ramps up, a fast (idle, fresh) endpoint counts as no faster than
                 // the pool's median: its share is at most its factor of a fair one.
                 let latency = if factor < 1.0 {
@@ -356,19 +363,23 @@ impl<K: Ord + Clone, S> RoundRobin<K, S> {
             .collect();
         let total_weight: f64 = candidates.iter().map(|c| c.weight).sum();
         let total_in_flight: u64 = candidates.iter().map(|c| c.in_flight).sum();
-        // Smooth weighted round robin: every endpoint earns its weight each pick; the one
-        // with the most credit among those within their share of the calls in flight wins.
+        // Smooth weighted round robin: every endpoint earns its share of the weight each
+        // pick (shares sum to one, so credit keeps its meaning while latencies change); the
+        // one with the most credit among those within their share of the calls in flight
+        // wins, and pays one.
         let mut best: Option<(usize, f64)> = None;
         for (i, c) in candidates.iter().enumerate() {
             let Some(slot) = ring.endpoints.get_mut(&c.key) else {
                 continue;
             };
-            slot.current += c.weight;
-            let share = total_in_flight as f64 * c.weight / total_weight;
+            let part = c.weight / total_weight;
+            slot.current = (slot.current + part).min(1.0);
+            let share = total_in_flight as f64 * part;
             if c.in_flight as f64 >= share.floor() + 1.0 {
                 continue;
             }
-            if best.is_none_or(|(_, current)| slot.current > current) {
+            // Ties (within rounding) go in rotation order.
+            if best.is_none_or(|(_, current)| slot.current > current + 1e-9) {
                 best = Some((i, slot.current));
             }
         }
@@ -388,12 +399,13 @@ impl<K: Ord + Clone, S> RoundRobin<K, S> {
         };
         let chosen = candidates.into_iter().nth(chosen)?;
         if let Some(slot) = ring.endpoints.get_mut(&chosen.key) {
-            // A pick costs the whole round's weight, which every endpoint earned: an
+            // A pick costs the whole round's weight (one), which every endpoint earned: an
             // endpoint passed over for its calls in flight keeps its credit, and one that
             // takes the calls the busy ones cannot pays for them, so that over time each
-            // share stays its weight's (a slow start is not cut short under load). Bounded,
-            // so that weights that changed a lot leave no lasting debt or credit.
-            slot.current = (slot.current - total_weight).clamp(-total_weight, total_weight);
+            // share stays its weight's (a slow start is not cut short under load). Credit
+            // and debt are bounded to one round, so that weights that changed a lot leave
+            // no lasting debt or credit.
+            slot.current = (slot.current - 1.0).max(-1.0);
         }
         Some((chosen.key, chosen.service))
     }

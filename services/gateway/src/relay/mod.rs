@@ -461,8 +461,11 @@ impl GatewayService {
                 });
             }
             let may_hedge = attempts < inner.settings.max_attempts;
+            let picked = endpoint::PickedBy::default();
             let (outcome, hedged) = self
-                .attempt_or_hedge(op, pool, &head, &message, deadline, &tried, may_hedge)
+                .attempt_or_hedge(
+                    op, pool, &head, &message, deadline, &tried, may_hedge, &picked,
+                )
                 .await;
             attempts += hedged;
             if previous.is_some() && !matches!(outcome, Attempt::NoInstance) {
@@ -514,7 +517,11 @@ impl GatewayService {
                         limit: dlb::dial::MAX_RESPONSE_BYTES,
                     });
                 }
-                Attempt::Failed(last) => Retry::Failed(last),
+                Attempt::Failed(last) => {
+                    // Its instance failed it (reset the stream, say): a retry goes elsewhere.
+                    tried.extend(picked.0.get().cloned());
+                    Retry::Failed(last)
+                }
             };
             if attempts < inner.settings.max_attempts && inner.budget.withdraw() {
                 tracing::debug!(op, attempts, "retrying on another instance");
@@ -543,8 +550,8 @@ impl GatewayService {
 
     /// One try (see [`GatewayService::attempt`]), and, when `may_hedge`, a second copy on
     /// another instance if the first has no answer within the hedge delay and the retry
-    /// budget allows (see [`GatewayService::hedge`]). Also says how many copies were added
-    /// (0 or 1).
+    /// budget allows (see [`GatewayService::hedge`]). `picked` learns the first copy's
+    /// instance. Also says how many copies were added (0 or 1).
     #[allow(clippy::too_many_arguments)]
     async fn attempt_or_hedge(
         &self,
@@ -555,11 +562,11 @@ impl GatewayService {
         deadline: Instant,
         tried: &[Arc<str>],
         may_hedge: bool,
+        picked: &endpoint::PickedBy,
     ) -> (Attempt, u32) {
         let start = Instant::now();
         let index = METHODS.iter().position(|m| *m == op).unwrap_or(0);
         let delay = self.hedge_delay(index).filter(|_| may_hedge);
-        let picked = endpoint::PickedBy::default();
         let first = Steer {
             tried: tried.to_vec(),
             strictly: false,

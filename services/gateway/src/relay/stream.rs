@@ -356,7 +356,11 @@ impl GatewayService {
                     tried.extend(call.served_by.clone());
                     previous = Some(Ok(parts));
                 }
-                Attempt::Failed(why) => previous = Some(Err(why)),
+                Attempt::Failed(why) => {
+                    // Its instance failed it: a retry goes elsewhere.
+                    tried.extend(call.served_by.clone());
+                    previous = Some(Err(why));
+                }
             }
             if !self.may_retry(&call, &feed) {
                 break;

@@ -113,3 +113,23 @@ async fn no_healthy_instance_is_unavailable_at_once_and_service_resumes() {
     gateway.shutdown().await.unwrap();
     back.shutdown().await.unwrap();
 }
+
+/// The weighted policy (the default) over equal instances spreads sequential calls about
+/// evenly from the first call on: no instance is starved by a slow first answer (it opened
+/// the connection) or by the weights' scale changing once latencies are known.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_weighted_policy_spreads_calls_over_equal_instances_from_the_start() {
+    let mut config = Config::for_tests(vec![]);
+    config.policy = dlb_gateway::config::Policy::Weighted;
+    let (computes, gateway, gw) = gateway_over(&["A", "B", "C"], config).await;
+    for _ in 0..3 {
+        let counts = support::served_by(&gw, 60).await;
+        assert!(
+            ["A", "B", "C"]
+                .iter()
+                .all(|id| (14..=26).contains(counts.get(*id).unwrap_or(&0))),
+            "{counts:?}"
+        );
+    }
+    stop(gateway, computes).await;
+}
