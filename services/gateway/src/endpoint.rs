@@ -119,10 +119,58 @@ pub struct EndpointStats {
     outlier: Mutex<Detector>,
     /// Woken when an outlier ejection starts (its monitor takes it out of the ring).
     outlier_ejected: Notify,
-    /// Latency of its unary answers, microseconds, as an EWMA over [`LATENCY_DECAY`] and at
-    /// least [`LATENCY_SAMPLES`] answers, when it last moved, and the answers seen (the
-    /// weighted policy's input).
-    latency_ewma: Mutex<Option<(f64, Instant, u32)>>,
+    /// Latency of its unary answers (the weighted policy's input).
+    latency: Mutex<Option<LatencyAverage>>,
+}
+
+/// An endpoint's latency, microseconds: the quickest of its first two answers, then an EWMA
+/// over [`LATENCY_DECAY`] and at least [`LATENCY_SAMPLES`] answers, fed the median of the last
+/// three. One answer delayed by something else (a first call that opened the connection, the
+/// host preempting the instance or the gateway) does not make an instance look slow for a
+/// second and cost it its share, while two slow answers in three do at once.
+#[derive(Clone, Copy, Debug)]
+struct LatencyAverage {
+    value: f64,
+    /// When it last moved.
+    at: Instant,
+    /// Answers seen.
+    samples: u32,
+    /// The last three answers, newest first (copies of the first one at the start).
+    recent: [f64; 3],
+}
+
+impl LatencyAverage {
+    fn first(sample: f64, at: Instant) -> Self {
+        Self {
+            value: sample,
+            at,
+            samples: 1,
+            recent: [sample; 3],
+        }
+    }
+
+    /// Takes an answer's latency.
+    fn answered(&mut self, sample: f64, now: Instant) {
+        self.recent = [sample, self.recent[0], self.recent[1]];
+        self.samples = self.samples.saturating_add(1);
+        if self.samples < 3 {
+            self.value = self.value.min(sample);
+        } else {
+            let mut sorted = self.recent;
+            sorted.sort_by(f64::total_cmp);
+            self.moved_towards(sorted[1], now);
+        }
+        self.at = now;
+    }
+
+    /// Moves towards `sample` by time (63% after LATENCY_DECAY without a sample), and at least
+    /// by count (the first answers are averaged).
+    fn moved_towards(&mut self, sample: f64, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        let by_time = 1.0 - (-elapsed / LATENCY_DECAY.as_secs_f64()).exp();
+        let by_count = 1.0 / f64::from(self.samples.clamp(1, LATENCY_SAMPLES));
+        self.value += (sample - self.value) * by_time.max(by_count);
+    }
 }
 
 /// Each answer moves an endpoint's latency EWMA at least by 1/this (the first ones are
@@ -187,7 +235,7 @@ impl EndpointStats {
             rate_samples: Mutex::new(VecDeque::new()),
             outlier: Mutex::new(Detector::new(Instant::now())),
             outlier_ejected: Notify::new(),
-            latency_ewma: Mutex::new(None),
+            latency: Mutex::new(None),
         }
     }
 
@@ -237,34 +285,28 @@ impl EndpointStats {
     fn observe_latency_sample(&self, latency: Duration, at_least: bool) {
         let now = Instant::now();
         let sample = latency.as_secs_f64() * 1e6;
-        let mut ewma = lock(&self.latency_ewma);
-        *ewma = Some(match *ewma {
-            None => (sample, now, 1),
-            Some((value, _, _)) if at_least && sample <= value => return,
-            Some((value, at, samples)) => {
-                // By time (63% after LATENCY_DECAY without a sample), and at least by count:
-                // the first answers are averaged, so that one slow first call (it opened the
-                // connection) does not set the instance's weight for a second.
-                let elapsed = now.saturating_duration_since(at).as_secs_f64();
-                let by_time = 1.0 - (-elapsed / LATENCY_DECAY.as_secs_f64()).exp();
-                let by_count = 1.0 / f64::from(samples.saturating_add(1).min(LATENCY_SAMPLES));
-                let weight = by_time.max(by_count);
-                (
-                    value + (sample - value) * weight,
-                    now,
-                    samples.saturating_add(1),
-                )
+        let mut average = lock(&self.latency);
+        match average.as_mut() {
+            None => *average = Some(LatencyAverage::first(sample, now)),
+            // A lower bound, not an answer: it only raises, and goes in unfiltered.
+            Some(average) if at_least => {
+                if sample > average.value {
+                    average.samples = average.samples.saturating_add(1);
+                    average.moved_towards(sample, now);
+                    average.at = now;
+                }
             }
-        });
+            Some(average) => average.answered(sample, now),
+        }
     }
 
     /// What the weighted policy weighs it by. The latency of an instance not heard from for a
     /// while fades (by [`LATENCY_STALE`]), so that one slow spell, or one long call dropped at
     /// its deadline, does not starve it for good: it gets a call again and is measured anew.
     pub fn load(&self) -> crate::balance::Load {
-        let latency_us = lock(&self.latency_ewma).map(|(value, at, _)| {
-            let age = at.elapsed().as_secs_f64();
-            value * (-age / LATENCY_STALE.as_secs_f64()).exp()
+        let latency_us = lock(&self.latency).map(|average| {
+            let age = average.at.elapsed().as_secs_f64();
+            average.value * (-age / LATENCY_STALE.as_secs_f64()).exp()
         });
         crate::balance::Load {
             latency_us,
@@ -881,22 +923,43 @@ mod tests {
     }
 
     #[test]
-    fn the_latency_average_starts_as_a_mean_and_dropped_calls_only_raise_it() {
+    fn the_latency_average_forgets_a_slow_first_call_and_dropped_calls_only_raise_it() {
         let e = EndpointStats::new("A", "127.0.0.1:1");
         assert_eq!(e.load().latency_us, None);
-        // A slow first call (it opened the connection), then nine quick ones: their mean.
+        // Alone, a slow first answer is what there is.
         e.observe_latency(Duration::from_millis(10));
+        let first = e.load().latency_us.unwrap();
+        assert!((9_900.0..10_010.0).contains(&first), "{first}");
+        // A slow first call (it opened the connection), then quick ones: it is forgotten.
         for _ in 0..9 {
             e.observe_latency(Duration::from_millis(1));
         }
         let mean = e.load().latency_us.unwrap();
-        assert!((1_890.0..1_910.0).contains(&mean), "{mean}");
+        assert!((990.0..1_010.0).contains(&mean), "{mean}");
         // A call dropped after 0.1 ms says nothing of a 1.9 ms instance; one dropped after
         // 50 ms raises it.
         e.observe_latency_sample(Duration::from_micros(100), true);
         assert!((mean - e.load().latency_us.unwrap()).abs() < 1.0);
         e.observe_latency_sample(Duration::from_millis(50), true);
         assert!(e.load().latency_us.unwrap() > 4_000.0);
+    }
+
+    #[test]
+    fn one_slow_answer_among_quick_ones_is_not_a_slow_instance_but_two_are() {
+        let e = EndpointStats::new("A", "127.0.0.1:1");
+        for _ in 0..30 {
+            e.observe_latency(Duration::from_millis(1));
+        }
+        // One answer delayed 30x (the host preempted it): the average does not move.
+        e.observe_latency(Duration::from_millis(30));
+        e.observe_latency(Duration::from_millis(1));
+        let after_one = e.load().latency_us.unwrap();
+        assert!((990.0..1_010.0).contains(&after_one), "{after_one}");
+        // Two slow answers in three: the instance is slower, and the average says so at once.
+        e.observe_latency(Duration::from_millis(30));
+        e.observe_latency(Duration::from_millis(30));
+        let after_two = e.load().latency_us.unwrap();
+        assert!(after_two > 2_000.0, "{after_two}");
     }
 
     #[test]
