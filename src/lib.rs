@@ -26,6 +26,7 @@
 //! - [`client`]: one call and the load generator, as `dlb call`, `dlb bench`, the dashboard and
 //!   tests send them.
 
+pub mod authz;
 pub mod client;
 pub mod deadline;
 pub mod dial;

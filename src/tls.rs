@@ -38,8 +38,9 @@ pub struct TlsArgs {
 
 /// Environment variables a parent must not hand down to the services it starts (they get
 /// explicit flags instead): TLS settings and per-service health ports.
-pub const PRIVATE_ENV: [&str; 7] = [
+pub const PRIVATE_ENV: [&str; 8] = [
     "DLB_TLS_CERT",
+    "DLB_AUTHZ_POLICY",
     "DLB_TLS_KEY",
     "DLB_TLS_CA",
     "DLB_TLS_SERVER_NAME",
@@ -358,8 +359,7 @@ const SERVERS: [&str; 3] = ["gateway", "compute", "control"];
 /// A message naming the file or the problem; nothing is written when a file exists already.
 pub fn init(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, String> {
     use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
+        CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose,
     };
     let mut files = vec![dir.join("ca.pem"), dir.join("ca.key")];
     for name in SERVICES {
@@ -383,12 +383,7 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, String> {
     let failed = |e: rcgen::Error| format!("generating certificates: {e}");
 
     let ca_key = KeyPair::generate().map_err(failed)?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(failed)?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "dlb private CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let mut ca_params = ca_params().map_err(failed)?;
     validity(&mut ca_params);
     let ca_cert = ca_params.self_signed(&ca_key).map_err(failed)?;
     let mut outputs = vec![
@@ -410,6 +405,7 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, String> {
         params
             .distinguished_name
             .push(DnType::CommonName, format!("dlb {name}"));
+        params.subject_alt_names.push(identity(name)?);
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -431,6 +427,134 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, String> {
         write_new(path, contents.as_bytes())?;
     }
     Ok(outputs.into_iter().map(|(path, _)| path).collect())
+}
+
+/// The parameters of the CA [`init`] makes (its name is what every certificate it issues
+/// names as issuer).
+fn ca_params() -> Result<rcgen::CertificateParams, rcgen::Error> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "dlb private CA");
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(params)
+}
+
+/// The subject alternative name naming `role`'s identity (`spiffe://dlb.local/ROLE`).
+fn identity(role: &str) -> Result<rcgen::SanType, String> {
+    let uri = crate::authz::spiffe_id(role);
+    let uri = uri
+        .as_str()
+        .try_into()
+        .map_err(|e| format!("{uri}: not a URI a certificate can hold: {e}"))?;
+    Ok(rcgen::SanType::URI(uri))
+}
+
+/// Makes one more client certificate from the CA [`init`] wrote in `dir`: `NAME.pem` and
+/// `NAME.key`, naming the identity of `role` (`spiffe://dlb.local/ROLE`), valid from January 1
+/// of last year to January 1 of the year after next (no longer than the CA's own, when it was
+/// made this year or last). Refuses to overwrite anything.
+///
+/// # Errors
+///
+/// A message naming the file or the problem (no CA there, a CA key that does not match its
+/// certificate, a bad name or role); nothing is written then.
+pub fn issue(dir: &Path, name: &str, role: &str) -> Result<Vec<PathBuf>, String> {
+    use rcgen::{
+        CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, PublicKeyData,
+    };
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    crate::authz::check_role(name).map_err(|e| format!("certificate name {e}"))?;
+    crate::authz::check_role(role).map_err(|e| format!("--role {e}"))?;
+    if name == "ca" {
+        return Err("\"ca\" is the CA's own file name: choose another name".to_owned());
+    }
+    let files = [
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    ];
+    if let Some(existing) = files.iter().find(|f| f.exists()) {
+        return Err(format!(
+            "{} exists already; nothing was written (choose another name, or remove the old files)",
+            existing.display()
+        ));
+    }
+    let read = |file: &str| {
+        let path = dir.join(file);
+        std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "{}: cannot read it ({e}); make a CA there first with `dlb certs init {}`",
+                path.display(),
+                dir.display()
+            )
+        })
+    };
+    let (ca_pem, ca_key) = (read("ca.pem")?, read("ca.key")?);
+    let ca_der = tokio_rustls::rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| {
+            format!(
+                "{}: not a PEM certificate: {e}",
+                dir.join("ca.pem").display()
+            )
+        })?;
+    let ca_key = KeyPair::from_pem(&ca_key).map_err(|e| {
+        format!(
+            "{}: not a PEM private key: {e}",
+            dir.join("ca.key").display()
+        )
+    })?;
+    if crate::authz::public_key_info(&ca_der) != Some(&ca_key.subject_public_key_info()[..]) {
+        return Err(format!(
+            "{} is not the key of {}: they must be the pair `dlb certs init` wrote",
+            dir.join("ca.key").display(),
+            dir.join("ca.pem").display()
+        ));
+    }
+    let failed = |e: rcgen::Error| format!("generating the certificate: {e}");
+    let issuer = Issuer::new(ca_params().map_err(failed)?, ca_key);
+    let year: i32 = crate::events::time::rfc3339_ms(crate::events::time::now_ms())[..4]
+        .parse()
+        .unwrap_or(2026);
+    let key = KeyPair::generate().map_err(failed)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(failed)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("dlb {name}"));
+    params.subject_alt_names.push(identity(role)?);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+    params.not_after = rcgen::date_time_ymd(year + 2, 1, 1);
+    let cert = params.signed_by(&key, &issuer).map_err(failed)?;
+    // Issued under the name the CA certificate has, or no server would accept it.
+    let same_name = matches!(
+        (crate::authz::issuer(cert.der()), crate::authz::subject(&ca_der)),
+        (Some(issuer), Some(subject)) if issuer == subject
+    );
+    if !same_name {
+        return Err(format!(
+            "{} was not made by `dlb certs init`: its name differs from the one dlb issues under",
+            dir.join("ca.pem").display()
+        ));
+    }
+    write_new(&files[0], cert.pem().as_bytes())?;
+    write_new(&files[1], key.serialize_pem().as_bytes())?;
+    Ok(files.to_vec())
+}
+
+/// The identity the certificate in the PEM file `path` names.
+///
+/// # Errors
+///
+/// An unreadable file, or one holding no certificate.
+pub fn identity_of(path: &Path) -> Result<crate::authz::Caller, String> {
+    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
+    let pem = read_pem("--tls-cert", path, "CERTIFICATE")?;
+    let der = CertificateDer::from_pem_slice(&pem)
+        .map_err(|e| format!("{}: not a PEM certificate: {e}", path.display()))?;
+    Ok(crate::authz::Caller::of_certificate(&der))
 }
 
 /// Writes a new file (never an existing one); keys are readable by the owner only.

@@ -566,6 +566,9 @@ fn every_grpcurl_command_in_the_readme_works_against_dlb_up() {
         if command.starts_with("target/release/dlb up") {
             continue; // what Up::start runs, on free ports
         }
+        if command.starts_with("target/release/dlb certs issue") {
+            continue; // needs dlb up --tls's CA: the mutual TLS test runs it
+        }
         assert!(
             command.starts_with("target/release/dlb ") || command.starts_with(".venv/bin/just "),
             "README: untested command {command}"
@@ -599,6 +602,237 @@ fn every_grpcurl_command_in_the_readme_works_against_dlb_up() {
     assert!(up.interrupt().success());
 }
 
+/// grpcurl with the certificate of a role (`ui`, `client`, ...), and its outcome.
+type AsRole<'a> = dyn Fn(&str, &[&str]) -> Result<String, String> + 'a;
+
+/// Under `dlb up --tls --operator operator`, with grpcurl (grpc-go) and Python grpcio as the
+/// callers: client.pem calls the gateway but is refused, with PERMISSION_DENIED naming its
+/// identity, at control's lifecycle RPCs and straight at an instance; ui.pem and an operator's
+/// certificate stop and start an instance; the gateway serves a steady load through it all with
+/// no failed call; a certificate from another CA is refused at the handshake; refusals are
+/// events on the dashboard.
+fn authorization_follows_the_certificate_identity(
+    up: &Up,
+    certs: &Path,
+    instance: &str,
+    as_role: &AsRole<'_>,
+) {
+    let (gateway, control) = (up.ports.gateway(), up.ports.control());
+    let tls_flag =
+        |flag: &str, file: &str| [flag.to_owned(), certs.join(file).display().to_string()];
+    // A steady load through the gateway as client.pem, for the whole of this.
+    let load = Command::new(workspace_binary("dlb"))
+        .args([
+            "bench", "--addr", &gateway, "-c", "4", "-d", "10", "--warmup", "0", "--json", "-q",
+        ])
+        .args(["--op", "reverse", "--input", "hello"])
+        .args(tls_flag("--tls-ca", "ca.pem"))
+        .args(tls_flag("--tls-cert", "client.pem"))
+        .args(tls_flag("--tls-key", "client.key"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let denied = |result: Result<String, String>, what: &str| {
+        let error = result.expect_err(what);
+        assert!(
+            error.contains("Code: PermissionDenied")
+                && error.contains("spiffe://dlb.local/client may not call"),
+            "{what}: {error}"
+        );
+        error
+    };
+    // client.pem: served at the gateway, refused at control's lifecycle and at an instance.
+    let served = as_role(
+        "client",
+        &[
+            "-d",
+            r#"{"text": "hi"}"#,
+            &gateway,
+            "dlb.v1.Operations/Reverse",
+        ],
+    );
+    assert!(
+        served.as_ref().is_ok_and(|out| out.contains("ih")),
+        "{served:?}"
+    );
+    for (method, body) in [
+        ("StopInstance", r#"{"id": "B", "force": true}"#),
+        ("StartInstance", r#"{"id": "B"}"#),
+        ("AddInstance", "{}"),
+        ("RemoveInstance", r#"{"id": "B"}"#),
+    ] {
+        let error = denied(
+            as_role(
+                "client",
+                &["-d", body, &control, &format!("dlb.v1.Control/{method}")],
+            ),
+            method,
+        );
+        assert!(
+            error.contains(&format!("/dlb.v1.Control/{method}: the policy's rule")),
+            "{error}"
+        );
+        assert!(
+            !error.contains("ui") && !error.contains("operator"),
+            "the refusal lists who may: {error}"
+        );
+    }
+    let error = denied(
+        as_role(
+            "client",
+            &[
+                "-d",
+                r#"{"text": "hi"}"#,
+                instance,
+                "dlb.v1.Operations/Reverse",
+            ],
+        ),
+        "straight at an instance",
+    );
+    assert!(error.contains("(compute "), "{error}");
+    // The same refusals for Python grpcio.
+    let plan = serde_json::json!({
+        "target": instance,
+        "tls": {
+            "ca": certs.join("ca.pem"),
+            "cert": certs.join("client.pem"),
+            "key": certs.join("client.key"),
+        },
+        "cases": [
+            // ReverseRequest { text: "hello" }
+            {"name": "instance", "method": "/dlb.v1.Operations/Reverse", "request": "0a0568656c6c6f", "timeout_ms": 5000},
+        ],
+    });
+    let control_plan = serde_json::json!({
+        "target": control,
+        "tls": plan["tls"],
+        "cases": [
+            // StopInstanceRequest { id: "B" }
+            {"name": "stop", "method": "/dlb.v1.Control/StopInstance", "request": "0a0142", "timeout_ms": 5000},
+        ],
+    });
+    for plan in [plan, control_plan] {
+        let mut python = Command::new(checkout().join(".venv/bin/python"))
+            .arg(checkout().join("tests/interop/grpc_peer.py"))
+            .arg("client")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        python
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(plan.to_string().as_bytes())
+            .unwrap();
+        let out = python.wait_with_output().unwrap();
+        let result: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "grpcio printed {:?}: {e}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        assert_eq!(result["code"], "PERMISSION_DENIED", "{result}");
+        assert!(
+            result["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("spiffe://dlb.local/client may not call")),
+            "{result}"
+        );
+    }
+
+    // ui.pem (the dashboard's) stops and starts B; so does an operator's certificate.
+    for role in ["ui", "alice"] {
+        let stopped = as_role(
+            role,
+            &[
+                "-d",
+                r#"{"id": "B"}"#,
+                &control,
+                "dlb.v1.Control/StopInstance",
+            ],
+        );
+        assert!(stopped.is_ok(), "{role} stops B: {stopped:?}");
+        let started = as_role(
+            role,
+            &[
+                "-d",
+                r#"{"id": "B"}"#,
+                &control,
+                "dlb.v1.Control/StartInstance",
+            ],
+        );
+        assert!(started.is_ok(), "{role} starts B: {started:?}");
+    }
+
+    // A certificate from another CA: refused at the handshake, before any policy.
+    let other = up.ports.state_dir.join("other-ca");
+    dlb::tls::init(&other, &[]).unwrap();
+    let stranger = run_grpcurl(&[
+        "-cacert".to_owned(),
+        certs.join("ca.pem").display().to_string(),
+        "-cert".to_owned(),
+        other.join("ui.pem").display().to_string(),
+        "-key".to_owned(),
+        other.join("ui.key").display().to_string(),
+        "-max-time".to_owned(),
+        "5".to_owned(),
+        control.clone(),
+        "dlb.v1.Control/ListInstances".to_owned(),
+    ]);
+    // grpc-go does not say why a handshake failed; that it never got a connection (where a
+    // certificate from the CA gets one within the same -max-time, above) is the point.
+    let error = stranger.expect_err("another CA's certificate is refused");
+    assert!(
+        error.contains("Failed to dial target host") && !error.contains("PermissionDenied"),
+        "{error}"
+    );
+
+    // The gateway served the load throughout: no failed call.
+    let out = load.wait_with_output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "dlb bench printed {:?} / {:?}: {e}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(report["ok"].as_u64().unwrap_or(0) > 100, "{report}");
+    assert_eq!(report["ok"], report["requests"], "{report}");
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+
+    // Refusals are events: the dashboard shows them (one more, since the load's calls have
+    // pushed the earlier ones out of the log's latest 1,000).
+    denied(
+        as_role(
+            "client",
+            &[
+                "-d",
+                r#"{"id": "B"}"#,
+                &control,
+                "dlb.v1.Control/StopInstance",
+            ],
+        ),
+        "after the load",
+    );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let events = http_get(up.ports.ui, "/api/events?kind=error&limit=100").unwrap_or_default();
+        if events.contains("permission denied") && events.contains("spiffe://dlb.local/client") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no refusal among the events: {}",
+            &events[events.len().saturating_sub(3000)..]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn the_readme_mutual_tls_commands_work_against_dlb_up_tls_and_strangers_are_refused() {
     let commands: Vec<String> = readme_grpcurl_commands()
@@ -609,7 +843,7 @@ fn the_readme_mutual_tls_commands_work_against_dlb_up_tls_and_strangers_are_refu
         commands.iter().any(|c| c.contains("dlb.v1.Operations/")),
         "README has a grpcurl call with mutual TLS"
     );
-    let mut up = Up::start_with("tls", &["--tls"]);
+    let mut up = Up::start_with("tls", &["--tls", "--operator", "operator"]);
     let deadline = Instant::now() + PATIENCE;
     while !up.output().contains("dlb is up") {
         if let Ok(Some(status)) = up.child.try_wait() {
@@ -620,6 +854,23 @@ fn the_readme_mutual_tls_commands_work_against_dlb_up_tls_and_strangers_are_refu
     }
     let certs = up.ports.state_dir.join("certs");
     assert!(up.output().contains("mutual TLS"), "{}", up.output());
+    // A person's certificate with the role `dlb up --operator` named, as docs/security.md
+    // makes it (beside dlb up's CA).
+    let issue = readme_commands()
+        .into_iter()
+        .find(|c| c.starts_with("target/release/dlb certs issue alice"))
+        .expect("docs/security.md issues alice's certificate");
+    let issued = run_shell(
+        &issue.replacen(
+            "target/release/dlb ",
+            &format!("{} ", workspace_binary("dlb").display()),
+            1,
+        ),
+        &[("DLB_STATE_DIR", up.ports.state_dir.display().to_string())],
+    )
+    .unwrap_or_else(|e| panic!("{issue}: {e}"));
+    assert!(issued.contains("spiffe://dlb.local/operator"), "{issued}");
+    assert!(certs.join("alice.pem").exists(), "{issued}");
     for command in &commands {
         let line = command
             .replace("~/.local/state/dlb/certs", &certs.display().to_string())
@@ -642,34 +893,27 @@ fn the_readme_mutual_tls_commands_work_against_dlb_up_tls_and_strangers_are_refu
         assert!(!out.trim().is_empty(), "{command}: no output");
         println!("ok: {command}");
     }
+    let as_role = |role: &str, args: &[&str]| -> Result<String, String> {
+        let flags = [
+            ("-cacert", "ca.pem".to_owned()),
+            ("-cert", format!("{role}.pem")),
+            ("-key", format!("{role}.key")),
+        ];
+        let mut all: Vec<String> = flags
+            .iter()
+            .flat_map(|(flag, file)| [(*flag).to_owned(), certs.join(file).display().to_string()])
+            .collect();
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        run_grpcurl(&all)
+    };
+    let list: Value = serde_json::from_str(
+        &as_role("ui", &[&up.ports.control(), "dlb.v1.Control/ListInstances"]).unwrap(),
+    )
+    .unwrap();
+    let instance = list["instances"][0]["address"].as_str().unwrap().to_owned();
+    authorization_follows_the_certificate_identity(&up, &certs, &instance, &as_role);
     // Each service presents its own certificate: the gateway gateway.pem, control
     // control.pem, and the instances control starts compute.pem.
-    let client_flags = |args: &[&str]| -> Vec<String> {
-        let mut all: Vec<String> = [
-            "-cacert",
-            "ca.pem",
-            "-cert",
-            "client.pem",
-            "-key",
-            "client.key",
-        ]
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            if i % 2 == 1 {
-                certs.join(a).display().to_string()
-            } else {
-                (*a).to_owned()
-            }
-        })
-        .collect();
-        all.extend(args.iter().map(|a| (*a).to_owned()));
-        all
-    };
-    let listed = client_flags(&[&up.ports.control(), "dlb.v1.Control/ListInstances"]);
-    let listed: Vec<&str> = listed.iter().map(String::as_str).collect();
-    let list: Value = serde_json::from_str(&run_grpcurl(&listed).unwrap()).unwrap();
-    let instance = list["instances"][0]["address"].as_str().unwrap().to_owned();
     for (addr, own) in [
         (up.ports.gateway(), "gateway.pem"),
         (up.ports.control(), "control.pem"),

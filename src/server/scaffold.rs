@@ -21,6 +21,7 @@ use tonic::service::Routes;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use super::{Incoming, RunError, reflection, spawn_health_listener};
+use crate::authz::{AuthzLayer, Guard};
 use crate::events::{EventLog, Writer};
 use crate::health::HealthState;
 use crate::status::StatusLayer;
@@ -31,8 +32,11 @@ use crate::tls::TlsArgs;
 /// (a 2 MB Fibonacci value takes many flow-control round trips on a loaded machine).
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The layers in front of every dlb server's services.
-type Layers = tower::layer::util::Stack<StatusLayer, tower::layer::util::Identity>;
+/// The layers in front of every dlb server's services: exact statuses, then authorization.
+type Layers = tower::layer::util::Stack<
+    AuthzLayer,
+    tower::layer::util::Stack<StatusLayer, tower::layer::util::Identity>,
+>;
 
 /// What a dlb server is, as far as the scaffold is concerned.
 #[derive(Debug)]
@@ -56,6 +60,8 @@ pub struct Spec<'a> {
     /// Serve reflection of `services` (v1 and v1alpha); false when the caller adds its own
     /// (the gateway's also answers for its instances).
     pub reflection: bool,
+    /// Who may call what (under mutual TLS).
+    pub authz: Guard,
 }
 
 /// A server being set up: health and the health-only port exist, nothing is served yet.
@@ -85,6 +91,7 @@ impl Scaffold {
         };
         let mut builder = tonic::transport::Server::builder()
             .layer(layer)
+            .layer(AuthzLayer::new(spec.authz))
             .initial_stream_window_size(crate::dial::STREAM_WINDOW_BYTES)
             .initial_connection_window_size(crate::dial::CONNECTION_WINDOW_BYTES)
             .max_frame_size(crate::dial::MAX_FRAME_BYTES)

@@ -1,6 +1,7 @@
 """Python grpcio (C-core) as a peer of dlb in the conformance tests: a client, or an instance.
 
-client: reads {"target": "HOST:PORT", "cases": [...]} as JSON on stdin, makes each call with
+client: reads {"target": "HOST:PORT", "cases": [...]} as JSON on stdin (with "tls": {"ca",
+        "cert", "key"} (PEM file paths) it calls over mutual TLS), makes each call with
         raw bytes (no generated code: the test encodes and decodes the protobuf), and prints one
         JSON object per case on stdout. A case: name, method (a path), request (hex),
         metadata ([[key, value]], a -bin value in hex), timeout_ms, compression ("gzip"),
@@ -76,9 +77,26 @@ def call(channel, case):
     return result
 
 
+def channel_for(plan):
+    tls = plan.get("tls")
+    if not tls:
+        return grpc.insecure_channel(plan["target"], options=UNLIMITED)
+
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(tls["ca"]),
+        private_key=read(tls["key"]),
+        certificate_chain=read(tls["cert"]),
+    )
+    return grpc.secure_channel(plan["target"], credentials, options=UNLIMITED)
+
+
 def client():
     plan = json.load(sys.stdin)
-    with grpc.insecure_channel(plan["target"], options=UNLIMITED) as channel:
+    with channel_for(plan) as channel:
         for case in plan["cases"]:
             print(json.dumps(call(channel, case)), flush=True)
 

@@ -93,6 +93,11 @@ pub struct Config {
     #[command(flatten)]
     pub tls: dlb::tls::TlsArgs,
 
+    /// Who may call what under mutual TLS (built in: the operations only to the gateway and
+    /// control).
+    #[command(flatten)]
+    pub authz: dlb::authz::AuthzArgs,
+
     /// Where events go (the Redis event log).
     #[command(flatten)]
     pub events: EventLogArgs,
@@ -134,6 +139,7 @@ impl Config {
             register_ttl_ms: DEFAULT_REGISTER_TTL_MS,
             health_listen: None,
             tls: dlb::tls::TlsArgs::default(),
+            authz: dlb::authz::AuthzArgs::default(),
             events: EventLogArgs::disabled(),
         }
     }

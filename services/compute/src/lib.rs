@@ -79,6 +79,15 @@ pub async fn run(
         max_concurrent_streams: None,
         health_names: &[],
         reflection: true,
+        authz: dlb::authz::guard(
+            &format!("compute {}", config.id),
+            &config.authz,
+            dlb::authz::COMPUTE_POLICY,
+            Some(&["dlb.v1.Operations", "dlb.v1.Load"]),
+            &config.tls,
+            &events,
+        )
+        .map_err(RunError::Config)?,
     })
     .await?;
     let mut serving = scaffold.serve(listener, |router| {

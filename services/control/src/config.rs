@@ -93,6 +93,12 @@ pub struct Config {
     #[command(flatten)]
     pub tls: dlb::tls::TlsArgs,
 
+    /// Who may call what under mutual TLS (built in: starting, stopping, adding and removing
+    /// instances only to ui, listing them to ui and the gateway). `--allow
+    /// '/dlb.v1.Control/*=operator'` gives role `operator` the lifecycle RPCs too.
+    #[command(flatten)]
+    pub authz: dlb::authz::AuthzArgs,
+
     /// PEM certificate the instances it starts serve with, instead of control's own
     /// --tls-cert (`dlb up --tls` gives them compute.pem).
     #[arg(
@@ -133,6 +139,7 @@ impl Config {
             advertise_host: None,
             health_listen: None,
             tls: dlb::tls::TlsArgs::default(),
+            authz: dlb::authz::AuthzArgs::default(),
             instance_tls_cert: None,
             instance_tls_key: None,
             events: EventLogArgs::disabled(),

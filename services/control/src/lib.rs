@@ -44,6 +44,15 @@ pub async fn run(
     config.validate().map_err(RunError::Config)?;
     let events_config = config.events.config().map_err(RunError::Config)?;
     let (events, writer) = EventLog::spawn(events_config, "control", "control");
+    let authz = dlb::authz::guard(
+        "control",
+        &config.authz,
+        dlb::authz::CONTROL_POLICY,
+        Some(&["dlb.v1.Control"]),
+        &config.tls,
+        &events,
+    )
+    .map_err(RunError::Config)?;
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let supervisor = Supervisor::new(&config, events.clone(), cancel.clone(), tracker.clone());
@@ -58,6 +67,7 @@ pub async fn run(
         max_concurrent_streams: None,
         health_names: &[],
         reflection: true,
+        authz,
     })
     .await?;
     let mut serving = scaffold.serve(listener, |router| {

@@ -375,6 +375,11 @@ pub struct Config {
     #[command(flatten)]
     pub tls: dlb::tls::TlsArgs,
 
+    /// Who may call what under mutual TLS (built in: every certificate from the CA may call
+    /// every method).
+    #[command(flatten)]
+    pub authz: dlb::authz::AuthzArgs,
+
     /// Where events go (the Redis event log).
     #[command(flatten)]
     pub events: EventLogArgs,
@@ -420,6 +425,7 @@ impl Config {
             max_message_bytes: 4 * 1024 * 1024,
             health_listen: None,
             tls: dlb::tls::TlsArgs::default(),
+            authz: dlb::authz::AuthzArgs::default(),
             events: EventLogArgs::disabled(),
         }
     }

@@ -102,6 +102,15 @@ pub async fn run(
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let (events, writer) = EventLog::spawn(events_config, "gateway", &config.id);
+    let authz = dlb::authz::guard(
+        "gateway",
+        &config.authz,
+        dlb::authz::GATEWAY_POLICY,
+        None,
+        &config.tls,
+        &events,
+    )
+    .map_err(RunError::Config)?;
 
     let plan = config.plan().map_err(RunError::Config)?;
     let outlier = config.outlier().map_err(RunError::Config)?;
@@ -206,6 +215,7 @@ pub async fn run(
         max_concurrent_streams: Some(config.max_concurrent_streams),
         health_names: &health_names,
         reflection: false,
+        authz: authz.clone(),
     })
     .await?;
     tracker.spawn(follow_pool_health(
@@ -223,6 +233,7 @@ pub async fn run(
         max_in_flight: config.max_in_flight,
         health_interval_ms: config.health_interval_ms,
         probe_timeout_ms: config.probe_timeout_ms,
+        authz,
         connections: scaffold.connections().clone(),
         max_connections,
     };

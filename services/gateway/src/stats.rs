@@ -39,6 +39,8 @@ pub struct StatsSource {
     pub max_connections: usize,
     /// Probe timeout, ms.
     pub probe_timeout_ms: u64,
+    /// Authorization (for its refusals).
+    pub authz: dlb::authz::Guard,
 }
 
 impl StatsSource {
@@ -235,6 +237,12 @@ impl StatsSource {
             "counter",
             "Retries on another instance.",
             one(s.retries),
+        );
+        metric(
+            "dlb_gateway_permission_denied_total",
+            "counter",
+            "Calls refused because the caller's certificate identity is not allowed the method (mutual TLS).",
+            one(self.authz.denied()),
         );
         metric(
             "dlb_gateway_hedges_total",

@@ -72,6 +72,18 @@ async fn check(channel: Channel) -> Result<(), String> {
     }
 }
 
+/// A `dlb-compute` process with mutual TLS (compute.pem of `dir`), no event log, and `extra`
+/// flags.
+fn compute_with_tls(dir: &Path, id: &str, extra: &[&str]) -> ComputeProcess {
+    let tls = dlb::tls::args_for(dir, "compute").to_args();
+    let flags: Vec<&str> = ["--redis", "none"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .chain(tls.iter().map(String::as_str))
+        .collect();
+    ComputeProcess::start_with(&[], id, "127.0.0.1:0", &flags)
+}
+
 /// `dlb-control` with mutual TLS, starting `instances` instances (which get its TLS flags).
 struct Control {
     child: Child,
@@ -139,7 +151,9 @@ async fn with_mutual_tls_members_talk_and_strangers_are_refused_at_every_service
         assert_eq!(reply.into_inner().text, "olleh");
     }
 
-    let instances = ControlClient::new(dial(&control.addr, Some(&trusted), None).await)
+    // Control lists its instances to the dashboard's certificate (not to client.pem).
+    let ui = client(dlb::tls::args_for(&dir, "ui"));
+    let instances = ControlClient::new(dial(&control.addr, Some(&ui), None).await)
         .list_instances(ListInstancesRequest {})
         .await
         .unwrap()
@@ -233,17 +247,151 @@ async fn with_mutual_tls_members_talk_and_strangers_are_refused_at_every_service
     let _ = std::fs::remove_dir_all(&other);
 }
 
+/// A gateway with a policy of its own: each call decided by the identity in the caller's
+/// certificate, refusals answered PERMISSION_DENIED naming the identity and the rule (never
+/// who the rule allows), counted in /metrics; serving goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_policy_refuses_by_certificate_identity_and_counts_it() {
+    let dir = certs("policy");
+    let computes = [compute_with_tls(&dir, "A", &[])];
+    let policy = dir.join("gateway.policy");
+    std::fs::write(
+        &policy,
+        "# the operations to client.pem only\n\
+         /dlb.v1.Operations/* = client\n\
+         /grpc.health.v1.Health/* = *\n",
+    )
+    .unwrap();
+    let mut config = Config::for_tests(vec![]);
+    config.tls = dlb::tls::args_for(&dir, "gateway");
+    config.authz.authz_policy = Some(policy);
+    config.authz.allow = vec!["/dlb.v1.Gateway/Stats=ui".into()];
+    let backends = computes.iter().map(ComputeProcess::backend).collect();
+    let gateway = RunningGateway::start(config, backends, true).await.unwrap();
+    let addr = gateway.addr.to_string();
+    let as_client = dial(
+        &addr,
+        Some(&client(dlb::tls::args_for(&dir, "client"))),
+        None,
+    )
+    .await;
+    let as_ui = dial(&addr, Some(&client(dlb::tls::args_for(&dir, "ui"))), None).await;
+    wait_serving(&as_ui, &["A"], PATIENCE).await;
+
+    let reverse = |channel: Channel| async move {
+        OperationsClient::new(channel)
+            .reverse(ReverseRequest {
+                text: "hello".into(),
+            })
+            .await
+    };
+    assert_eq!(
+        reverse(as_client.clone()).await.unwrap().into_inner().text,
+        "olleh"
+    );
+    let status = reverse(as_ui.clone()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "spiffe://dlb.local/ui may not call /dlb.v1.Operations/Reverse: the policy's rule \"/dlb.v1.Operations/*\" does not name it (gateway)"
+    );
+    // A method no rule matches: refused too (the gateway relays any service otherwise).
+    let stats = dlb::proto::v1::gateway_client::GatewayClient::new(as_client.clone())
+        .stats(dlb::proto::v1::StatsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(stats.code(), tonic::Code::PermissionDenied, "{stats:?}");
+    assert!(
+        stats.message().starts_with("spiffe://dlb.local/client may not call /dlb.v1.Gateway/Stats: the policy's rule \"/dlb.v1.Gateway/Stats\""),
+        "{}",
+        stats.message()
+    );
+    // The rule added by --allow lets ui read the stats.
+    dlb::proto::v1::gateway_client::GatewayClient::new(as_ui.clone())
+        .stats(dlb::proto::v1::StatsRequest {})
+        .await
+        .unwrap();
+    let metrics = tokio::task::spawn_blocking({
+        let addr = gateway.metrics_addr.unwrap();
+        move || dlb::testing::http_get(addr, "/metrics").unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        metrics.contains("\ndlb_gateway_permission_denied_total 2\n"),
+        "{metrics}"
+    );
+    // Serving goes on for the allowed caller.
+    assert_eq!(reverse(as_client).await.unwrap().into_inner().text, "olleh");
+    gateway.shutdown().await.unwrap();
+    drop(computes);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_policy_stops_the_start_with_the_line_and_the_reason() {
+    let dir = certs("bad-policy");
+    let policy = dir.join("bad.policy");
+    std::fs::write(
+        &policy,
+        "/dlb.v1.Operations/* = client\n/dlb.v1.Operations/* client\n",
+    )
+    .unwrap();
+    let output = Command::new(dlb::testing::workspace_binary("dlb-gateway"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--redis",
+            "none",
+            "--backend",
+            "A=127.0.0.1:1",
+        ])
+        .args(dlb::tls::args_for(&dir, "gateway").to_args())
+        .arg("--authz-policy")
+        .arg(&policy)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "--authz-policy {} line 2: \"/dlb.v1.Operations/* client\" is not a rule",
+            policy.display()
+        )),
+        "{stderr}"
+    );
+    // And a rule for a service control does not serve.
+    support::compute_binary();
+    let output = Command::new(dlb::testing::workspace_binary("dlb-control"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--instances",
+            "0",
+            "--redis",
+            "none",
+        ])
+        .args(dlb::tls::args_for(&dir, "control").to_args())
+        .args(["--allow", "/dlb.v1.Contrl/*=operator"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("this server serves no service dlb.v1.Contrl"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_an_instance_under_load_loses_no_call_with_mutual_tls() {
     let dir = certs("failover");
-    let tls: Vec<String> = dlb::tls::args_for(&dir, "compute").to_args();
-    let flags: Vec<&str> = ["--redis", "none"]
-        .into_iter()
-        .chain(tls.iter().map(String::as_str))
-        .collect();
     let mut computes: Vec<ComputeProcess> = ["A", "B", "C"]
         .iter()
-        .map(|id| ComputeProcess::start_with(&[], id, "127.0.0.1:0", &flags))
+        .map(|id| compute_with_tls(&dir, id, &[]))
         .collect();
     let mut config = Config::for_tests(vec![]);
     config.tls = dlb::tls::args_for(&dir, "gateway");
@@ -295,12 +443,7 @@ async fn the_plaintext_health_port_answers_health_only() {
     let dir = certs("health");
     let health_port = dlb::testing::free_port();
     let health_addr = format!("127.0.0.1:{health_port}");
-    let tls = dlb::tls::args_for(&dir, "compute").to_args();
-    let flags: Vec<&str> = ["--redis", "none", "--health-listen", health_addr.as_str()]
-        .into_iter()
-        .chain(tls.iter().map(String::as_str))
-        .collect();
-    let compute = ComputeProcess::start_with(&[], "A", "127.0.0.1:0", &flags);
+    let compute = compute_with_tls(&dir, "A", &["--health-listen", health_addr.as_str()]);
 
     // A probe without TLS gets SERVING on the health port...
     let plain = dial(&health_addr, None, None).await;

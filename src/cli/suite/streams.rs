@@ -181,6 +181,7 @@ pub async fn start_instance(stop: CancellationToken) -> Result<String, String> {
         max_concurrent_streams: None,
         health_names: &[],
         reflection: false,
+        authz: dlb::authz::Guard::default(),
     })
     .await
     .map_err(|e| format!("stream instance: {e}"))?;

@@ -90,6 +90,11 @@ pub struct UpArgs {
     /// Certificates for --tls (default: `certs` in the state directory).
     #[arg(long, env = "DLB_CERTS_DIR")]
     pub certs_dir: Option<PathBuf>,
+    /// With --tls: certificates of this role (made with `dlb certs issue NAME --role ROLE`) may
+    /// start, stop, add and remove instances at control, as the dashboard may (repeat for
+    /// several roles).
+    #[arg(long = "operator", value_name = "ROLE", requires = "tls")]
+    pub operators: Vec<String>,
 }
 
 /// Flags of `dlb down`.

@@ -230,6 +230,14 @@ pub(super) async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Resu
             .and_then(|tls| tls.client()),
         None => None,
     };
+    // Whether control serves its instances, asked as the dashboard would (control lists them
+    // only to the gateway and ui).
+    let ui_tls = match &certs {
+        Some(dir) => dlb::tls::args_for(dir, "ui")
+            .load()?
+            .and_then(|tls| tls.client()),
+        None => None,
+    };
 
     // Control and its instances.
     let control_addr = format!("127.0.0.1:{}", args.control_port);
@@ -254,6 +262,11 @@ pub(super) async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Resu
     .map(str::to_owned)
     .into_iter()
     .chain(tls_args("control"))
+    .chain(
+        args.operators
+            .iter()
+            .flat_map(|role| ["--allow".to_owned(), format!("/dlb.v1.Control/*={role}")]),
+    )
     // Its instances present compute.pem, not control's certificate.
     .chain(certs.as_ref().map_or_else(Vec::new, |dir| {
         let compute = dlb::tls::args_for(dir, "compute");
@@ -267,7 +280,7 @@ pub(super) async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Resu
     }))
     .collect::<Vec<_>>();
     let instances = {
-        let (addr, count, tls) = (control_addr.clone(), args.instances, client_tls.clone());
+        let (addr, count, tls) = (control_addr.clone(), args.instances, ui_tls.clone());
         mesh.launch(
             ("control", "control"),
             &bins.join("dlb-control"),
@@ -473,6 +486,20 @@ fn certificates(args: &UpArgs, state_dir: &Path) -> Result<Option<PathBuf>, Stri
         dlb::tls::args_for(&dir, name)
             .load()
             .map_err(|e| format!("--tls: {e} (remove {} to make new ones)", dir.display()))?;
+        // Servers decide who may call what by the identity a certificate names.
+        let path = dir.join(format!("{name}.pem"));
+        let expected = dlb::authz::Caller::Spiffe(dlb::authz::spiffe_id(name));
+        if dlb::tls::identity_of(&path)? != expected {
+            return Err(format!(
+                "--tls: {} does not name the identity {expected} (made by a dlb before identities?); \
+                 move {} aside to make new certificates, and hand out the new client.pem",
+                path.display(),
+                dir.display()
+            ));
+        }
+    }
+    for role in &args.operators {
+        dlb::authz::check_role(role).map_err(|e| format!("--operator {e}"))?;
     }
     Ok(Some(dir))
 }
