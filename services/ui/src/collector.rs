@@ -18,7 +18,10 @@ use dlb::events::reader::EventReader;
 use dlb::events::{Event, time::now_ms};
 use dlb::proto::v1::control_client::ControlClient;
 use dlb::proto::v1::gateway_client::GatewayClient;
-use dlb::proto::v1::{Instance, InstanceState, StatsRequest, StatsResponse, WatchInstancesRequest};
+use dlb::proto::v1::{
+    Instance, InstanceState, ListInstancesRequest, StatsRequest, StatsResponse,
+    WatchInstancesRequest,
+};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 use tokio_stream::StreamExt;
@@ -326,6 +329,23 @@ impl Model {
         }
     }
 
+    /// Takes the live uptime, CPU and memory of the instances control lists, for those it
+    /// lists with the same process as the last state change said (a newer process waits for
+    /// its state to arrive through the watch).
+    fn set_resources(&mut self, listed: &[Instance]) {
+        for fresh in listed {
+            if let Some(known) = self
+                .instances
+                .iter_mut()
+                .find(|i| i.id == fresh.id && i.pid == fresh.pid)
+            {
+                known.uptime_ms = fresh.uptime_ms;
+                known.cpu_percent = fresh.cpu_percent;
+                known.rss_bytes = fresh.rss_bytes;
+            }
+        }
+    }
+
     fn set_instances(&mut self, instances: Vec<Instance>) {
         let at_ms = now_ms();
         for instance in &instances {
@@ -542,6 +562,36 @@ pub async fn poll_gateway(
     }
 }
 
+/// How often the dashboard reads control's instance list for the instances' uptime, CPU and
+/// memory: `WatchInstances` sends a list only when an instance changes state, and these change
+/// all the time. Control samples them about once a second, so the cells are at most about two
+/// seconds old.
+pub const RESOURCES_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Reads control's instance list every [`RESOURCES_INTERVAL`] until `cancel`, for the live
+/// uptime, CPU and memory of each instance (states come from [`watch_control`]).
+pub async fn poll_resources(
+    collector: Arc<Collector>,
+    channel: Channel,
+    cancel: CancellationToken,
+) {
+    let mut client = ControlClient::new(channel);
+    let mut ticker = tokio::time::interval(RESOURCES_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let mut request = tonic::Request::new(ListInstancesRequest {});
+        request.set_timeout(RESOURCES_INTERVAL);
+        // A failure shows through watch_control, which follows the same control.
+        if let Ok(list) = client.list_instances(request).await {
+            collector.update(|m| m.set_resources(&list.into_inner().instances));
+        }
+    }
+}
+
 /// Follows control's instance list until `cancel`, reconnecting with backoff.
 pub async fn watch_control(collector: Arc<Collector>, channel: Channel, cancel: CancellationToken) {
     let mut client = ControlClient::new(channel);
@@ -642,6 +692,30 @@ mod tests {
             state: state as i32,
             ..Instance::default()
         }
+    }
+
+    #[test]
+    fn resources_follow_the_instance_list_between_state_changes() {
+        let collector = Collector::new("boot", "gw", Some("control"), None);
+        let serving = |pid, uptime_ms, rss_bytes| Instance {
+            pid,
+            uptime_ms,
+            rss_bytes,
+            cpu_percent: 1.5,
+            ..instance("A", InstanceState::Serving)
+        };
+        collector.update(|m| m.set_instances(vec![serving(7, 3, 0)]));
+        // The list read a second later: same process, live values.
+        collector.update(|m| m.set_resources(&[serving(7, 1_003, 9_000_000)]));
+        let view = |c: &Collector| {
+            let snapshot = c.snapshot();
+            let a = snapshot.instances.iter().find(|i| i.id == "A").unwrap();
+            (a.uptime_ms, a.rss_bytes)
+        };
+        assert_eq!(view(&collector), (1_003, 9_000_000));
+        // A list that already shows a new process (restarted): its state comes by the watch.
+        collector.update(|m| m.set_resources(&[serving(8, 5, 100)]));
+        assert_eq!(view(&collector), (1_003, 9_000_000));
     }
 
     #[test]

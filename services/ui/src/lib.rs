@@ -130,6 +130,11 @@ impl AppState {
                 channel.clone(),
                 cancel.clone(),
             ));
+            tracker.spawn(collector::poll_resources(
+                Arc::clone(&collector),
+                channel.clone(),
+                cancel.clone(),
+            ));
         }
         if let Some(reader) = &reader {
             tracker.spawn(collector::tail_events(

@@ -136,6 +136,34 @@ fn fmt_count(n: u64) -> String {
     out
 }
 
+/// A's CPU, memory and uptime cells, read twice 3 s apart, move: the page gets them from
+/// control at most about 2 s old, not only when a state changes.
+async fn live_resources_move(browser: &Browser) {
+    let resources = "const row = document.querySelector('#instances tr[data-id=\"A\"]');
+                     const td = row.querySelectorAll('td');
+                     return [td[10].textContent, td[11].textContent, td[12].textContent];";
+    // Once the row shows a running process's values at all...
+    let before = browser
+        .wait_for(
+            "A's uptime to show",
+            &format!(
+                "const cells = (() => {{ {resources} }})(); return cells[2] !== '–' ? cells : null;"
+            ),
+            json!([]),
+            PATIENCE,
+        )
+        .await;
+    // ...they keep moving, with no state change in between.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let after = browser.eval(resources, json!([])).await;
+    println!("A's cpu, memory, uptime: {before} then {after}");
+    assert_ne!(before[2], after[2], "uptime moves: {before} then {after}");
+    assert!(
+        after[2] != "0 s" && after[1] != "–" && !after[1].as_str().unwrap().starts_with("0 "),
+        "live uptime and memory: {after}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_runs_the_mesh_in_a_real_browser() {
     let mut mesh = TestMesh::start(3).await;
@@ -185,6 +213,8 @@ async fn the_dashboard_runs_the_mesh_in_a_real_browser() {
     for id in ["A", "B", "C"] {
         wait_row(&browser, id, "serving", "serving").await;
     }
+    // Boxed: the test's future is large, and the test thread's stack is not.
+    Box::pin(live_resources_move(&browser)).await;
     let settings = browser
         .eval(
             "return document.getElementById('gateway-settings').textContent",
