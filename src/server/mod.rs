@@ -2,6 +2,7 @@
 //! signal, ending server streams on shutdown, the accepted connections ([`Incoming`]), the
 //! serve-and-drain sequence ([`Scaffold`]), and running one in-process for tests.
 
+pub mod access_log;
 mod incoming;
 mod scaffold;
 

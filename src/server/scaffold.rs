@@ -20,6 +20,7 @@ use tonic::codegen::http::HeaderValue;
 use tonic::service::Routes;
 use tonic_health::pb::health_check_response::ServingStatus;
 
+use super::access_log::{AccessLog, AccessLogLayer};
 use super::{Incoming, RunError, reflection, spawn_health_listener};
 use crate::authz::{AuthzLayer, Guard};
 use crate::events::{EventLog, Writer};
@@ -32,10 +33,14 @@ use crate::tls::TlsArgs;
 /// (a 2 MB Fibonacci value takes many flow-control round trips on a loaded machine).
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The layers in front of every dlb server's services: exact statuses, then authorization.
+/// The layers in front of every dlb server's services: the access log (it sees every answer
+/// as sent), exact statuses, then authorization.
 type Layers = tower::layer::util::Stack<
     AuthzLayer,
-    tower::layer::util::Stack<StatusLayer, tower::layer::util::Identity>,
+    tower::layer::util::Stack<
+        StatusLayer,
+        tower::layer::util::Stack<AccessLogLayer, tower::layer::util::Identity>,
+    >,
 >;
 
 /// What a dlb server is, as far as the scaffold is concerned.
@@ -62,6 +67,8 @@ pub struct Spec<'a> {
     pub reflection: bool,
     /// Who may call what (under mutual TLS).
     pub authz: Guard,
+    /// One line per call (`--access-log`; off by default).
+    pub access_log: AccessLog,
 }
 
 /// A server being set up: health and the health-only port exist, nothing is served yet.
@@ -90,6 +97,7 @@ impl Scaffold {
             None => StatusLayer::default(),
         };
         let mut builder = tonic::transport::Server::builder()
+            .layer(AccessLogLayer::new(spec.access_log))
             .layer(layer)
             .layer(AuthzLayer::new(spec.authz))
             .initial_stream_window_size(crate::dial::STREAM_WINDOW_BYTES)

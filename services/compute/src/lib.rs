@@ -88,6 +88,7 @@ pub async fn run(
             &events,
         )
         .map_err(RunError::Config)?,
+        access_log: dlb::server::access_log::AccessLog::default(),
     })
     .await?;
     let mut serving = scaffold.serve(listener, |router| {

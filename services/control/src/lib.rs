@@ -68,6 +68,7 @@ pub async fn run(
         health_names: &[],
         reflection: true,
         authz,
+        access_log: dlb::server::access_log::AccessLog::default(),
     })
     .await?;
     let mut serving = scaffold.serve(listener, |router| {

@@ -253,6 +253,12 @@ pub struct Config {
     #[arg(long, env = "DLB_GATEWAY_HEDGE_AFTER", default_value = "off")]
     pub hedge_after: crate::relay::hedge::Hedge,
 
+    /// One JSON line per call (time, method, status, instance, attempts, latency, peer,
+    /// certificate identity, trace id, bytes each way), to `stdout` or appended to a file.
+    /// Lossless: every call gets its line, however many there are.
+    #[arg(long, env = "DLB_GATEWAY_ACCESS_LOG", value_name = "stdout|FILE")]
+    pub access_log: Option<dlb::server::access_log::Target>,
+
     /// Calls served at once before new ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "DLB_GATEWAY_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
@@ -404,6 +410,7 @@ impl Config {
             policy: Policy::RoundRobin,
             slow_start_ms: DEFAULT_SLOW_START_MS,
             hedge_after: crate::relay::hedge::Hedge::Off,
+            access_log: None,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_connections: None,

@@ -111,6 +111,14 @@ pub async fn run(
         &events,
     )
     .map_err(RunError::Config)?;
+    let (access_log, access_log_writer) = match &config.access_log {
+        Some(target) => {
+            let (log, writer) =
+                dlb::server::access_log::AccessLog::open(target).map_err(RunError::Config)?;
+            (log, Some(writer))
+        }
+        None => (dlb::server::access_log::AccessLog::default(), None),
+    };
 
     let plan = config.plan().map_err(RunError::Config)?;
     let outlier = config.outlier().map_err(RunError::Config)?;
@@ -216,6 +224,7 @@ pub async fn run(
         health_names: &health_names,
         reflection: false,
         authz: authz.clone(),
+        access_log,
     })
     .await?;
     tracker.spawn(follow_pool_health(
@@ -293,6 +302,10 @@ pub async fn run(
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, tracker.wait()).await;
     // Let callers read the last bytes before the process exits.
     serving.finish(&events, writer).await;
+    // Every call's line written and flushed, the last ones included.
+    if let Some(writer) = access_log_writer {
+        let _ = tokio::task::spawn_blocking(move || writer.finish()).await;
+    }
     served
 }
 

@@ -182,6 +182,7 @@ pub async fn start_instance(stop: CancellationToken) -> Result<String, String> {
         health_names: &[],
         reflection: false,
         authz: dlb::authz::Guard::default(),
+        access_log: dlb::server::access_log::AccessLog::default(),
     })
     .await
     .map_err(|e| format!("stream instance: {e}"))?;

@@ -1,0 +1,611 @@
+//! The access log: one JSON line per call a server answered, written by a thread of its own.
+//!
+//! Unlike the Redis event log (the latest 1,000 events, lossy under load by design), nothing
+//! is dropped: every call's line is queued (memory grows only while the disk is slower than
+//! the calls) and written in order, and the log is flushed whenever the queue runs dry and
+//! when the server stops. A call's line is written when its answer ends: its last byte sent,
+//! or the caller gone (status `CANCELLED`).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+/// Where the lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Stdout,
+    /// Appended to.
+    File(PathBuf),
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" => Err("--access-log needs stdout or a file path".to_owned()),
+            "stdout" | "-" => Ok(Self::Stdout),
+            path => Ok(Self::File(PathBuf::from(path))),
+        }
+    }
+}
+
+/// One call, as logged.
+#[derive(Debug)]
+struct Line {
+    /// Unix ms when the call arrived.
+    ts_ms: u64,
+    method: String,
+    status: &'static str,
+    instance: Option<String>,
+    attempts: Option<u32>,
+    latency_us: u64,
+    peer: Option<SocketAddr>,
+    identity: Option<String>,
+    trace_id: Option<String>,
+    request_bytes: u64,
+    response_bytes: u64,
+}
+
+impl Line {
+    /// Writes the line's JSON object (no newline) to `out`.
+    fn write_json(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let optional = |out: &mut String, key: &str, value: Option<&str>| {
+            out.push_str(key);
+            match value {
+                Some(value) => json_string(out, value),
+                None => out.push_str("null"),
+            }
+        };
+        out.push_str("{\"ts\":\"");
+        out.push_str(&crate::events::time::rfc3339_ms(self.ts_ms));
+        out.push_str("\",\"method\":");
+        json_string(out, &self.method);
+        out.push_str(",\"status\":\"");
+        out.push_str(self.status);
+        out.push('"');
+        optional(out, ",\"instance\":", self.instance.as_deref());
+        out.push_str(",\"attempts\":");
+        match self.attempts {
+            Some(n) => {
+                let _ = write!(out, "{n}");
+            }
+            None => out.push_str("null"),
+        }
+        let _ = write!(out, ",\"latency_us\":{}", self.latency_us);
+        let peer = self.peer.map(|p| p.to_string());
+        optional(out, ",\"peer\":", peer.as_deref());
+        optional(out, ",\"identity\":", self.identity.as_deref());
+        optional(out, ",\"trace_id\":", self.trace_id.as_deref());
+        let _ = write!(
+            out,
+            ",\"request_bytes\":{},\"response_bytes\":{}}}",
+            self.request_bytes, self.response_bytes
+        );
+    }
+
+    #[cfg(test)]
+    fn to_json(&self) -> String {
+        let mut out = String::new();
+        self.write_json(&mut out);
+        out
+    }
+}
+
+/// `value` as a JSON string.
+fn json_string(out: &mut String, value: &str) {
+    use std::fmt::Write as _;
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// How long the writer sleeps between batches: callers never wake it (no system call per
+/// call), it comes for the lines.
+const WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Lines queued past this wake the writer early, so that a burst does not wait in memory.
+const WAKE_AT: usize = 8_192;
+
+/// The queue between the calls and the writer thread.
+#[derive(Debug, Default)]
+struct Queue {
+    lines: std::sync::Mutex<(Vec<Line>, bool)>,
+    /// Lines queued past [`WAKE_AT`], or the stop.
+    wake: std::sync::Condvar,
+    written: AtomicU64,
+}
+
+/// A server's access log, or none. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct AccessLog {
+    queue: Option<Arc<Queue>>,
+}
+
+/// Ends the writer thread, after the last line is written and flushed.
+#[derive(Debug)]
+pub struct AccessLogWriter {
+    queue: Arc<Queue>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl AccessLogWriter {
+    /// Writes and flushes every line queued so far, then ends the writer (call it once the
+    /// server has closed its connections: later lines are not written).
+    pub fn finish(self) {
+        lock(&self.queue.lines).1 = true;
+        self.queue.wake.notify_one();
+        let _ = self.thread.join();
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl AccessLog {
+    /// Opens `target` (a file is created if missing and appended to) and starts the writer.
+    ///
+    /// # Errors
+    ///
+    /// A file that cannot be opened, named with the reason.
+    pub fn open(target: &Target) -> Result<(Self, AccessLogWriter), String> {
+        let out: Box<dyn Write + Send> = match target {
+            Target::Stdout => Box::new(std::io::stdout()),
+            Target::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| format!("--access-log {}: cannot open it: {e}", path.display()))?,
+            ),
+        };
+        let queue = Arc::new(Queue::default());
+        let thread = std::thread::Builder::new()
+            .name("access-log".to_owned())
+            .spawn({
+                let queue = Arc::clone(&queue);
+                move || write_lines(out, &queue)
+            })
+            .map_err(|e| format!("--access-log: cannot start its writer: {e}"))?;
+        Ok((
+            Self {
+                queue: Some(Arc::clone(&queue)),
+            },
+            AccessLogWriter { queue, thread },
+        ))
+    }
+
+    /// Whether lines are written.
+    pub fn is_on(&self) -> bool {
+        self.queue.is_some()
+    }
+
+    /// Lines written so far.
+    pub fn written(&self) -> u64 {
+        self.queue
+            .as_ref()
+            .map_or(0, |q| q.written.load(Ordering::Relaxed))
+    }
+
+    fn send(&self, line: Line) {
+        if let Some(queue) = &self.queue {
+            let mut lines = lock(&queue.lines);
+            lines.0.push(line);
+            if lines.0.len() == WAKE_AT {
+                queue.wake.notify_one();
+            }
+        }
+    }
+}
+
+/// The writer thread: every [`WRITE_INTERVAL`] (or sooner for a burst), the lines queued, in
+/// order, then a flush; at the stop, what is left.
+fn write_lines(out: Box<dyn Write + Send>, queue: &Queue) {
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, out);
+    let mut batch = Vec::new();
+    let mut text = String::with_capacity(512);
+    let mut failed = false;
+    loop {
+        let stop = {
+            let mut lines = lock(&queue.lines);
+            if lines.0.len() < WAKE_AT && !lines.1 {
+                lines = queue
+                    .wake
+                    .wait_timeout(lines, WRITE_INTERVAL)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+            std::mem::swap(&mut lines.0, &mut batch);
+            lines.1
+        };
+        for line in batch.drain(..) {
+            text.clear();
+            line.write_json(&mut text);
+            text.push('\n');
+            match out.write_all(text.as_bytes()) {
+                Ok(()) => {
+                    queue.written.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) if !failed => {
+                    failed = true;
+                    eprintln!("access log: cannot write ({error}); lines are being lost");
+                }
+                Err(_) => {}
+            }
+        }
+        if let Err(error) = out.flush()
+            && !failed
+        {
+            failed = true;
+            eprintln!("access log: cannot write ({error}); lines are being lost");
+        }
+        if stop && lock(&queue.lines).0.is_empty() {
+            return;
+        }
+    }
+}
+
+/// The layer that logs every call through it to its [`AccessLog`] (nothing when it is off).
+#[derive(Debug, Clone, Default)]
+pub struct AccessLogLayer {
+    log: AccessLog,
+}
+
+impl AccessLogLayer {
+    pub fn new(log: AccessLog) -> Self {
+        Self { log }
+    }
+}
+
+impl<S> tower::Layer<S> for AccessLogLayer {
+    type Service = AccessLogService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AccessLogService {
+            inner,
+            log: self.log.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AccessLogService<S> {
+    inner: S,
+    log: AccessLog,
+}
+
+/// What is known of a call when it arrives.
+struct Arrival {
+    ts_ms: u64,
+    start: Instant,
+    method: String,
+    peer: Option<SocketAddr>,
+    identity: Option<String>,
+    trace_id: Option<String>,
+    request_bytes: Arc<AtomicU64>,
+}
+
+impl<S> tower::Service<http::Request<Body>> for AccessLogService<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if !self.log.is_on() {
+            return Box::pin(self.inner.call(request));
+        }
+        let tls = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+        let peer = tls
+            .and_then(|info| info.get_ref().remote_addr())
+            .or_else(|| {
+                request
+                    .extensions()
+                    .get::<TcpConnectInfo>()
+                    .and_then(TcpConnectInfo::remote_addr)
+            });
+        let identity = tls
+            .and_then(TlsConnectInfo::peer_certs)
+            .and_then(|certs| {
+                certs
+                    .first()
+                    .map(|leaf| crate::authz::Caller::of_certificate(leaf))
+            })
+            .map(|caller| caller.to_string());
+        let trace_id = request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(trace_id);
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let arrival = Arrival {
+            ts_ms: crate::events::time::now_ms(),
+            start: Instant::now(),
+            method: request.uri().path().to_owned(),
+            peer,
+            identity,
+            trace_id,
+            request_bytes: Arc::clone(&request_bytes),
+        };
+        let request = request.map(|body| {
+            Body::new(Counted {
+                inner: body,
+                bytes: request_bytes,
+            })
+        });
+        let log = self.log.clone();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            // The caller gone before the answer began: its line, as CANCELLED.
+            let mut pending = Pending(Some((log, arrival)));
+            let response = response.await?;
+            let (head, body) = response.into_parts();
+            let header = |name: &str| head.headers.get(name).and_then(|v| v.to_str().ok());
+            let status = header("grpc-status").map(status_name);
+            let answer = Answer {
+                instance: header(crate::metadata::SERVED_BY).map(str::to_owned),
+                attempts: header(crate::metadata::ATTEMPTS).and_then(|a| a.parse().ok()),
+                status,
+            };
+            let body = Body::new(Logged {
+                inner: body,
+                bytes: 0,
+                pending: pending
+                    .0
+                    .take()
+                    .map(|(log, arrival)| (log, arrival, answer)),
+            });
+            Ok(http::Response::from_parts(head, body))
+        })
+    }
+}
+
+/// A call whose line is still to be written, until its answer begins.
+struct Pending(Option<(AccessLog, Arrival)>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some((log, arrival)) = self.0.take() {
+            finish(&log, arrival, &Answer::default(), "CANCELLED", 0);
+        }
+    }
+}
+
+/// What the answer's head said.
+#[derive(Debug, Default)]
+struct Answer {
+    instance: Option<String>,
+    attempts: Option<u32>,
+    /// From a trailers-only answer.
+    status: Option<&'static str>,
+}
+
+fn finish(log: &AccessLog, arrival: Arrival, answer: &Answer, status: &'static str, bytes: u64) {
+    log.send(Line {
+        ts_ms: arrival.ts_ms,
+        method: arrival.method,
+        status,
+        instance: answer.instance.clone(),
+        attempts: answer.attempts,
+        latency_us: u64::try_from(arrival.start.elapsed().as_micros()).unwrap_or(u64::MAX),
+        peer: arrival.peer,
+        identity: arrival.identity,
+        trace_id: arrival.trace_id,
+        request_bytes: arrival.request_bytes.load(Ordering::Relaxed),
+        response_bytes: bytes,
+    });
+}
+
+/// The gRPC code name of a `grpc-status` value.
+fn status_name(value: &str) -> &'static str {
+    value
+        .parse::<i32>()
+        .map(tonic::Code::from_i32)
+        .map_or("UNKNOWN", crate::status::code_name)
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed and
+/// not all zeros.
+fn trace_id(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && hex(flags, 2);
+    valid.then(|| trace.to_ascii_lowercase())
+}
+
+/// A request body, its data bytes counted.
+struct Counted {
+    inner: Body,
+    bytes: Arc<AtomicU64>,
+}
+
+impl HttpBody for Counted {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that writes its call's line when it ends (or is dropped unfinished).
+struct Logged {
+    inner: Body,
+    bytes: u64,
+    pending: Option<(AccessLog, Arrival, Answer)>,
+}
+
+impl Logged {
+    fn done(&mut self, status: &'static str) {
+        if let Some((log, arrival, answer)) = self.pending.take() {
+            finish(&log, arrival, &answer, status, self.bytes);
+        }
+    }
+}
+
+impl HttpBody for Logged {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    let status = trailers
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .map_or("UNKNOWN", status_name);
+                    self.done(status);
+                }
+            }
+            Some(Err(_)) => self.done("INTERNAL"),
+            None => {
+                let status = self
+                    .pending
+                    .as_ref()
+                    .and_then(|(_, _, answer)| answer.status)
+                    .unwrap_or("UNKNOWN");
+                self.done(status);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        // Ended without trailers: a trailers-only answer says its status in its head; else
+        // the caller went first.
+        let status = self
+            .pending
+            .as_ref()
+            .and_then(|(_, _, answer)| answer.status)
+            .unwrap_or("CANCELLED");
+        self.done(status);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_come_from_well_formed_traceparents_only() {
+        assert_eq!(
+            trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-<script>-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(trace_id(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_line_is_one_json_object() {
+        let line = Line {
+            ts_ms: 0,
+            method: "/dlb.v1.Operations/Reverse".into(),
+            status: "OK",
+            instance: Some("A".into()),
+            attempts: Some(2),
+            latency_us: 512,
+            peer: Some(([127, 0, 0, 1], 5000).into()),
+            identity: None,
+            trace_id: None,
+            request_bytes: 12,
+            response_bytes: 12,
+        };
+        let json: serde_json::Value = serde_json::from_str(&line.to_json()).unwrap();
+        assert_eq!(json["ts"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(json["attempts"], 2);
+        assert_eq!(json["peer"], "127.0.0.1:5000");
+        assert_eq!(json["identity"], serde_json::Value::Null);
+        assert!(!line.to_json().contains('\n'));
+        // Whatever a string holds, the line stays one JSON object on one line.
+        let strange = Line {
+            method: "/a\"b\\c\n\u{1}é".into(),
+            ..line
+        };
+        let parsed: serde_json::Value = serde_json::from_str(&strange.to_json()).unwrap();
+        assert_eq!(parsed["method"], "/a\"b\\c\n\u{1}é");
+    }
+}
