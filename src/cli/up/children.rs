@@ -219,7 +219,14 @@ pub(super) async fn instances_serving(
     let list = ControlClient::new(connect(addr, tls).await?)
         .list_instances(ListInstancesRequest {})
         .await
-        .map_err(|s| Probe::NotYet(dlb::client::status_message(&s)))?
+        .map_err(|s| {
+            // Refused by control's policy: waiting will not change that.
+            if s.code() == tonic::Code::PermissionDenied {
+                Probe::Failed(dlb::client::status_message(&s))
+            } else {
+                Probe::NotYet(dlb::client::status_message(&s))
+            }
+        })?
         .into_inner();
     let describe = |i: &dlb::proto::v1::Instance| {
         let mut s = format!("{} {}", i.id, i.state().as_str_name().to_ascii_lowercase());
