@@ -126,6 +126,13 @@ pub fn guard(
     events: &EventLog,
 ) -> Result<Guard, String> {
     let policy = args.policy(default, services)?;
+    let served = services.map(|services| {
+        services
+            .iter()
+            .chain(policy::COMMON_SERVICES.iter())
+            .map(|s| (*s).to_owned())
+            .collect()
+    });
     if !tls.is_mutual() {
         if args.is_set() {
             eprintln!(
@@ -139,7 +146,7 @@ pub fn guard(
             "{server}: WARNING: --authz-policy off: every certificate from the CA may call every method here"
         );
     }
-    Ok(Guard::new(policy, server, events.clone()))
+    Ok(Guard::new(policy, server, events.clone()).serving(served))
 }
 
 /// The authorization flags every server takes.
@@ -215,6 +222,8 @@ struct GuardInner {
     everyone: bool,
     /// Which server says no, in refusals ("control", "compute A", ...).
     server: String,
+    /// The services it decides (none: all, the gateway relays any).
+    served: Option<Vec<String>>,
     events: EventLog,
     refusal_events: std::sync::Mutex<RefusalEvents>,
 }
@@ -237,6 +246,7 @@ impl Guard {
                     everyone: policy.allows_everyone(),
                     policy,
                     server: server.to_owned(),
+                    served: None,
                     events,
                     refusal_events: std::sync::Mutex::new(RefusalEvents {
                         second: std::time::Instant::now(),
@@ -247,6 +257,16 @@ impl Guard {
             }),
             denied: Arc::default(),
         }
+    }
+
+    /// Decides only calls of these services (with `/`, `/package.Service/Method`): a call of
+    /// any other gets the server's UNIMPLEMENTED, as without TLS, and the refusal of an unknown
+    /// method never blames a caller that only relayed it.
+    pub fn serving(mut self, services: Option<Vec<String>>) -> Self {
+        if let Some(inner) = self.inner.as_mut().and_then(Arc::get_mut) {
+            inner.served = services;
+        }
+        self
     }
 
     /// Calls refused so far.
@@ -269,6 +289,15 @@ impl Guard {
         let Some(inner) = self.inner.as_ref().filter(|i| !i.everyone) else {
             return Ok(());
         };
+        if let Some(served) = &inner.served {
+            let service = method
+                .strip_prefix('/')
+                .and_then(|rest| rest.split_once('/'))
+                .map_or("", |(service, _)| service);
+            if !served.iter().any(|s| s == service) {
+                return Ok(());
+            }
+        }
         let Some(certificates) = certificates else {
             self.denied.fetch_add(1, Ordering::Relaxed);
             inner.refused("no client certificate", method, "none");

@@ -3,7 +3,7 @@
 use super::{Caller, check_role, spiffe_id};
 
 /// Services every dlb server answers besides its own.
-const COMMON_SERVICES: [&str; 3] = [
+pub(super) const COMMON_SERVICES: [&str; 3] = [
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",

@@ -350,6 +350,30 @@ async fn the_layer_refuses_a_call_without_a_certificate_when_a_policy_is_on() {
         "{response:?}"
     );
     assert_eq!(guard.denied(), 1);
+    // A method of a service the server does not serve is not decided: the server answers
+    // UNIMPLEMENTED as it would without TLS.
+    let serving = Guard::new(
+        Some(Policy::parse("/dlb.v1.Control/* = ui", "test").unwrap()),
+        "control",
+        events.clone(),
+    )
+    .serving(Some(vec!["dlb.v1.Control".into()]));
+    let unknown = http::Request::builder()
+        .uri("/foo.Bar/Baz")
+        .body(())
+        .unwrap();
+    let response = AuthzLayer::new(serving.clone())
+        .layer(ok)
+        .oneshot(unknown)
+        .await
+        .unwrap();
+    assert_eq!(response.into_body(), "served");
+    let response = AuthzLayer::new(serving.clone())
+        .layer(ok)
+        .oneshot(request())
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["grpc-status"], "7");
     // No policy (plaintext, or --authz-policy off) and a policy allowing everyone: served.
     for guard in [
         Guard::default(),
