@@ -369,6 +369,12 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// The caller that a connection's `certificates` (leaf first) name, read once per connection
+/// and thread (the access log asks for every call, as authorization does).
+pub fn caller_of(certificates: &Arc<Vec<CertificateDer<'static>>>) -> Caller {
+    with_caller(certificates, Caller::clone)
+}
+
 /// Runs `f` with the caller that `certificates` (leaf first) name.
 fn with_caller<R>(
     certificates: &Arc<Vec<CertificateDer<'static>>>,

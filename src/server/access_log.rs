@@ -340,12 +340,7 @@ where
             });
         let identity = tls
             .and_then(TlsConnectInfo::peer_certs)
-            .and_then(|certs| {
-                certs
-                    .first()
-                    .map(|leaf| crate::authz::Caller::of_certificate(leaf))
-            })
-            .map(|caller| caller.to_string());
+            .map(|certs| crate::authz::caller_of(&certs).to_string());
         let trace_id = request
             .headers()
             .get("traceparent")
