@@ -19,5 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Reflection serves this descriptor set; compile_fds does not write one itself.
     std::fs::write(out_dir.join("dlb_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(fds)?;
+
+    // OTLP trace export (the client dlb exports with, and the server `dlb bench-suite`'s
+    // receiver runs): compiled apart, so reflection never lists it.
+    let otlp = "proto/otlp/trace_export.proto";
+    println!("cargo:rerun-if-changed={otlp}");
+    tonic_prost_build::configure().compile_fds(protox::compile([otlp], ["proto"])?)?;
     Ok(())
 }

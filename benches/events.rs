@@ -26,6 +26,7 @@ fn request(n: usize) -> RequestFields {
         latency_us: 250,
         attempts: 1,
         input: preview("hello"),
+        trace_id: None,
     }
 }
 

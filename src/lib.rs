@@ -22,6 +22,7 @@
 //!   gateways find them (`--discover`).
 //! - [`tls`]: certificates, mutual TLS for servers and clients, and the hints for TLS errors.
 //! - [`telemetry`]: the tracing subscriber that binaries install.
+//! - [`trace`]: distributed tracing: W3C Trace Context, spans, the OTLP/gRPC exporter.
 //! - `testing` (feature `test-fixtures`, for tests only): a private `redis-server`.
 //! - [`client`]: one call and the load generator, as `dlb call`, `dlb bench`, the dashboard and
 //!   tests send them.
@@ -41,6 +42,7 @@ pub mod telemetry;
 #[cfg(feature = "test-fixtures")]
 pub mod testing;
 pub mod tls;
+pub mod trace;
 
 /// Generated protobuf and gRPC code for package `dlb.v1`.
 pub mod proto {

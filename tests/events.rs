@@ -48,6 +48,7 @@ fn request(n: usize) -> RequestFields {
         latency_us: 100 + n as u64,
         attempts: 1,
         input: preview(&format!("input {n} <script>{}", "x".repeat(200))),
+        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
     }
 }
 

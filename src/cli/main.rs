@@ -85,6 +85,9 @@ struct CallArgs {
     /// TLS towards --addr.
     #[command(flatten)]
     tls: dlb::tls::TlsArgs,
+    /// Start a trace and export its span (see docs/tracing.md).
+    #[command(flatten)]
+    trace: dlb::trace::TraceArgs,
     #[command(subcommand)]
     op: OpCommand,
 }
@@ -294,7 +297,8 @@ async fn run_call(args: CallArgs) -> Result<ExitCode, String> {
         .connect_lazy();
     let mut client =
         OperationsClient::new(channel).max_decoding_message_size(dlb::dial::MAX_RESPONSE_BYTES);
-    let outcome = client::call(&mut client, &op, Some(timeout)).await;
+    let (tracer, exporting) = dlb::trace::Exporting::from_args(&args.trace, "dlb", "dlb-call")?;
+    let outcome = client::call_traced(&mut client, &op, Some(timeout), &tracer).await;
     if args.json {
         println!(
             "{}",
@@ -308,6 +312,15 @@ async fn run_call(args: CallArgs) -> Result<ExitCode, String> {
         }
     } else {
         println!("{}", outcome.human(&op));
+    }
+    if let Some(exporting) = exporting {
+        let (_, lost) = exporting.finish().await;
+        if lost > 0 {
+            eprintln!(
+                "warning: the call's trace was not exported ({lost} span(s) lost): is a collector \
+                 listening at the OTLP endpoint?"
+            );
+        }
     }
     Ok(if outcome.error.is_some() {
         ExitCode::FAILURE

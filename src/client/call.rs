@@ -51,6 +51,17 @@ pub enum Op {
 }
 
 impl Op {
+    /// The gRPC method of the operation (`IsPrime`).
+    pub fn method(&self) -> &'static str {
+        match self {
+            Op::Prime { .. } => "IsPrime",
+            Op::Palindrome { .. } => "IsPalindrome",
+            Op::Reverse { .. } => "Reverse",
+            Op::Fibonacci { .. } => "Fibonacci",
+            Op::WordCount { .. } => "WordCount",
+        }
+    }
+
     /// The CLI name of the operation.
     pub fn name(&self) -> &'static str {
         match self {
@@ -111,11 +122,25 @@ impl Op {
         client: &mut OperationsClient<Channel>,
         timeout: Option<Duration>,
     ) -> Result<(serde_json::Value, MetadataMap), Status> {
+        self.send_in_trace(client, timeout, None).await
+    }
+
+    /// [`Op::send`] as part of a trace: `traceparent` names the caller's span.
+    ///
+    /// # Errors
+    ///
+    /// As [`Op::send`].
+    pub async fn send_in_trace(
+        &self,
+        client: &mut OperationsClient<Channel>,
+        timeout: Option<Duration>,
+        traceparent: Option<&crate::trace::SpanContext>,
+    ) -> Result<(serde_json::Value, MetadataMap), Status> {
         let start = Instant::now();
         let mut tries = 1;
         loop {
             let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
-            match self.send_once(client, left).await {
+            match self.send_once(client, left, traceparent).await {
                 // Sent again only with time left: a try with none would fail locally and hide
                 // the refusal.
                 Err(status)
@@ -134,18 +159,34 @@ impl Op {
         &self,
         client: &mut OperationsClient<Channel>,
         timeout: Option<Duration>,
+        trace: Option<&crate::trace::SpanContext>,
     ) -> Result<(serde_json::Value, MetadataMap), Status> {
-        fn request<T>(message: T, timeout: Option<Duration>) -> Request<T> {
+        let traceparent =
+            trace.and_then(|t| tonic::metadata::MetadataValue::try_from(t.to_traceparent()).ok());
+        fn traced<T>(
+            message: T,
+            timeout: Option<Duration>,
+            traceparent: Option<&tonic::metadata::AsciiMetadataValue>,
+        ) -> Request<T> {
             let mut request = Request::new(message);
             if let Some(timeout) = timeout {
                 request.set_timeout(timeout);
+            }
+            if let Some(value) = traceparent {
+                request
+                    .metadata_mut()
+                    .insert(crate::trace::TRACEPARENT, value.clone());
             }
             request
         }
         Ok(match self.clone() {
             Op::Prime { number } => {
                 let response = client
-                    .is_prime(request(IsPrimeRequest { number }, timeout))
+                    .is_prime(traced(
+                        IsPrimeRequest { number },
+                        timeout,
+                        traceparent.as_ref(),
+                    ))
                     .await?;
                 let metadata = response.metadata().clone();
                 let body = response.into_inner();
@@ -159,7 +200,11 @@ impl Op {
             }
             Op::Palindrome { text, normalize } => {
                 let response = client
-                    .is_palindrome(request(IsPalindromeRequest { text, normalize }, timeout))
+                    .is_palindrome(traced(
+                        IsPalindromeRequest { text, normalize },
+                        timeout,
+                        traceparent.as_ref(),
+                    ))
                     .await?;
                 let metadata = response.metadata().clone();
                 (
@@ -169,14 +214,22 @@ impl Op {
             }
             Op::Reverse { text } => {
                 let response = client
-                    .reverse(request(ReverseRequest { text }, timeout))
+                    .reverse(traced(
+                        ReverseRequest { text },
+                        timeout,
+                        traceparent.as_ref(),
+                    ))
                     .await?;
                 let metadata = response.metadata().clone();
                 (json!({ "text": response.into_inner().text }), metadata)
             }
             Op::Fibonacci { n } => {
                 let response = client
-                    .fibonacci(request(FibonacciRequest { n }, timeout))
+                    .fibonacci(traced(
+                        FibonacciRequest { n },
+                        timeout,
+                        traceparent.as_ref(),
+                    ))
                     .await?;
                 let metadata = response.metadata().clone();
                 let body = response.into_inner();
@@ -187,7 +240,11 @@ impl Op {
             }
             Op::WordCount { text, top } => {
                 let response = client
-                    .word_count(request(WordCountRequest { text, top }, timeout))
+                    .word_count(traced(
+                        WordCountRequest { text, top },
+                        timeout,
+                        traceparent.as_ref(),
+                    ))
                     .await?;
                 let metadata = response.metadata().clone();
                 let body = response.into_inner();
@@ -226,6 +283,9 @@ pub struct CallOutcome {
     pub attempts: Option<u64>,
     /// Wall time of the call, microseconds.
     pub latency_us: u64,
+    /// The trace this call started (tracing on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// A failed call, as printed.
@@ -333,8 +393,63 @@ pub async fn call(
     op: &Op,
     timeout: Option<Duration>,
 ) -> CallOutcome {
+    call_traced(client, op, timeout, &crate::trace::Tracer::default()).await
+}
+
+/// [`call`], starting a trace with a client span when `tracer` is on (the outcome then says
+/// its trace id).
+pub async fn call_traced(
+    client: &mut OperationsClient<Channel>,
+    op: &Op,
+    timeout: Option<Duration>,
+    tracer: &crate::trace::Tracer,
+) -> CallOutcome {
+    let mut span = tracer.is_on().then(|| {
+        let path = format!("/dlb.v1.Operations/{}", op.method());
+        let mut span = tracer.start(
+            crate::trace::rpc_span_name(&path),
+            crate::trace::Kind::Client,
+            None,
+            None,
+        );
+        crate::trace::set_rpc_attributes(&mut span, &path);
+        span
+    });
     let start = Instant::now();
-    let result = op.send(client, timeout).await;
+    let result = op
+        .send_in_trace(
+            client,
+            timeout,
+            span.as_ref().map(crate::trace::Span::context),
+        )
+        .await;
+    let mut outcome = outcome(op, result, start);
+    if let Some(mut span) = span.take() {
+        outcome.trace_id = Some(span.context().trace_id_hex());
+        if let Some(served_by) = &outcome.served_by {
+            span.set("dlb.instance", served_by.clone());
+        }
+        match &outcome.error {
+            None => span.set_grpc_status(tonic::Code::Ok, ""),
+            Some(error) => span.set_grpc_status(dlb_code(error.code), &error.message),
+        }
+    }
+    outcome
+}
+
+/// The code of a code name `status::code_name` gave.
+fn dlb_code(name: &str) -> tonic::Code {
+    (0..=16)
+        .map(tonic::Code::from_i32)
+        .find(|code| crate::status::code_name(*code) == name)
+        .unwrap_or(tonic::Code::Unknown)
+}
+
+fn outcome(
+    op: &Op,
+    result: Result<(serde_json::Value, MetadataMap), Status>,
+    start: Instant,
+) -> CallOutcome {
     let latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
     match result {
         Ok((value, metadata)) => CallOutcome {
@@ -345,6 +460,7 @@ pub async fn call(
             attempts: metadata_str(&metadata, crate::metadata::ATTEMPTS)
                 .and_then(|a| a.parse().ok()),
             latency_us,
+            trace_id: None,
         },
         Err(status) => CallOutcome {
             op: op.name(),
@@ -358,6 +474,7 @@ pub async fn call(
             attempts: metadata_str(status.metadata(), crate::metadata::ATTEMPTS)
                 .and_then(|a| a.parse().ok()),
             latency_us,
+            trace_id: None,
         },
     }
 }
@@ -373,6 +490,9 @@ impl CallOutcome {
             trailer.push(format!("attempts {attempts}"));
         }
         trailer.push(format!("{:.3} ms", self.latency_us as f64 / 1000.0));
+        if let Some(trace) = &self.trace_id {
+            trailer.push(format!("trace {trace}"));
+        }
         let trailer = trailer.join(", ");
         match (&self.error, &self.result) {
             // One line, so that a hint printed after it follows the error it explains.

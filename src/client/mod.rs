@@ -6,6 +6,6 @@ pub mod bench;
 mod call;
 
 pub use call::{
-    CallError, CallOutcome, Op, REFUSED_STREAM_TRIES, call, expired_locally, failure_code,
-    refused_unprocessed, status_message,
+    CallError, CallOutcome, Op, REFUSED_STREAM_TRIES, call, call_traced, expired_locally,
+    failure_code, refused_unprocessed, status_message,
 };

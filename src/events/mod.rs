@@ -87,6 +87,10 @@ pub struct RequestFields {
     pub attempts: u32,
     /// The start of the input, at most [`INPUT_PREVIEW_CHARS`] characters (`…` marks a cut).
     pub input: String,
+    /// The W3C trace id of the call (32 hex digits), when it came with a `traceparent` or the
+    /// gateway traces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// One entry of the event log, stored in Redis as one JSON object.
@@ -448,6 +452,11 @@ impl EventLog {
         self.emit(Kind::Health, message, owned(fields), None);
     }
 
+    /// Whether events go anywhere (a log without Redis only counts them).
+    pub fn is_enabled(&self) -> bool {
+        self.shared.enabled
+    }
+
     /// A request event.
     pub fn request(&self, request: RequestFields) {
         self.emit(Kind::Request, "call", Vec::new(), Some(request));
@@ -543,6 +552,7 @@ mod tests {
             latency_us: 412,
             attempts: 1,
             input: preview("hello"),
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
         });
         let e = pending.into_event("gateway", "gw1");
         let json: serde_json::Value = serde_json::to_value(&e).unwrap();
@@ -553,6 +563,7 @@ mod tests {
         assert_eq!(json["ts"], "2026-11-27T02:10:25.065Z");
         assert_eq!(json["fields"]["addr"], "127.0.0.1:1");
         assert_eq!(json["service"], "gateway");
+        assert_eq!(json["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         let back: Event = serde_json::from_value(json).unwrap();
         assert_eq!(back, e);
     }

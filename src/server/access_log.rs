@@ -41,26 +41,72 @@ impl std::str::FromStr for Target {
     }
 }
 
+/// Text a line holds without copying it on the call's path: the request's path and the
+/// answer's header as they arrived (shared buffers), or a string.
+#[derive(Debug, Clone)]
+enum Text {
+    Path(http::uri::PathAndQuery),
+    Header(http::HeaderValue),
+    #[cfg(test)]
+    Owned(String),
+}
+
+impl Text {
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Path(path) => path.path(),
+            // Header values that are not text are shown as nothing rather than guessed at.
+            Self::Header(value) => value.to_str().unwrap_or(""),
+            #[cfg(test)]
+            Self::Owned(text) => text,
+        }
+    }
+}
+
 /// One call, as logged.
 #[derive(Debug)]
 struct Line {
     /// Unix ms when the call arrived.
     ts_ms: u64,
-    method: String,
+    method: Option<Text>,
     status: &'static str,
-    instance: Option<String>,
+    instance: Option<Text>,
     attempts: Option<u32>,
     latency_us: u64,
     peer: Option<SocketAddr>,
     identity: Option<String>,
-    trace_id: Option<String>,
+    trace_id: Option<[u8; 16]>,
     request_bytes: u64,
     response_bytes: u64,
 }
 
+/// The RFC 3339 text of the last second a line was written in (the writer makes a line's
+/// time from it and the milliseconds: most lines share their second with the one before).
+#[derive(Debug, Default)]
+struct Second {
+    secs: Option<u64>,
+    text: String,
+}
+
+impl Second {
+    /// `ms` as `2026-12-02T18:30:12.417Z`, into `out`.
+    fn write(&mut self, ms: u64, out: &mut String) {
+        use std::fmt::Write as _;
+        let secs = ms / 1000;
+        if self.secs != Some(secs) {
+            self.secs = Some(secs);
+            self.text = crate::events::time::rfc3339_ms(secs * 1000);
+            // Up to the seconds: ".000Z" goes.
+            self.text.truncate(self.text.len().saturating_sub(5));
+        }
+        out.push_str(&self.text);
+        let _ = write!(out, ".{:03}Z", ms % 1000);
+    }
+}
+
 impl Line {
     /// Writes the line's JSON object (no newline) to `out`.
-    fn write_json(&self, out: &mut String) {
+    fn write_json(&self, second: &mut Second, out: &mut String) {
         use std::fmt::Write as _;
         let optional = |out: &mut String, key: &str, value: Option<&str>| {
             out.push_str(key);
@@ -70,13 +116,17 @@ impl Line {
             }
         };
         out.push_str("{\"ts\":\"");
-        out.push_str(&crate::events::time::rfc3339_ms(self.ts_ms));
+        second.write(self.ts_ms, out);
         out.push_str("\",\"method\":");
-        json_string(out, &self.method);
+        json_string(out, self.method.as_ref().map_or("", Text::as_str));
         out.push_str(",\"status\":\"");
         out.push_str(self.status);
         out.push('"');
-        optional(out, ",\"instance\":", self.instance.as_deref());
+        optional(
+            out,
+            ",\"instance\":",
+            self.instance.as_ref().map(Text::as_str),
+        );
         out.push_str(",\"attempts\":");
         match self.attempts {
             Some(n) => {
@@ -88,7 +138,15 @@ impl Line {
         let peer = self.peer.map(|p| p.to_string());
         optional(out, ",\"peer\":", peer.as_deref());
         optional(out, ",\"identity\":", self.identity.as_deref());
-        optional(out, ",\"trace_id\":", self.trace_id.as_deref());
+        out.push_str(",\"trace_id\":");
+        match &self.trace_id {
+            Some(id) => {
+                out.push('"');
+                out.push_str(&crate::trace::hex(id));
+                out.push('"');
+            }
+            None => out.push_str("null"),
+        }
         let _ = write!(
             out,
             ",\"request_bytes\":{},\"response_bytes\":{}}}",
@@ -99,7 +157,7 @@ impl Line {
     #[cfg(test)]
     fn to_json(&self) -> String {
         let mut out = String::new();
-        self.write_json(&mut out);
+        self.write_json(&mut Second::default(), &mut out);
         out
     }
 }
@@ -108,6 +166,12 @@ impl Line {
 fn json_string(out: &mut String, value: &str) {
     use std::fmt::Write as _;
     out.push('"');
+    if !value.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        // Nothing to escape (the usual case): as it is.
+        out.push_str(value);
+        out.push('"');
+        return;
+    }
     for c in value.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -231,6 +295,7 @@ fn write_lines(out: Box<dyn Write + Send>, queue: &Queue) {
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, out);
     let mut batch = Vec::new();
     let mut text = String::with_capacity(512);
+    let mut second = Second::default();
     let mut failed = false;
     loop {
         let stop = {
@@ -247,7 +312,7 @@ fn write_lines(out: Box<dyn Write + Send>, queue: &Queue) {
         };
         for line in batch.drain(..) {
             text.clear();
-            line.write_json(&mut text);
+            line.write_json(&mut second, &mut text);
             text.push('\n');
             match out.write_all(text.as_bytes()) {
                 Ok(()) => {
@@ -305,10 +370,10 @@ pub struct AccessLogService<S> {
 struct Arrival {
     ts_ms: u64,
     start: Instant,
-    method: String,
+    method: Option<Text>,
     peer: Option<SocketAddr>,
     identity: Option<String>,
-    trace_id: Option<String>,
+    trace_id: Option<[u8; 16]>,
     request_bytes: Arc<AtomicU64>,
 }
 
@@ -341,16 +406,15 @@ where
         let identity = tls
             .and_then(TlsConnectInfo::peer_certs)
             .map(|certs| crate::authz::caller_of(&certs).to_string());
-        let trace_id = request
-            .headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(trace_id);
+        // The gateway's own span when it traces (the trace layer runs first), else the
+        // caller's.
+        let trace_id =
+            crate::trace::SpanContext::from_headers(request.headers()).map(|c| c.trace_id);
         let request_bytes = Arc::new(AtomicU64::new(0));
         let arrival = Arrival {
             ts_ms: crate::events::time::now_ms(),
             start: Instant::now(),
-            method: request.uri().path().to_owned(),
+            method: request.uri().path_and_query().cloned().map(Text::Path),
             peer,
             identity,
             trace_id,
@@ -372,7 +436,11 @@ where
             let header = |name: &str| head.headers.get(name).and_then(|v| v.to_str().ok());
             let status = header("grpc-status").map(status_name);
             let answer = Answer {
-                instance: header(crate::metadata::SERVED_BY).map(str::to_owned),
+                instance: head
+                    .headers
+                    .get(crate::metadata::SERVED_BY)
+                    .cloned()
+                    .map(Text::Header),
                 attempts: header(crate::metadata::ATTEMPTS).and_then(|a| a.parse().ok()),
                 status,
             };
@@ -403,7 +471,7 @@ impl Drop for Pending {
 /// What the answer's head said.
 #[derive(Debug, Default)]
 struct Answer {
-    instance: Option<String>,
+    instance: Option<Text>,
     attempts: Option<u32>,
     /// From a trailers-only answer.
     status: Option<&'static str>,
@@ -431,22 +499,6 @@ fn status_name(value: &str) -> &'static str {
         .parse::<i32>()
         .map(tonic::Code::from_i32)
         .map_or("UNKNOWN", crate::status::code_name)
-}
-
-/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed and
-/// not all zeros.
-fn trace_id(traceparent: &str) -> Option<String> {
-    let mut parts = traceparent.trim().split('-');
-    let (version, trace, parent, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-    let valid = hex(version, 2)
-        && version != "ff"
-        && hex(trace, 32)
-        && trace.bytes().any(|b| b != b'0')
-        && hex(parent, 16)
-        && hex(flags, 2);
-    valid.then(|| trace.to_ascii_lowercase())
 }
 
 /// A request body, its data bytes counted.
@@ -557,35 +609,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn trace_ids_come_from_well_formed_traceparents_only() {
-        assert_eq!(
-            trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_deref(),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
-        );
-        for bad in [
-            "",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
-            "00-<script>-00f067aa0ba902b7-01",
-        ] {
-            assert_eq!(trace_id(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
     fn a_line_is_one_json_object() {
         let line = Line {
             ts_ms: 0,
-            method: "/dlb.v1.Operations/Reverse".into(),
+            method: Some(Text::Owned("/dlb.v1.Operations/Reverse".into())),
             status: "OK",
-            instance: Some("A".into()),
+            instance: Some(Text::Owned("A".into())),
             attempts: Some(2),
             latency_us: 512,
             peer: Some(([127, 0, 0, 1], 5000).into()),
             identity: None,
-            trace_id: None,
+            trace_id: Some([0xab; 16]),
             request_bytes: 12,
             response_bytes: 12,
         };
@@ -594,13 +628,34 @@ mod tests {
         assert_eq!(json["attempts"], 2);
         assert_eq!(json["peer"], "127.0.0.1:5000");
         assert_eq!(json["identity"], serde_json::Value::Null);
+        assert_eq!(json["method"], "/dlb.v1.Operations/Reverse");
+        assert_eq!(json["instance"], "A");
+        assert_eq!(json["trace_id"], "ab".repeat(16));
         assert!(!line.to_json().contains('\n'));
         // Whatever a string holds, the line stays one JSON object on one line.
         let strange = Line {
-            method: "/a\"b\\c\n\u{1}é".into(),
+            method: Some(Text::Owned("/a\"b\\c\n\u{1}é".into())),
             ..line
         };
         let parsed: serde_json::Value = serde_json::from_str(&strange.to_json()).unwrap();
         assert_eq!(parsed["method"], "/a\"b\\c\n\u{1}é");
+    }
+
+    #[test]
+    fn times_are_written_from_the_cached_second_exactly() {
+        let mut second = Second::default();
+        let mut out = String::new();
+        for ms in [
+            0,
+            999,
+            1_000,
+            1_795_745_425_065,
+            1_795_745_425_999,
+            1_795_745_426_000,
+        ] {
+            out.clear();
+            second.write(ms, &mut out);
+            assert_eq!(out, crate::events::time::rfc3339_ms(ms), "{ms}");
+        }
     }
 }

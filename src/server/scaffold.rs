@@ -27,19 +27,24 @@ use crate::events::{EventLog, Writer};
 use crate::health::HealthState;
 use crate::status::StatusLayer;
 use crate::tls::TlsArgs;
+use crate::trace::{Exporting, TraceLayer, Traced};
 
 /// How long a server may take to close its connections once drained. A bound, not a wait: it
 /// ends as soon as the connections close. The last answers' bodies may still be on their way
 /// (a 2 MB Fibonacci value takes many flow-control round trips on a loaded machine).
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The layers in front of every dlb server's services: the access log (it sees every answer
-/// as sent), exact statuses, then authorization.
+/// The layers in front of every dlb server's services: tracing (its span covers the whole
+/// call, and the access log below reads the trace it puts in `traceparent`), the access log
+/// (it sees every answer as sent), exact statuses, then authorization.
 type Layers = tower::layer::util::Stack<
     AuthzLayer,
     tower::layer::util::Stack<
         StatusLayer,
-        tower::layer::util::Stack<AccessLogLayer, tower::layer::util::Identity>,
+        tower::layer::util::Stack<
+            AccessLogLayer,
+            tower::layer::util::Stack<TraceLayer, tower::layer::util::Identity>,
+        >,
     >,
 >;
 
@@ -69,6 +74,10 @@ pub struct Spec<'a> {
     pub authz: Guard,
     /// One line per call (`--access-log`; off by default).
     pub access_log: AccessLog,
+    /// Span export (`--otlp-endpoint`; none: tracing off), flushed by [`Serving::finish`].
+    pub exporting: Option<Exporting>,
+    /// Which calls get a span.
+    pub traced: Traced,
 }
 
 /// A server being set up: health and the health-only port exist, nothing is served yet.
@@ -81,6 +90,7 @@ pub struct Scaffold {
     connections: Incoming,
     stop: CancellationToken,
     health_listener: Option<JoinHandle<()>>,
+    exporting: Option<Exporting>,
 }
 
 impl Scaffold {
@@ -96,7 +106,13 @@ impl Scaffold {
             Some(id) => StatusLayer::serving_as(id),
             None => StatusLayer::default(),
         };
+        let tracer = spec
+            .exporting
+            .as_ref()
+            .map(Exporting::tracer)
+            .unwrap_or_default();
         let mut builder = tonic::transport::Server::builder()
+            .layer(TraceLayer::new(tracer, spec.traced))
             .layer(AccessLogLayer::new(spec.access_log))
             .layer(layer)
             .layer(AuthzLayer::new(spec.authz))
@@ -127,6 +143,7 @@ impl Scaffold {
             connections: spec.connections,
             stop,
             health_listener,
+            exporting: spec.exporting,
         })
     }
 
@@ -171,6 +188,7 @@ impl Scaffold {
             connections: self.connections,
             stop: self.stop,
             health_listener: self.health_listener,
+            exporting: self.exporting,
         })
     }
 }
@@ -208,6 +226,7 @@ pub struct Serving {
     connections: Incoming,
     stop: CancellationToken,
     health_listener: Option<JoinHandle<()>>,
+    exporting: Option<Exporting>,
 }
 
 impl std::fmt::Debug for Serving {
@@ -278,10 +297,13 @@ impl Serving {
         }
     }
 
-    /// After [`Serving::close`]: waits for the health-only port to stop and for every
-    /// connection to be closed, lingering ones included, so clients read the last bytes
-    /// before the process exits.
-    pub async fn closed(self) {
+    /// After [`Serving::close`]: exports the spans left, waits for the health-only port to
+    /// stop and for every connection to be closed, lingering ones included, so clients read
+    /// the last bytes before the process exits.
+    pub async fn closed(mut self) {
+        if let Some(exporting) = self.exporting.take() {
+            exporting.finish().await;
+        }
         self.stop.cancel();
         if let Some(task) = self.health_listener {
             let _ = task.await;

@@ -70,6 +70,8 @@ pub async fn run(
 
     let local = listener.local_addr().unwrap_or(config.listen);
     let addr = local.to_string();
+    let (_, exporting) = dlb::trace::Exporting::from_args(&config.trace, "dlb-compute", &config.id)
+        .map_err(RunError::Config)?;
     let scaffold = Scaffold::new(Spec {
         services: &["dlb.v1.Operations", "dlb.v1.Load"],
         tls: &config.tls,
@@ -89,6 +91,11 @@ pub async fn run(
         )
         .map_err(RunError::Config)?,
         access_log: dlb::server::access_log::AccessLog::default(),
+        exporting,
+        // A span per operation (not per load report).
+        traced: dlb::trace::Traced {
+            only: &["/dlb.v1.Operations/"],
+        },
     })
     .await?;
     let mut serving = scaffold.serve(listener, |router| {

@@ -99,6 +99,10 @@ pub struct Config {
     #[command(flatten)]
     pub authz: dlb::authz::AuthzArgs,
 
+    /// Distributed tracing (off unless an OTLP endpoint is given).
+    #[command(flatten)]
+    pub trace: dlb::trace::TraceArgs,
+
     /// PEM certificate the instances it starts serve with, instead of control's own
     /// --tls-cert (`dlb up --tls` gives them compute.pem).
     #[arg(
@@ -140,6 +144,7 @@ impl Config {
             health_listen: None,
             tls: dlb::tls::TlsArgs::default(),
             authz: dlb::authz::AuthzArgs::default(),
+            trace: dlb::trace::TraceArgs::default(),
             instance_tls_cert: None,
             instance_tls_key: None,
             events: EventLogArgs::disabled(),
@@ -246,6 +251,11 @@ impl Config {
                 args.push("--advertise".to_owned());
                 args.push(host.clone());
             }
+        }
+        // The instances trace where control does (the other OTEL_* variables they inherit).
+        if let Some(endpoint) = &self.trace.otlp_endpoint {
+            args.push("--otlp-endpoint".to_owned());
+            args.push(endpoint.clone());
         }
         args
     }

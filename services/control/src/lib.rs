@@ -58,6 +58,8 @@ pub async fn run(
     let supervisor = Supervisor::new(&config, events.clone(), cancel.clone(), tracker.clone());
 
     let closing = CancellationToken::new();
+    let (_, exporting) = dlb::trace::Exporting::from_args(&config.trace, "dlb-control", "control")
+        .map_err(RunError::Config)?;
     let scaffold = Scaffold::new(Spec {
         services: &["dlb.v1.Control"],
         tls: &config.tls,
@@ -69,6 +71,16 @@ pub async fn run(
         reflection: true,
         authz,
         access_log: dlb::server::access_log::AccessLog::default(),
+        exporting,
+        // A span per lifecycle call (not per listing, nor the long watches).
+        traced: dlb::trace::Traced {
+            only: &[
+                "/dlb.v1.Control/StartInstance",
+                "/dlb.v1.Control/StopInstance",
+                "/dlb.v1.Control/AddInstance",
+                "/dlb.v1.Control/RemoveInstance",
+            ],
+        },
     })
     .await?;
     let mut serving = scaffold.serve(listener, |router| {

@@ -386,6 +386,10 @@ pub struct Config {
     #[command(flatten)]
     pub authz: dlb::authz::AuthzArgs,
 
+    /// Distributed tracing (off unless an OTLP endpoint is given).
+    #[command(flatten)]
+    pub trace: dlb::trace::TraceArgs,
+
     /// Where events go (the Redis event log).
     #[command(flatten)]
     pub events: EventLogArgs,
@@ -433,6 +437,7 @@ impl Config {
             health_listen: None,
             tls: dlb::tls::TlsArgs::default(),
             authz: dlb::authz::AuthzArgs::default(),
+            trace: dlb::trace::TraceArgs::default(),
             events: EventLogArgs::disabled(),
         }
     }

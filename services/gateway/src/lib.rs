@@ -120,6 +120,9 @@ pub async fn run(
         None => (dlb::server::access_log::AccessLog::default(), None),
     };
 
+    let (tracer, exporting) =
+        dlb::trace::Exporting::from_args(&config.trace, "dlb-gateway", &config.id)
+            .map_err(RunError::Config)?;
     let plan = config.plan().map_err(RunError::Config)?;
     let outlier = config.outlier().map_err(RunError::Config)?;
     let settings = |health_service: &str| MonitorSettings {
@@ -192,6 +195,7 @@ pub async fn run(
             default_timeout: Duration::from_secs(config.timeout_secs),
             max_message_bytes: config.max_message_bytes,
             hedge: config.hedge_after,
+            tracer,
         },
         events.clone(),
         Arc::clone(&counters),
@@ -225,6 +229,8 @@ pub async fn run(
         reflection: false,
         authz: authz.clone(),
         access_log,
+        exporting,
+        traced: dlb::trace::Traced::ALL,
     })
     .await?;
     tracker.spawn(follow_pool_health(

@@ -8,7 +8,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use dlb_gateway::Config;
 use dlb_gateway::config::Policy;
 use dlb_gateway::membership::{MemberChange, Membership};
 use dlb_gateway::testing::RunningGateway;
-use support::interop::workspace_file;
+use support::interop::PythonScript;
 use support::{ComputeProcess, channel, stats};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -37,34 +37,14 @@ struct Peer {
 
 impl Peer {
     fn start(id: &'static str) -> Self {
-        let mut child = Command::new(workspace_file(".venv/bin/python"))
-            .arg(workspace_file("tests/interop/grpc_peer.py"))
-            .arg("server")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python peer");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (send, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if send.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let first = lines
-            .recv_timeout(PATIENCE)
-            .expect("the peer's listening line");
-        let addr = first.rsplit(' ').next().unwrap().to_owned();
+        let script = PythonScript::start("grpc_peer.py", &["server"]);
+        let addr = script.listening_addr();
         Self {
             id,
             addr,
-            stdin,
-            lines,
-            _child: KillOnDrop(child),
+            stdin: script.stdin,
+            lines: script.lines,
+            _child: script.child,
         }
     }
 

@@ -453,6 +453,10 @@ function showCall(failed, text, outcome) {
   $('result-served-by').textContent = (outcome && outcome.served_by) || '–';
   $('result-attempts').textContent = (outcome && outcome.attempts) || '–';
   $('result-latency').textContent = outcome ? fmtUs(outcome.latency_us) : '–';
+  const trace = (outcome && outcome.trace_id) || '';
+  $('result-trace').textContent = trace;
+  $('result-trace').hidden = !trace;
+  $('result-trace-label').hidden = !trace;
 }
 
 // --- events ---------------------------------------------------------------------------------
@@ -460,7 +464,8 @@ function showCall(failed, text, outcome) {
 function summary(e) {
   if (e.kind === 'request') {
     const input = e.input ? ` · input "${e.input}"` : '';
-    return `${e.op} → ${e.backend || '?'} ${e.status} in ${fmtUs(e.latency_us)} · attempts ${e.attempts}${input}`;
+    const trace = e.trace_id ? ` · trace ${e.trace_id}` : '';
+    return `${e.op} → ${e.backend || '?'} ${e.status} in ${fmtUs(e.latency_us)} · attempts ${e.attempts}${input}${trace}`;
   }
   const fields = Object.entries(e.fields || {}).map(([k, v]) => `${k}=${v}`).join(' ');
   return fields ? `${e.message}: ${fields}` : e.message;

@@ -60,6 +60,11 @@ pub struct Config {
     #[command(flatten)]
     pub tls: dlb::tls::TlsArgs,
 
+    /// Distributed tracing: calls and instance actions from the page start traces (off
+    /// unless an OTLP endpoint is given).
+    #[command(flatten)]
+    pub trace: dlb::trace::TraceArgs,
+
     /// The event log (read for the events panel; the dashboard logs its own actions too).
     #[command(flatten)]
     pub events: EventLogArgs,
@@ -85,6 +90,7 @@ impl Config {
             refresh_ms: 200,
             call_timeout_secs: 30,
             tls: dlb::tls::TlsArgs::default(),
+            trace: dlb::trace::TraceArgs::default(),
             events: EventLogArgs::disabled(),
         }
     }

@@ -72,6 +72,7 @@ struct Inner {
     events: EventLog,
     call_timeout: Duration,
     cancel: CancellationToken,
+    tracer: dlb::trace::Tracer,
 }
 
 impl AppState {
@@ -114,6 +115,15 @@ impl AppState {
             control.as_ref().map(|(addr, _)| addr.as_str()),
             redis_shown.as_deref(),
         );
+        let (tracer, exporting) = dlb::trace::Exporting::from_args(&config.trace, "dlb-ui", "ui")
+            .map_err(StartError::Config)?;
+        if let Some(exporting) = exporting {
+            let stop = cancel.clone();
+            tracker.spawn(async move {
+                stop.cancelled().await;
+                exporting.finish().await;
+            });
+        }
         let (events, writer) = EventLog::start(log_config, "ui", "ui", cancel.clone());
         tracker.spawn(async move {
             let _ = writer.await;
@@ -167,6 +177,7 @@ impl AppState {
                 events,
                 call_timeout: config.call_timeout(),
                 cancel,
+                tracer,
             }),
         })
     }

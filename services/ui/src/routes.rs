@@ -222,7 +222,13 @@ pub async fn call(
         _ => {}
     }
     let mut client = state.inner.operations.clone();
-    let mut outcome = dlb::client::call(&mut client, &op, Some(state.inner.call_timeout)).await;
+    let mut outcome = dlb::client::call_traced(
+        &mut client,
+        &op,
+        Some(state.inner.call_timeout),
+        &state.inner.tracer,
+    )
+    .await;
     if let Some(Value::Object(result)) = &mut outcome.result
         && let Some(Value::String(value)) = result.get_mut("value")
         && value.len() > MAX_SHOWN_DIGITS
@@ -264,6 +270,44 @@ fn with_timeout<T>(message: T) -> tonic::Request<T> {
     request
 }
 
+/// A call to control as the start of a trace (tracing on): its client span, and the request
+/// carrying it.
+fn traced<T>(
+    state: &AppState,
+    method: &'static str,
+    message: T,
+) -> (tonic::Request<T>, Option<dlb::trace::Span>) {
+    let mut request = with_timeout(message);
+    let tracer = &state.inner.tracer;
+    if !tracer.is_on() {
+        return (request, None);
+    }
+    let path = format!("/dlb.v1.Control/{method}");
+    let mut span = tracer.start(
+        dlb::trace::rpc_span_name(&path),
+        dlb::trace::Kind::Client,
+        None,
+        None,
+    );
+    dlb::trace::set_rpc_attributes(&mut span, &path);
+    if let Ok(value) = span.context().to_traceparent().parse() {
+        request
+            .metadata_mut()
+            .insert(dlb::trace::TRACEPARENT, value);
+    }
+    (request, Some(span))
+}
+
+/// Ends a control call's span with how the call went.
+fn end_span<T>(span: Option<dlb::trace::Span>, result: &Result<T, tonic::Status>) {
+    if let Some(mut span) = span {
+        match result {
+            Ok(_) => span.set_grpc_status(tonic::Code::Ok, ""),
+            Err(status) => span.set_grpc_status(status.code(), status.message()),
+        }
+    }
+}
+
 /// Which lifecycle action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Action {
@@ -293,26 +337,36 @@ async fn lifecycle(state: AppState, id: String, action: Action) -> Result<Respon
         &[("instance", &id), ("action", action.name())],
     );
     let result = match action {
-        Action::Start => client
-            .start_instance(with_timeout(InstanceRequest { id: id.clone() }))
-            .await
-            .map(|r| json!({ "instance": instance_json(&r.into_inner()) })),
+        Action::Start => {
+            let (request, span) =
+                traced(&state, "StartInstance", InstanceRequest { id: id.clone() });
+            let result = client.start_instance(request).await;
+            end_span(span, &result);
+            result.map(|r| json!({ "instance": instance_json(&r.into_inner()) }))
+        }
         Action::Stop | Action::Kill => {
             if action == Action::Kill {
                 state.inner.collector.killing(&id);
             }
-            client
-                .stop_instance(with_timeout(StopInstanceRequest {
+            let (request, span) = traced(
+                &state,
+                "StopInstance",
+                StopInstanceRequest {
                     id: id.clone(),
                     force: action == Action::Kill,
-                }))
-                .await
-                .map(|r| json!({ "instance": instance_json(&r.into_inner()) }))
+                },
+            );
+            let result = client.stop_instance(request).await;
+            end_span(span, &result);
+            result.map(|r| json!({ "instance": instance_json(&r.into_inner()) }))
         }
-        Action::Remove => client
-            .remove_instance(with_timeout(InstanceRequest { id: id.clone() }))
-            .await
-            .map(|_| json!({ "removed": id })),
+        Action::Remove => {
+            let (request, span) =
+                traced(&state, "RemoveInstance", InstanceRequest { id: id.clone() });
+            let result = client.remove_instance(request).await;
+            end_span(span, &result);
+            result.map(|_| json!({ "removed": id }))
+        }
     };
     if result.is_err() && action == Action::Kill {
         state.inner.collector.not_killing(&id);
@@ -374,9 +428,10 @@ pub async fn add(State(state): State<AppState>) -> Result<Response, AppError> {
         .inner
         .events
         .lifecycle("instance action requested", &[("action", "add")]);
-    let instance = client
-        .add_instance(with_timeout(AddInstanceRequest {}))
-        .await
+    let (request, span) = traced(&state, "AddInstance", AddInstanceRequest {});
+    let result = client.add_instance(request).await;
+    end_span(span, &result);
+    let instance = result
         .map_err(|status| AppError::from_control(&status, &addr))?
         .into_inner();
     Ok((

@@ -306,6 +306,25 @@ async fn the_dashboard_runs_the_mesh_in_a_real_browser() {
         .await;
     let summary = wait_event(&browser, &marker).await;
     assert!(summary.starts_with("Reverse → "), "{summary}");
+
+    // A call that came with a W3C traceparent: its row shows the trace id.
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let mut traced = tonic::Request::new(dlb::proto::v1::ReverseRequest {
+        text: "traced row".into(),
+    });
+    traced.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
+    let gateway = tonic::transport::Channel::from_shared(mesh.gateway.uri())
+        .unwrap()
+        .connect_lazy();
+    dlb::proto::v1::operations_client::OperationsClient::new(gateway)
+        .reverse(traced)
+        .await
+        .unwrap();
+    let summary = wait_event(&browser, trace).await;
+    assert!(summary.contains(&format!("trace {trace}")), "{summary}");
     println!(
         "click to result shown: {:.1} ms; click to event row shown: {:.1} ms",
         timing["result"].as_f64().unwrap_or(f64::NAN),

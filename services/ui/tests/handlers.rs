@@ -646,3 +646,72 @@ async fn control_unreachable_and_control_failing_are_told_apart() {
     drop(ui);
     control.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_dashboard_starts_a_trace_for_each_call_and_instance_action() {
+    let receiver = dlb::trace::Receiver::start(true).await.unwrap();
+    let traced = dlb::trace::TraceArgs {
+        otlp_endpoint: Some(receiver.url()),
+    };
+    let mut compute_config = dlb_compute::Config::for_tests("X");
+    compute_config.trace = traced.clone();
+    let compute = dlb_compute::testing::start(compute_config).await.unwrap();
+    let mut control_config = dlb_control::Config::for_tests(workspace_binary("dlb-compute"), 1);
+    control_config.trace = traced.clone();
+    let control = dlb_control::testing::start(control_config).await.unwrap();
+    let mut config = Config::for_tests(&compute.addr.to_string(), Some(&control.addr.to_string()));
+    config.trace = traced;
+    let ui = Ui::start(config);
+
+    // A call from the form: the outcome names its trace, whose root is the dashboard's client
+    // span and whose child is the instance's operation.
+    let outcome = json_body(
+        ui.send(ui.post(
+            "/api/call",
+            Some(json!({ "op": "reverse", "input": "traced" })),
+        ))
+        .await,
+    )
+    .await;
+    let trace = outcome["trace_id"].as_str().unwrap().to_owned();
+    assert_eq!(trace.len(), 32, "{outcome}");
+    // An instance action: the dashboard's span, and control's span under it.
+    let patience = Duration::from_secs(30);
+    let stop = ui.send(ui.post("/api/instances/A/stop", None));
+    let body = json_body(tokio::time::timeout(patience, stop).await.unwrap()).await;
+    assert_eq!(body["instance"]["state"], "stopped", "{body}");
+
+    let hex = |bytes: &[u8]| dlb::trace::hex(bytes);
+    let spans = dlb::testing::eventually("the dashboard's and the servers' spans", || async {
+        let spans = receiver.spans();
+        let of = |service: &str, name: &str| {
+            spans
+                .iter()
+                .find(|(s, span)| s == service && span.name == name)
+                .map(|(_, span)| span.clone())
+        };
+        Some((
+            of("dlb-ui", "dlb.v1.Operations/Reverse")?,
+            of("dlb-compute", "dlb.v1.Operations/Reverse")?,
+            of("dlb-ui", "dlb.v1.Control/StopInstance")?,
+            of("dlb-control", "dlb.v1.Control/StopInstance")?,
+        ))
+    })
+    .await;
+    let (ui_call, operation, ui_stop, control_stop) = spans;
+    assert_eq!(hex(&ui_call.trace_id), trace);
+    assert!(ui_call.parent_span_id.is_empty(), "a root span");
+    assert_eq!(operation.trace_id, ui_call.trace_id);
+    assert_eq!(operation.parent_span_id, ui_call.span_id);
+    assert!(ui_stop.parent_span_id.is_empty(), "a root span");
+    assert_eq!(control_stop.trace_id, ui_stop.trace_id);
+    assert_eq!(control_stop.parent_span_id, ui_stop.span_id);
+    // Listing and watching instances (the dashboard polls them) are not traced.
+    assert!(
+        receiver
+            .spans()
+            .iter()
+            .all(|(_, s)| !s.name.contains("ListInstances") && !s.name.contains("Watch")),
+        "only lifecycle calls of control are traced"
+    );
+}

@@ -133,10 +133,25 @@ async fn start_gateway(
     backends: &[String],
     flags: &[&str],
 ) -> Result<String, String> {
+    let (addr, _) =
+        start_gateway_with_env(args, children, bins, name, backends, flags, &[]).await?;
+    Ok(addr)
+}
+
+/// [`start_gateway`] with `env` set for the gateway; gives its address and pid.
+pub(super) async fn start_gateway_with_env(
+    args: &SuiteArgs,
+    children: &mut Children,
+    bins: &Path,
+    name: &str,
+    backends: &[String],
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> Result<(String, u32), String> {
     let addr = format!("127.0.0.1:{}", free_port()?);
     let flags: Vec<String> = flags.iter().map(|s| (*s).to_owned()).collect();
     let backends_flag = backends.join(",");
-    spawn_gateway(
+    let pid = spawn_gateway(
         children,
         name,
         bins,
@@ -144,10 +159,11 @@ async fn start_gateway(
         &backends_flag,
         args.threads,
         &flags,
+        env,
     )?;
     wait_answers(children, name, &addr).await?;
     wait_serving(&addr, backends.len()).await?;
-    Ok(addr)
+    Ok((addr, pid))
 }
 
 /// Waits until the gateway at `addr` has `want` instances serving (its `Stats`).
@@ -374,7 +390,11 @@ pub(super) async fn run_paused(
 }
 
 /// Writes `value` as pretty JSON to `name` in the report's directory.
-fn write_json(args: &SuiteArgs, name: &str, value: &impl Serialize) -> Result<(), String> {
+pub(super) fn write_json(
+    args: &SuiteArgs,
+    name: &str,
+    value: &impl Serialize,
+) -> Result<(), String> {
     let path = args.out.join(name);
     let json = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
     std::fs::write(&path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))
@@ -434,7 +454,7 @@ async fn measure_paused(
 }
 
 /// Reverse("hello"), the call these scenarios make.
-fn reverse() -> Op {
+pub(super) fn reverse() -> Op {
     Op::Reverse {
         text: "hello".into(),
     }
@@ -442,7 +462,7 @@ fn reverse() -> Op {
 
 /// A load of `op` on `addr`: closed loop at `concurrency`, or open at `rate` (with at most
 /// `concurrency` calls open).
-fn load(
+pub(super) fn load(
     addr: String,
     op: Op,
     concurrency: usize,
@@ -466,7 +486,7 @@ fn load(
 
 /// Runs `measure` on each path `reps` times, interleaved (A B C A B C ...), saying how far it
 /// is; gives the runs by path name.
-async fn interleave<R, Fut>(
+pub(super) async fn interleave<R, Fut>(
     reps: usize,
     scenario: &str,
     paths: &[(String, String)],

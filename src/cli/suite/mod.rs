@@ -11,6 +11,7 @@
 //! Output: `target/bench/suite.md` (a table), `suite.json` and `suite.svg` (a chart).
 
 mod degraded;
+mod observed;
 mod proxies;
 mod report;
 mod streams;
@@ -63,7 +64,8 @@ pub struct SuiteArgs {
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// Only these scenarios (of saturation, c1, open, fib, reverse_1mib, stream_server,
-    /// stream_bidi, slow_instance, paused, and mixed, which runs only when named; comma-separated;
+    /// stream_bidi, slow_instance, paused, observability, and mixed, which runs only when
+    /// named; comma-separated;
     /// open needs saturation, whose direct rate it takes half of).
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
@@ -271,6 +273,7 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
         &backend_flag,
         threads,
         &[],
+        &[],
     )?;
     wait_answers(children, "dlb-gateway", &gateway).await?;
     targets.push(Target {
@@ -369,6 +372,8 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
     let slow_instance =
         args.scenarios.is_empty() || args.scenarios.iter().any(|w| w == SLOW_INSTANCE);
     let paused = args.scenarios.is_empty() || args.scenarios.iter().any(|w| w == PAUSED);
+    let observability =
+        args.scenarios.is_empty() || args.scenarios.iter().any(|w| w == OBSERVABILITY);
     // Long (its two loads must settle): only when asked for.
     let mixed = args.scenarios.iter().any(|w| w == MIXED);
     let unary_wanted: Vec<String> = args
@@ -379,6 +384,7 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
                 && *w != SLOW_INSTANCE
                 && *w != MIXED
                 && *w != PAUSED
+                && *w != OBSERVABILITY
         })
         .cloned()
         .collect();
@@ -492,10 +498,16 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
     } else {
         None
     };
+    let observed = if observability && wanted(args, "dlb-gateway") {
+        Some(observed::run_observability(args, children, &bins, warmup, duration).await?)
+    } else {
+        None
+    };
     let extra: Vec<String> = streamed
         .into_iter()
         .chain(slowed)
         .chain(paused)
+        .chain(observed)
         .chain(mixed)
         .collect();
     if scenarios.is_empty() {
@@ -567,6 +579,7 @@ async fn start_computes(
 
 /// Starts a `dlb-gateway` on `listen` in front of `backends` (`ID=HOST:PORT,...`), without
 /// Redis or `/metrics`, with `threads` threads and [`STREAMS`] streams per caller connection.
+#[allow(clippy::too_many_arguments)]
 fn spawn_gateway(
     children: &mut Children,
     name: &str,
@@ -575,6 +588,7 @@ fn spawn_gateway(
     backends: &str,
     threads: usize,
     extra: &[String],
+    env: &[(&str, &str)],
 ) -> Result<u32, String> {
     let mut flags: Vec<String> = vec![
         "--listen".into(),
@@ -591,7 +605,7 @@ fn spawn_gateway(
         STREAMS.to_string(),
     ];
     flags.extend_from_slice(extra);
-    children.spawn(name, &bins.join("dlb-gateway"), &flags)
+    children.spawn_with_env(name, &bins.join("dlb-gateway"), &flags, env)
 }
 
 /// The streaming scenarios: a streaming instance in this process, a `dlb-gateway` of its own
@@ -619,6 +633,7 @@ async fn run_streams(
         &gateway,
         &format!("S={instance}"),
         args.threads,
+        &[],
         &[],
     )?;
     wait_streams(children, "dlb-gateway (streams)", &gateway).await?;
@@ -776,6 +791,9 @@ const PAUSED: &str = "paused";
 /// The key of the mixed-load scenario (see [`degraded`]); run only when named.
 const MIXED: &str = "mixed";
 
+/// The key of the scenario of the access log's and tracing's cost (see [`observed`]).
+const OBSERVABILITY: &str = "observability";
+
 /// Every scenario, in the order they run.
 fn all_scenarios() -> [Scenario; 5] {
     [
@@ -833,7 +851,8 @@ fn pick_scenarios(all: [Scenario; 5], wanted: &[String]) -> Result<Vec<Scenario>
     let keys: Vec<&str> = all.iter().map(|s| s.key).collect();
     if let Some(unknown) = wanted.iter().find(|w| !keys.contains(&w.as_str())) {
         return Err(format!(
-            "--scenarios: unknown scenario {unknown:?} (use {})",
+            "--scenarios: unknown scenario {unknown:?} (use {}, stream_server, stream_bidi, \
+             {SLOW_INSTANCE}, {PAUSED}, {OBSERVABILITY}, {MIXED})",
             keys.join(", ")
         ));
     }

@@ -16,7 +16,27 @@ impl Children {
         program: &Path,
         args: &[String],
     ) -> Result<u32, String> {
-        let child = Command::new(program)
+        self.spawn_with_env(name, program, args, &[])
+    }
+
+    /// [`Children::spawn`] with `env` set. No `OTEL_*` variable of the suite's own environment
+    /// reaches a child: a collector set for everyday use must not make the measured proxies
+    /// trace.
+    pub(super) fn spawn_with_env(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<u32, String> {
+        let mut command = Command::new(program);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("OTEL_") {
+                command.env_remove(key);
+            }
+        }
+        command.envs(env.iter().copied());
+        let child = command
             .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

@@ -183,6 +183,8 @@ pub async fn start_instance(stop: CancellationToken) -> Result<String, String> {
         reflection: false,
         authz: dlb::authz::Guard::default(),
         access_log: dlb::server::access_log::AccessLog::default(),
+        exporting: None,
+        traced: dlb::trace::Traced::ALL,
     })
     .await
     .map_err(|e| format!("stream instance: {e}"))?;

@@ -74,6 +74,8 @@ pub struct ForwardSettings {
     pub max_message_bytes: usize,
     /// When a call of the five operations gets a second copy.
     pub hedge: hedge::Hedge,
+    /// Makes a span per attempt (when on), child of the call's span.
+    pub tracer: dlb::trace::Tracer,
 }
 
 /// Gateway-wide counters.
@@ -320,7 +322,7 @@ impl GatewayService {
         &self,
         pool: usize,
         method: &Arc<str>,
-        start: Instant,
+        start: Started,
         attempts: u32,
         blamed: Option<&str>,
         served_by: Option<&str>,
@@ -330,7 +332,7 @@ impl GatewayService {
     ) {
         let inner = &self.inner;
         let pool = &inner.pools[pool];
-        let duration_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let duration_us = u64::try_from(start.at.elapsed().as_micros()).unwrap_or(u64::MAX);
         inner.methods.finished(
             method,
             Finished {
@@ -357,6 +359,12 @@ impl GatewayService {
             latency_us: duration_us,
             attempts,
             input: format!("{messages_in} message(s) in, {messages_out} out"),
+            // Formatted only for an event that goes somewhere.
+            trace_id: inner
+                .events
+                .is_enabled()
+                .then(|| start.trace_id())
+                .flatten(),
         });
     }
 
@@ -367,11 +375,11 @@ impl GatewayService {
 
     /// Relays one call; every outcome is an HTTP response carrying a gRPC status.
     async fn relay(&self, request: http::Request<Body>) -> http::Response<Body> {
-        let start = Instant::now();
+        let start = Started::now(request.headers());
         let Some(method) = request.uri().path().strip_prefix(PATH_PREFIX) else {
             // Any other service: relayed as a stream of opaque messages.
             let pool = self.pool_index(request.uri().path());
-            return self.relay_stream(pool, request).await;
+            return self.relay_stream(pool, start, request).await;
         };
         let pool = self.pool_for(request.uri().path());
         let Some(op) = METHODS.iter().find(|known| **known == method).copied() else {
@@ -398,7 +406,7 @@ impl GatewayService {
         &self,
         pool: &Pool,
         op: &'static str,
-        start: Instant,
+        start: Started,
         request: http::Request<Body>,
     ) -> http::Response<Body> {
         let inner = &self.inner;
@@ -411,7 +419,7 @@ impl GatewayService {
         };
         let timeout = dlb::deadline::from_headers(request.headers())
             .unwrap_or(inner.settings.default_timeout);
-        let deadline = start + timeout;
+        let deadline = start.at + timeout;
         let (head, body) = request.into_parts();
         let message = match tokio::time::timeout(
             timeout,
@@ -675,6 +683,13 @@ impl GatewayService {
     ) -> Attempt {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let budget = remaining.saturating_sub(DEADLINE_MARGIN);
+        let mut span = self.attempt_span(head, steer.strictly);
+        let mut steer = steer;
+        if span.is_some() && steer.picked.is_none() {
+            // The span names the instance even when the attempt fails before answering.
+            steer.picked = Some(endpoint::PickedBy::default());
+        }
+        let picked = span.as_ref().and(steer.picked.clone());
         let mut request = http::Request::new(Outgoing::Whole(message.clone()));
         if !steer.tried.is_empty() {
             request.extensions_mut().insert(Tried {
@@ -691,6 +706,11 @@ impl GatewayService {
         request
             .headers_mut()
             .insert("grpc-timeout", dlb::deadline::to_header(remaining));
+        if let Some(context) = span.as_ref().and_then(AttemptSpan::context) {
+            request
+                .headers_mut()
+                .insert(dlb::trace::TRACEPARENT, context.header_value());
+        }
         let call = async {
             let response = match pool.balancer.clone().oneshot(request).await {
                 Ok(response) => response,
@@ -730,9 +750,42 @@ impl GatewayService {
                 status,
             }))
         };
-        tokio::time::timeout(budget, call)
+        let outcome = tokio::time::timeout(budget, call)
             .await
-            .unwrap_or(Attempt::TimedOut)
+            .unwrap_or(Attempt::TimedOut);
+        if let Some(span) = span.as_mut().and_then(AttemptSpan::take) {
+            let instance = picked.as_ref().and_then(|p| p.0.get().cloned());
+            end_attempt_span(span, &outcome, instance.as_deref());
+        }
+        outcome
+    }
+
+    /// A span for one attempt (a client span, child of the call's span in `traceparent`),
+    /// when tracing is on. Dropped unended (a hedge lost, the caller gone), it says so.
+    fn attempt_span(&self, head: &http::request::Parts, hedge: bool) -> Option<AttemptSpan> {
+        let tracer = &self.inner.settings.tracer;
+        if !tracer.is_on() {
+            return None;
+        }
+        let path = head.uri.path();
+        let parent = dlb::trace::SpanContext::from_headers(&head.headers);
+        if parent.is_some_and(|p| !p.sampled) {
+            // Every sampler decides an attempt as its call (the same trace id, or the call
+            // as parent): nothing of this trace is recorded, and the instance gets the
+            // call's unsampled context as it is.
+            return None;
+        }
+        let mut span = tracer.start(
+            dlb::trace::rpc_span_name(path),
+            dlb::trace::Kind::Client,
+            parent.as_ref(),
+            None,
+        );
+        dlb::trace::set_rpc_attributes(&mut span, path);
+        if hedge {
+            span.set("dlb.hedge", true);
+        }
+        Some(AttemptSpan(Some(span)))
     }
 
     /// Passes an instance's answer on, marked with who answered and how many tries it took.
@@ -740,7 +793,7 @@ impl GatewayService {
         &self,
         op: &'static str,
         input: &str,
-        start: Instant,
+        start: Started,
         attempts: u32,
         answer: Box<Whole>,
     ) -> http::Response<Body> {
@@ -787,7 +840,7 @@ impl GatewayService {
         &self,
         op: &'static str,
         input: &str,
-        start: Instant,
+        start: Started,
         attempts: u32,
         served_by: Option<&str>,
         status: Status,
@@ -807,7 +860,7 @@ impl GatewayService {
         &self,
         op: &'static str,
         input: &str,
-        start: Instant,
+        start: Started,
         attempts: u32,
         served_by: Option<&str>,
         code: &str,
@@ -817,7 +870,7 @@ impl GatewayService {
         if code != "OK" {
             inner.counters.failures.fetch_add(1, Ordering::Relaxed);
         }
-        let latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let latency_us = u64::try_from(start.at.elapsed().as_micros()).unwrap_or(u64::MAX);
         if let Some(key) = METHODS
             .iter()
             .position(|m| *m == op)
@@ -844,7 +897,86 @@ impl GatewayService {
             latency_us,
             attempts,
             input: preview(input),
+            // Formatted only for an event that goes somewhere.
+            trace_id: inner
+                .events
+                .is_enabled()
+                .then(|| start.trace_id())
+                .flatten(),
         });
+    }
+}
+
+/// When a call arrived, and in which trace (its `traceparent` as the gateway's own span, when
+/// tracing, or the caller's), for its event.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Started {
+    at: Instant,
+    trace: Option<[u8; 16]>,
+}
+
+impl Started {
+    fn now(headers: &http::HeaderMap) -> Self {
+        Self {
+            at: Instant::now(),
+            trace: dlb::trace::SpanContext::from_headers(headers).map(|c| c.trace_id),
+        }
+    }
+
+    fn trace_id(&self) -> Option<String> {
+        self.trace.map(|id| dlb::trace::hex(&id))
+    }
+}
+
+/// An attempt's span until the attempt ends; dropped before, it ends as cancelled (the
+/// hedge that lost, or the caller gone).
+pub(crate) struct AttemptSpan(Option<dlb::trace::Span>);
+
+impl AttemptSpan {
+    fn context(&self) -> Option<&dlb::trace::SpanContext> {
+        self.0.as_ref().map(dlb::trace::Span::context)
+    }
+
+    fn take(&mut self) -> Option<dlb::trace::Span> {
+        self.0.take()
+    }
+}
+
+impl Drop for AttemptSpan {
+    fn drop(&mut self) {
+        if let Some(mut span) = self.0.take() {
+            span.set_grpc_status(Code::Cancelled, "the attempt was given up");
+        }
+    }
+}
+
+/// Ends an attempt's span with how it went, on `instance`.
+fn end_attempt_span(mut span: dlb::trace::Span, outcome: &Attempt, instance: Option<&str>) {
+    if let Attempt::Answered(answer) = outcome {
+        if let Some(id) = answer.served_by.as_deref().or(instance) {
+            span.set("dlb.instance", id.to_owned());
+        }
+        let message = answer
+            .trailers
+            .as_ref()
+            .unwrap_or(&answer.head.headers)
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        span.set_grpc_status(answer.status, message);
+        return;
+    }
+    if let Some(id) = instance {
+        span.set("dlb.instance", id.to_owned());
+    }
+    match outcome {
+        Attempt::Answered(_) => {}
+        Attempt::NoInstance => span.fail("no instance to send it to"),
+        Attempt::Failed(why) => span.fail(why.clone()),
+        Attempt::TimedOut => {
+            span.set_grpc_status(Code::DeadlineExceeded, "no answer within the deadline");
+        }
+        Attempt::TooLarge => span.fail("the answer was over the size limit"),
     }
 }
 
@@ -853,7 +985,7 @@ impl GatewayService {
 struct Unanswered<'a> {
     service: &'a GatewayService,
     op: &'static str,
-    start: Instant,
+    start: Started,
     answered: bool,
 }
 

@@ -187,7 +187,7 @@ struct Call {
     /// Its pool's index.
     pool: usize,
     method: Arc<str>,
-    start: Instant,
+    start: super::Started,
     attempts: u32,
     served_by: Option<Arc<str>>,
     /// Counted and logged already.
@@ -238,11 +238,11 @@ impl GatewayService {
     pub(super) async fn relay_stream(
         &self,
         pool_index: usize,
+        start: super::Started,
         request: http::Request<Body>,
     ) -> http::Response<Body> {
         let inner = &self.inner;
         let pool: &Pool = &inner.pools[pool_index];
-        let start = Instant::now();
         let method = self.method_key(request.uri().path());
         let Ok(permit) = Arc::clone(&inner.permits).try_acquire_owned() else {
             let status: Status = Error::Overloaded {
@@ -263,7 +263,7 @@ impl GatewayService {
             return status.into_http();
         };
         // The caller's deadline only: a stream may rightly last longer than --timeout.
-        let deadline = dlb::deadline::from_headers(request.headers()).map(|t| start + t);
+        let deadline = dlb::deadline::from_headers(request.headers()).map(|t| start.at + t);
         let (head, body) = request.into_parts();
         let mut feed = Feed::new(
             body,
@@ -297,7 +297,7 @@ impl GatewayService {
                     &call,
                     &feed,
                     Error::DeadlineExceeded {
-                        deadline: deadline - start,
+                        deadline: deadline - start.at,
                         attempts: call.attempts,
                     }
                     .into(),
@@ -346,17 +346,42 @@ impl GatewayService {
             if call.attempts > 1 {
                 feed.rewind();
             }
-            match self.attempt_stream(&head, &mut feed, lease, deadline).await {
-                Attempt::Committed(mut parts, answer) => {
+            let mut span = self.attempt_span(&head, false);
+            let traceparent = span
+                .as_ref()
+                .and_then(|span| span.context().map(dlb::trace::SpanContext::header_value));
+            let mut span = span.as_mut().and_then(super::AttemptSpan::take);
+            if let Some(span) = &mut span {
+                span.set("dlb.instance", lease.id().to_string());
+            }
+            match self
+                .attempt_stream(&head, &mut feed, lease, deadline, traceparent)
+                .await
+            {
+                Attempt::Committed(mut parts, mut answer) => {
+                    // It ends with the answer.
+                    answer.span = span;
                     add_headers(&mut parts.headers, call.served_by.as_deref(), call.attempts);
                     return commit(call, feed, parts, answer);
                 }
-                Attempt::Ended(status) => return self.stream_error(&call, &feed, status),
+                Attempt::Ended(status) => {
+                    if let Some(span) = &mut span {
+                        span.set_grpc_status(status.code(), status.message());
+                    }
+                    return self.stream_error(&call, &feed, status);
+                }
                 Attempt::Refused(parts) => {
+                    if let Some(span) = &mut span {
+                        let code = grpc_code(&parts.headers).unwrap_or(Code::Unknown);
+                        span.set_grpc_status(code, "refused");
+                    }
                     tried.extend(call.served_by.clone());
                     previous = Some(Ok(parts));
                 }
                 Attempt::Failed(why) => {
+                    if let Some(span) = &mut span {
+                        span.fail(why.clone());
+                    }
                     // Its instance failed it: a retry goes elsewhere.
                     tried.extend(call.served_by.clone());
                     previous = Some(Err(why));
@@ -387,11 +412,17 @@ impl GatewayService {
         feed: &mut Feed,
         mut lease: Box<Lease>,
         deadline: Option<Instant>,
+        traceparent: Option<http::HeaderValue>,
     ) -> Attempt {
         let mut request = http::Request::new(());
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = head.uri.clone();
         *request.headers_mut() = head.headers.clone();
+        if let Some(traceparent) = traceparent {
+            request
+                .headers_mut()
+                .insert(dlb::trace::TRACEPARENT, traceparent);
+        }
         if let Some(deadline) = deadline {
             request.headers_mut().insert(
                 "grpc-timeout",
@@ -632,6 +663,8 @@ struct StreamAnswer {
     counter: MessageCounter,
     /// Resolves when the instance is found to have stopped answering.
     cut: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+    /// The attempt's span (tracing on), ended with the answer.
+    span: Option<dlb::trace::Span>,
 }
 
 impl StreamAnswer {
@@ -650,6 +683,7 @@ impl StreamAnswer {
             ended: false,
             counter: MessageCounter::new(usize::MAX, true),
             cut: None,
+            span: None,
         }
     }
 
@@ -660,6 +694,10 @@ impl StreamAnswer {
         }
         self.ended = true;
         self.recv = None;
+        if let Some(mut span) = self.span.take() {
+            span.set("dlb.messages_out", self.counter.count().cast_signed());
+            span.set_grpc_status(code, "");
+        }
         if let Some(lease) = &mut self.lease {
             lease.finish();
         }

@@ -37,6 +37,7 @@ fn relay(max_attempts: u32) -> (GatewayService, Instances) {
             default_timeout: Duration::from_secs(30),
             max_message_bytes: 1 << 20,
             hedge: super::hedge::Hedge::Off,
+            tracer: dlb::trace::Tracer::default(),
         },
         events,
         Arc::new(Counters::default()),

@@ -512,3 +512,53 @@ fn unbase64(text: &str) -> Vec<u8> {
     }
     out
 }
+
+/// A script of `tests/interop` run by the workspace's `.venv` Python: its stdin, and its
+/// stdout line by line (read by a thread, so it never blocks on a full pipe). Killed on drop.
+pub struct PythonScript {
+    pub stdin: std::process::ChildStdin,
+    pub lines: std::sync::mpsc::Receiver<String>,
+    pub child: dlb::testing::KillOnDrop,
+}
+
+impl PythonScript {
+    /// Starts `tests/interop/SCRIPT ARGS...`.
+    pub fn start(script: &str, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(workspace_file(".venv/bin/python"))
+            .arg(workspace_file(&format!("tests/interop/{script}")))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{script} (needs .venv, see .ci/run): {e}"));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if send.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            stdin,
+            lines,
+            child: dlb::testing::KillOnDrop(child),
+        }
+    }
+
+    /// The address its first line ends with ("... listening on 127.0.0.1:PORT").
+    pub fn listening_addr(&self) -> String {
+        let first = self
+            .lines
+            .recv_timeout(dlb::testing::PATIENCE)
+            .expect("its listening line");
+        first.rsplit(' ').next().expect("an address").to_owned()
+    }
+}
