@@ -86,7 +86,11 @@ where
         }
         let headers = request.headers();
         let parent = SpanContext::from_headers(headers);
-        let state = headers.get(TRACESTATE).and_then(|v| v.to_str().ok());
+        // The caller's tracestate matters only to a span that is recorded.
+        let state = parent
+            .filter(|p| p.sampled)
+            .and_then(|_| headers.get(TRACESTATE))
+            .and_then(|v| v.to_str().ok());
         let mut span = self.tracer.start(
             super::rpc_span_name(path),
             Kind::Server,

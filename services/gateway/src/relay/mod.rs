@@ -359,7 +359,7 @@ impl GatewayService {
             latency_us: duration_us,
             attempts,
             input: format!("{messages_in} message(s) in, {messages_out} out"),
-            // Formatted only for an event that goes somewhere.
+            // Known only when events go somewhere (Started::now).
             trace_id: inner
                 .events
                 .is_enabled()
@@ -375,7 +375,7 @@ impl GatewayService {
 
     /// Relays one call; every outcome is an HTTP response carrying a gRPC status.
     async fn relay(&self, request: http::Request<Body>) -> http::Response<Body> {
-        let start = Started::now(request.headers());
+        let start = Started::now(request.headers(), self.inner.events.is_enabled());
         let Some(method) = request.uri().path().strip_prefix(PATH_PREFIX) else {
             // Any other service: relayed as a stream of opaque messages.
             let pool = self.pool_index(request.uri().path());
@@ -897,7 +897,7 @@ impl GatewayService {
             latency_us,
             attempts,
             input: preview(input),
-            // Formatted only for an event that goes somewhere.
+            // Known only when events go somewhere (Started::now).
             trace_id: inner
                 .events
                 .is_enabled()
@@ -916,10 +916,15 @@ pub(crate) struct Started {
 }
 
 impl Started {
-    fn now(headers: &http::HeaderMap) -> Self {
+    /// A call arriving now with `headers`; its trace id is read only when it goes into an
+    /// event (`events`).
+    fn now(headers: &http::HeaderMap, events: bool) -> Self {
         Self {
             at: Instant::now(),
-            trace: dlb::trace::SpanContext::from_headers(headers).map(|c| c.trace_id),
+            trace: events
+                .then(|| dlb::trace::SpanContext::from_headers(headers))
+                .flatten()
+                .map(|c| c.trace_id),
         }
     }
 
