@@ -84,19 +84,22 @@ where
                 future: self.inner.call(request),
             };
         }
-        let headers = request.headers();
-        let parent = SpanContext::from_headers(headers);
-        // The caller's tracestate matters only to a span that is recorded.
-        let state = parent
-            .filter(|p| p.sampled)
-            .and_then(|_| headers.get(TRACESTATE))
-            .and_then(|v| v.to_str().ok());
+        let parent = SpanContext::from_headers(request.headers());
         let mut span = self.tracer.start(
             super::rpc_span_name(path),
             Kind::Server,
             parent.as_ref(),
-            state,
+            None,
         );
+        if span.is_recording()
+            && let Some(state) = request
+                .headers()
+                .get(TRACESTATE)
+                .and_then(|v| v.to_str().ok())
+        {
+            // The caller's tracestate matters only to a span that is recorded.
+            span.set_trace_state(state);
+        }
         request
             .headers_mut()
             .insert(TRACEPARENT, span.context().header_value());

@@ -398,6 +398,15 @@ impl Span {
         }
     }
 
+    /// Keeps the caller's `tracestate` on it (when recording).
+    pub fn set_trace_state(&mut self, state: &str) {
+        if let Some(record) = &mut self.record
+            && !state.is_empty()
+        {
+            record.data.trace_state = Some(state.to_owned());
+        }
+    }
+
     /// Marks it failed, with why.
     pub fn fail(&mut self, message: impl Into<String>) {
         if let Some(record) = &mut self.record {
