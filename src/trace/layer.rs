@@ -11,19 +11,25 @@ use tonic::codegen::http;
 use super::{Kind, Span, SpanContext, TRACEPARENT, TRACESTATE, Tracer, Value};
 
 /// Which calls a server traces: never health checks and reflection (probes and tools, not
-/// work); of the rest, those under one of `only`'s path prefixes, or all when `only` is empty.
+/// work), nor those under one of `skip`'s path prefixes; of the rest, those under one of
+/// `only`'s, or all when `only` is empty.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Traced {
     pub only: &'static [&'static str],
+    pub skip: &'static [&'static str],
 }
 
 impl Traced {
     /// Every call but health and reflection.
-    pub const ALL: Self = Self { only: &[] };
+    pub const ALL: Self = Self {
+        only: &[],
+        skip: &[],
+    };
 
     fn includes(self, path: &str) -> bool {
         !path.starts_with("/grpc.health.")
             && !path.starts_with("/grpc.reflection.")
+            && !self.skip.iter().any(|p| path.starts_with(p))
             && (self.only.is_empty() || self.only.iter().any(|p| path.starts_with(p)))
     }
 }

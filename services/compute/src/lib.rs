@@ -95,6 +95,7 @@ pub async fn run(
         // A span per operation (not per load report).
         traced: dlb::trace::Traced {
             only: &["/dlb.v1.Operations/"],
+            skip: &[],
         },
     })
     .await?;

@@ -80,6 +80,7 @@ pub async fn run(
                 "/dlb.v1.Control/AddInstance",
                 "/dlb.v1.Control/RemoveInstance",
             ],
+            skip: &[],
         },
     })
     .await?;

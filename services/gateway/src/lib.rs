@@ -230,7 +230,11 @@ pub async fn run(
         authz: authz.clone(),
         access_log,
         exporting,
-        traced: dlb::trace::Traced::ALL,
+        // Every call it relays, not the Stats the dashboard and probes poll.
+        traced: dlb::trace::Traced {
+            only: &[],
+            skip: &["/dlb.v1.Gateway/"],
+        },
     })
     .await?;
     tracker.spawn(follow_pool_health(

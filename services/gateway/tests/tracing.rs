@@ -264,8 +264,17 @@ async fn a_call_makes_the_span_tree_caller_gateway_attempt_compute_and_events_ca
     assert_eq!(call["parent_span_id"], root["span_id"]);
 
     // The caller said "not sampled": parent-based sampling records nothing of that trace,
-    // although it came first and every later span has arrived.
+    // although it came first and every later span has arrived. Nor is the gateway's own
+    // Stats (this test polled it) traced.
     receiver.drain();
+    assert!(
+        receiver
+            .spans
+            .iter()
+            .all(|s| !s["name"].as_str().unwrap().starts_with("dlb.v1.Gateway/")),
+        "Stats calls were traced: {:#?}",
+        receiver.spans
+    );
     assert!(
         receiver
             .spans
