@@ -152,6 +152,12 @@ where
     }
 }
 
+/// The code in a `grpc-status` header (of an answer's headers or trailers), if any.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?;
+    value.parse::<i32>().ok().map(tonic::Code::from)
+}
+
 /// gRPC's status codes as they appear in a `grpc-status` header.
 const UNIMPLEMENTED: &str = "12";
 const OUT_OF_RANGE: &str = "11";

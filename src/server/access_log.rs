@@ -434,7 +434,7 @@ where
             let response = response.await?;
             let (head, body) = response.into_parts();
             let header = |name: &str| head.headers.get(name).and_then(|v| v.to_str().ok());
-            let status = header("grpc-status").map(status_name);
+            let status = status_of(&head.headers);
             let answer = Answer {
                 instance: head
                     .headers
@@ -493,12 +493,14 @@ fn finish(log: &AccessLog, arrival: Arrival, answer: &Answer, status: &'static s
     });
 }
 
-/// The gRPC code name of a `grpc-status` value.
-fn status_name(value: &str) -> &'static str {
-    value
-        .parse::<i32>()
-        .map(tonic::Code::from_i32)
-        .map_or("UNKNOWN", crate::status::code_name)
+/// The gRPC code name of the `grpc-status` in `headers` (`UNKNOWN` for one that is no
+/// code), if there is one.
+fn status_of(headers: &http::HeaderMap) -> Option<&'static str> {
+    headers.contains_key("grpc-status").then(|| {
+        crate::status::code_name(
+            crate::status::grpc_status(headers).unwrap_or(tonic::Code::Unknown),
+        )
+    })
 }
 
 /// A request body, its data bytes counted.
@@ -562,10 +564,7 @@ impl HttpBody for Logged {
                 if let Some(data) = frame.data_ref() {
                     self.bytes += data.len() as u64;
                 } else if let Some(trailers) = frame.trailers_ref() {
-                    let status = trailers
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .map_or("UNKNOWN", status_name);
+                    let status = status_of(trailers).unwrap_or("UNKNOWN");
                     self.done(status);
                 }
             }

@@ -178,11 +178,7 @@ where
 
 /// Ends a span from the `grpc-status` and `grpc-message` in `headers`.
 fn end_with(mut span: Span, headers: &http::HeaderMap) {
-    let code = headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-        .map_or(tonic::Code::Unknown, tonic::Code::from_i32);
+    let code = crate::status::grpc_status(headers).unwrap_or(tonic::Code::Unknown);
     let message = headers
         .get("grpc-message")
         .and_then(|v| v.to_str().ok())

@@ -9,20 +9,20 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::ChildStdin;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use dlb::client::bench::{self, BenchConfig, Progress};
 use dlb::proto::v1::operations_client::OperationsClient;
 use dlb::proto::v1::{FibonacciRequest, InstanceStats, ReverseRequest};
-use dlb::testing::{KillOnDrop, PATIENCE, listening_addr};
+use dlb::testing::{KillOnDrop, PATIENCE};
 use dlb_gateway::Config;
 use dlb_gateway::config::Policy;
 use dlb_gateway::membership::{MemberChange, Membership};
 use dlb_gateway::testing::RunningGateway;
 use support::interop::PythonScript;
-use support::{ComputeProcess, channel, stats};
+use support::{ComputeProcess, channel, gateway_process, stats};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -76,26 +76,8 @@ static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A `dlb-gateway` process over `backends` with `flags`, and a channel to it.
 async fn gateway(backends: &[(&str, &str)], flags: &[&str]) -> (KillOnDrop, Channel) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_dlb-gateway"));
-    command
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--redis",
-            "none",
-            "--metrics-listen",
-            "none",
-        ])
-        .args(["--health-interval-ms", "200"])
-        .args(flags)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    for (id, addr) in backends {
-        command.args(["--backend", &format!("{id}={addr}")]);
-    }
-    let mut child = KillOnDrop(command.spawn().unwrap());
-    let addr = listening_addr(&mut child.0);
+    let flags: Vec<&str> = ["--redis", "none"].iter().chain(flags).copied().collect();
+    let (child, addr) = gateway_process(backends, &flags, &[]);
     let channel = channel(&format!("http://{addr}")).await;
     (child, channel)
 }

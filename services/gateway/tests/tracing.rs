@@ -9,18 +9,18 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use dlb::events::reader::EventReader;
 use dlb::proto::v1::ReverseRequest;
 use dlb::proto::v1::operations_client::OperationsClient;
-use dlb::testing::{KillOnDrop, PATIENCE, RedisServer, listening_addr};
+use dlb::testing::{KillOnDrop, PATIENCE, RedisServer};
 use prost::Message;
 use serde_json::Value;
 use support::interop::{Call, PythonScript, Stack};
-use support::{ComputeProcess, channel};
+use support::{ComputeProcess, channel, gateway_process};
 use tonic::transport::Channel;
 
 /// Spans leave each process within this (instead of the standard 5 s).
@@ -83,23 +83,14 @@ impl Receiver {
     }
 }
 
-/// A `dlb-gateway` process with `flags`, exporting to `otlp`.
+/// A `dlb-gateway` process with `flags`, exporting to `otlp` (spans leave within 50 ms).
 fn gateway(otlp: &str, backends: &[(&str, &str)], flags: &[&str]) -> (KillOnDrop, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_dlb-gateway"));
-    command
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "none"])
-        .args(["--health-interval-ms", "200", "--otlp-endpoint", otlp])
-        .args(flags)
-        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    for (id, addr) in backends {
-        command.args(["--backend", &format!("{id}={addr}")]);
-    }
-    let mut child = KillOnDrop(command.spawn().unwrap());
-    let addr = listening_addr(&mut child.0);
-    (child, addr)
+    let flags: Vec<&str> = ["--otlp-endpoint", otlp]
+        .iter()
+        .chain(flags)
+        .copied()
+        .collect();
+    gateway_process(backends, &flags, &[("OTEL_BSP_SCHEDULE_DELAY", "50")])
 }
 
 fn compute(id: &str, otlp: &str) -> ComputeProcess {

@@ -1037,10 +1037,7 @@ fn refused(code: Code, headers: &http::HeaderMap, trailers: Option<&http::Header
     }
 }
 
-fn grpc_code(headers: &http::HeaderMap) -> Option<Code> {
-    let value = headers.get("grpc-status")?.to_str().ok()?;
-    value.parse::<i32>().ok().map(Code::from)
-}
+use dlb::status::grpc_status as grpc_code;
 
 fn add_headers(headers: &mut http::HeaderMap, served_by: Option<&str>, attempts: u32) {
     match served_by.and_then(|s| http::HeaderValue::from_str(s).ok()) {

@@ -175,3 +175,28 @@ pub async fn served_by(gw: &Channel, n: usize) -> std::collections::BTreeMap<Str
     }
     counts
 }
+
+/// A `dlb-gateway` process (plaintext on 127.0.0.1 port 0, no `/metrics`, health checks every
+/// 200 ms) over `backends` (`(id, address)`), with `flags` and `env`; killed on drop. Gives it
+/// and its address.
+pub fn gateway_process(
+    backends: &[(&str, &str)],
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> (dlb::testing::KillOnDrop, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dlb-gateway"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "none"])
+        .args(["--health-interval-ms", "200"])
+        .args(flags)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (id, addr) in backends {
+        command.args(["--backend", &format!("{id}={addr}")]);
+    }
+    let mut child = dlb::testing::KillOnDrop(command.spawn().unwrap());
+    let addr = dlb::testing::listening_addr(&mut child.0);
+    (child, addr)
+}
