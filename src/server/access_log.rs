@@ -21,6 +21,11 @@ use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
+// The headers read of every answer, named ahead (a lookup by string parses the name).
+const SERVED_BY: http::HeaderName = http::HeaderName::from_static(crate::metadata::SERVED_BY);
+const ATTEMPTS: http::HeaderName = http::HeaderName::from_static(crate::metadata::ATTEMPTS);
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// Where the lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -41,24 +46,37 @@ impl std::str::FromStr for Target {
     }
 }
 
-/// Text a line holds without copying it on the call's path: the request's path and the
-/// answer's header as they arrived (shared buffers), or a string.
+/// Text a line holds: short text (paths, instance ids: nearly all) inline, so that a line
+/// owns no heap memory for the writer thread to free (a free across threads costs more than
+/// the copy), longer text on the heap.
 #[derive(Debug, Clone)]
 enum Text {
-    Path(http::uri::PathAndQuery),
-    Header(http::HeaderValue),
-    #[cfg(test)]
-    Owned(String),
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<str>),
 }
 
+/// The longest text kept inline.
+const INLINE: usize = 62;
+
 impl Text {
+    fn new(text: &str) -> Self {
+        match u8::try_from(text.len()) {
+            Ok(len) if text.len() <= INLINE => {
+                let mut bytes = [0; INLINE];
+                bytes[..text.len()].copy_from_slice(text.as_bytes());
+                Self::Inline { len, bytes }
+            }
+            _ => Self::Heap(text.into()),
+        }
+    }
+
     fn as_str(&self) -> &str {
         match self {
-            Self::Path(path) => path.path(),
-            // Header values that are not text are shown as nothing rather than guessed at.
-            Self::Header(value) => value.to_str().unwrap_or(""),
-            #[cfg(test)]
-            Self::Owned(text) => text,
+            // Copied whole from a str: always UTF-8.
+            Self::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or("")
+            }
+            Self::Heap(text) => text,
         }
     }
 }
@@ -66,8 +84,9 @@ impl Text {
 /// One call, as logged.
 #[derive(Debug)]
 struct Line {
-    /// Unix ms when the call arrived.
-    ts_ms: u64,
+    /// When the call arrived (the writer makes it a time of day: no clock read on the call's
+    /// way for it).
+    arrived: Instant,
     method: Option<Text>,
     status: &'static str,
     instance: Option<Text>,
@@ -91,7 +110,6 @@ struct Second {
 impl Second {
     /// `ms` as `2026-12-02T18:30:12.417Z`, into `out`.
     fn write(&mut self, ms: u64, out: &mut String) {
-        use std::fmt::Write as _;
         let secs = ms / 1000;
         if self.secs != Some(secs) {
             self.secs = Some(secs);
@@ -100,14 +118,22 @@ impl Second {
             self.text.truncate(self.text.len().saturating_sub(5));
         }
         out.push_str(&self.text);
-        let _ = write!(out, ".{:03}Z", ms % 1000);
+        let millis = ms % 1000;
+        out.push('.');
+        for digit in [millis / 100, millis / 10 % 10, millis % 10] {
+            // A decimal digit: the cast is exact.
+            #[allow(clippy::cast_possible_truncation)]
+            out.push(char::from(b'0' + digit as u8));
+        }
+        out.push('Z');
     }
 }
 
 impl Line {
-    /// Writes the line's JSON object (no newline) to `out`.
-    fn write_json(&self, second: &mut Second, out: &mut String) {
-        use std::fmt::Write as _;
+    /// Writes the line's JSON object (no newline) to `out`, its time `ts_ms` (Unix ms),
+    /// without allocating: the writer formats every call's line, so this is on the way of
+    /// every call's CPU.
+    fn write_json(&self, ts_ms: u64, second: &mut Second, out: &mut String) {
         let optional = |out: &mut String, key: &str, value: Option<&str>| {
             out.push_str(key);
             match value {
@@ -116,7 +142,7 @@ impl Line {
             }
         };
         out.push_str("{\"ts\":\"");
-        second.write(self.ts_ms, out);
+        second.write(ts_ms, out);
         out.push_str("\",\"method\":");
         json_string(out, self.method.as_ref().map_or("", Text::as_str));
         out.push_str(",\"status\":\"");
@@ -129,36 +155,82 @@ impl Line {
         );
         out.push_str(",\"attempts\":");
         match self.attempts {
-            Some(n) => {
-                let _ = write!(out, "{n}");
+            Some(n) => push_u64(out, u64::from(n)),
+            None => out.push_str("null"),
+        }
+        out.push_str(",\"latency_us\":");
+        push_u64(out, self.latency_us);
+        out.push_str(",\"peer\":");
+        match self.peer {
+            Some(peer) => {
+                out.push('"');
+                push_addr(out, peer);
+                out.push('"');
             }
             None => out.push_str("null"),
         }
-        let _ = write!(out, ",\"latency_us\":{}", self.latency_us);
-        let peer = self.peer.map(|p| p.to_string());
-        optional(out, ",\"peer\":", peer.as_deref());
         optional(out, ",\"identity\":", self.identity.as_deref());
         out.push_str(",\"trace_id\":");
         match &self.trace_id {
             Some(id) => {
                 out.push('"');
-                out.push_str(&crate::trace::hex(id));
+                crate::trace::push_hex(out, id);
                 out.push('"');
             }
             None => out.push_str("null"),
         }
-        let _ = write!(
-            out,
-            ",\"request_bytes\":{},\"response_bytes\":{}}}",
-            self.request_bytes, self.response_bytes
-        );
+        out.push_str(",\"request_bytes\":");
+        push_u64(out, self.request_bytes);
+        out.push_str(",\"response_bytes\":");
+        push_u64(out, self.response_bytes);
+        out.push('}');
     }
 
     #[cfg(test)]
     fn to_json(&self) -> String {
         let mut out = String::new();
-        self.write_json(&mut Second::default(), &mut out);
+        self.write_json(0, &mut Second::default(), &mut out);
         out
+    }
+}
+
+/// `n` in decimal.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        // n % 10 < 10: the cast is exact.
+        #[allow(clippy::cast_possible_truncation)]
+        let digit = (n % 10) as u8;
+        digits[at] = b'0' + digit;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        out.push(char::from(d));
+    }
+}
+
+/// `addr` as `127.0.0.1:5000` (or `[::1]:5000`).
+fn push_addr(out: &mut String, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(v4) => {
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_u64(out, u64::from(octet));
+            }
+            out.push(':');
+            push_u64(out, u64::from(v4.port()));
+        }
+        SocketAddr::V6(_) => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{addr}");
+        }
     }
 }
 
@@ -310,9 +382,13 @@ fn write_lines(out: Box<dyn Write + Send>, queue: &Queue) {
             std::mem::swap(&mut lines.0, &mut batch);
             lines.1
         };
+        // The batch's lines get their times of day from one reading of both clocks.
+        let (now_ms, now) = (crate::events::time::now_ms(), Instant::now());
         for line in batch.drain(..) {
             text.clear();
-            line.write_json(&mut second, &mut text);
+            let ago = now.saturating_duration_since(line.arrived).as_millis();
+            let ts_ms = now_ms.saturating_sub(u64::try_from(ago).unwrap_or(u64::MAX));
+            line.write_json(ts_ms, &mut second, &mut text);
             text.push('\n');
             match out.write_all(text.as_bytes()) {
                 Ok(()) => {
@@ -367,8 +443,8 @@ pub struct AccessLogService<S> {
 }
 
 /// What is known of a call when it arrives.
+#[derive(Debug)]
 struct Arrival {
-    ts_ms: u64,
     start: Instant,
     method: Option<Text>,
     peer: Option<SocketAddr>,
@@ -380,11 +456,10 @@ struct Arrival {
 impl<S> tower::Service<http::Request<Body>> for AccessLogService<S>
 where
     S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = AccessLogFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -392,7 +467,10 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         if !self.log.is_on() {
-            return Box::pin(self.inner.call(request));
+            return AccessLogFuture {
+                inner: self.inner.call(request),
+                pending: Pending(None),
+            };
         }
         let tls = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
         let peer = tls
@@ -409,12 +487,12 @@ where
         // The gateway's own span when it traces (the trace layer runs first), else the
         // caller's.
         let trace_id =
-            crate::trace::SpanContext::from_headers(request.headers()).map(|c| c.trace_id);
+            crate::trace::SpanContext::of_request(request.headers(), request.extensions())
+                .map(|c| c.trace_id);
         let request_bytes = Arc::new(AtomicU64::new(0));
         let arrival = Arrival {
-            ts_ms: crate::events::time::now_ms(),
             start: Instant::now(),
-            method: request.uri().path_and_query().cloned().map(Text::Path),
+            method: Some(Text::new(request.uri().path())),
             peer,
             identity,
             trace_id,
@@ -426,38 +504,62 @@ where
                 bytes: request_bytes,
             })
         });
-        let log = self.log.clone();
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            // The caller gone before the answer began: its line, as CANCELLED.
-            let mut pending = Pending(Some((log, arrival)));
-            let response = response.await?;
-            let (head, body) = response.into_parts();
-            let header = |name: &str| head.headers.get(name).and_then(|v| v.to_str().ok());
-            let status = status_of(&head.headers);
-            let answer = Answer {
-                instance: head
-                    .headers
-                    .get(crate::metadata::SERVED_BY)
-                    .cloned()
-                    .map(Text::Header),
-                attempts: header(crate::metadata::ATTEMPTS).and_then(|a| a.parse().ok()),
-                status,
-            };
-            let body = Body::new(Logged {
-                inner: body,
-                bytes: 0,
-                pending: pending
-                    .0
-                    .take()
-                    .map(|(log, arrival)| (log, arrival, answer)),
-            });
-            Ok(http::Response::from_parts(head, body))
-        })
+        AccessLogFuture {
+            inner: self.inner.call(request),
+            pending: Pending(Some((self.log.clone(), arrival))),
+        }
     }
 }
 
-/// A call whose line is still to be written, until its answer begins.
+pin_project_lite::pin_project! {
+    /// The future of a call through [`AccessLogService`]: the inner one, and the call's line
+    /// to be written (none when the log is off), which goes with the answer's body once the
+    /// answer begins.
+    pub struct AccessLogFuture<F> {
+        #[pin]
+        inner: F,
+        pending: Pending,
+    }
+}
+
+impl<F, E> Future for AccessLogFuture<F>
+where
+    F: Future<Output = Result<http::Response<Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx))?;
+        let Some((log, arrival)) = this.pending.0.take() else {
+            return Poll::Ready(Ok(response));
+        };
+        let (head, body) = response.into_parts();
+        let answer = Answer {
+            instance: head
+                .headers
+                .get(&SERVED_BY)
+                // Header values that are not text are shown as nothing rather than guessed.
+                .map(|v| Text::new(v.to_str().unwrap_or(""))),
+            attempts: head
+                .headers
+                .get(&ATTEMPTS)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|a| a.parse().ok()),
+            status: status_of(&head.headers),
+        };
+        let body = Body::new(Logged {
+            inner: body,
+            bytes: 0,
+            pending: Some((log, arrival, answer)),
+        });
+        Poll::Ready(Ok(http::Response::from_parts(head, body)))
+    }
+}
+
+/// A call whose line is still to be written, until its answer begins: dropped before (the
+/// caller gone, or the service failed), its line says CANCELLED.
+#[derive(Debug)]
 struct Pending(Option<(AccessLog, Arrival)>);
 
 impl Drop for Pending {
@@ -479,7 +581,7 @@ struct Answer {
 
 fn finish(log: &AccessLog, arrival: Arrival, answer: &Answer, status: &'static str, bytes: u64) {
     log.send(Line {
-        ts_ms: arrival.ts_ms,
+        arrived: arrival.start,
         method: arrival.method,
         status,
         instance: answer.instance.clone(),
@@ -496,7 +598,7 @@ fn finish(log: &AccessLog, arrival: Arrival, answer: &Answer, status: &'static s
 /// The gRPC code name of the `grpc-status` in `headers` (`UNKNOWN` for one that is no
 /// code), if there is one.
 fn status_of(headers: &http::HeaderMap) -> Option<&'static str> {
-    headers.contains_key("grpc-status").then(|| {
+    headers.contains_key(&GRPC_STATUS).then(|| {
         crate::status::code_name(
             crate::status::grpc_status(headers).unwrap_or(tonic::Code::Unknown),
         )
@@ -610,10 +712,10 @@ mod tests {
     #[test]
     fn a_line_is_one_json_object() {
         let line = Line {
-            ts_ms: 0,
-            method: Some(Text::Owned("/dlb.v1.Operations/Reverse".into())),
+            arrived: Instant::now(),
+            method: Some(Text::new("/dlb.v1.Operations/Reverse")),
             status: "OK",
-            instance: Some(Text::Owned("A".into())),
+            instance: Some(Text::new("A")),
             attempts: Some(2),
             latency_us: 512,
             peer: Some(([127, 0, 0, 1], 5000).into()),
@@ -633,11 +735,25 @@ mod tests {
         assert!(!line.to_json().contains('\n'));
         // Whatever a string holds, the line stays one JSON object on one line.
         let strange = Line {
-            method: Some(Text::Owned("/a\"b\\c\n\u{1}é".into())),
+            method: Some(Text::new("/a\"b\\c\n\u{1}é")),
             ..line
         };
         let parsed: serde_json::Value = serde_json::from_str(&strange.to_json()).unwrap();
         assert_eq!(parsed["method"], "/a\"b\\c\n\u{1}é");
+    }
+
+    #[test]
+    fn text_of_any_length_is_kept_whole() {
+        for text in [
+            "",
+            "A",
+            &"x".repeat(INLINE),
+            &"y".repeat(INLINE + 1),
+            "/é/ü",
+        ] {
+            assert_eq!(Text::new(text).as_str(), text);
+        }
+        assert!(matches!(Text::new(&"z".repeat(300)), Text::Heap(_)));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::body::Body;
 use tonic::codegen::http;
 
-use super::{Kind, Span, SpanContext, TRACEPARENT, TRACESTATE, Tracer, Value};
+use super::{Kind, Span, SpanContext, TRACESTATE, Tracer, Value};
 
 /// Which calls a server traces: never health checks and reflection (probes and tools, not
 /// work), nor those under one of `skip`'s path prefixes; of the rest, those under one of
@@ -35,7 +35,7 @@ impl Traced {
 }
 
 /// Makes a server span per traced call (nothing when the tracer is off) and hands the
-/// call on with that span as its `traceparent`, so the server's own calls become its
+/// call on with that span as its [`super::CallSpan`], so the server's own calls become its
 /// children. The span ends with the answer: its status from the trailers (or the
 /// Trailers-Only headers), CANCELLED when the caller goes first. It also notes the
 /// `x-served-by` and `x-attempts` an answer carries.
@@ -107,8 +107,8 @@ where
             span.set_trace_state(state);
         }
         request
-            .headers_mut()
-            .insert(TRACEPARENT, span.context().header_value());
+            .extensions_mut()
+            .insert(super::CallSpan(*span.context()));
         if !span.is_recording() {
             // Nothing to note: the call only carries the trace on (flag 00).
             return TraceFuture::Passed {

@@ -43,6 +43,11 @@ pub const TRACEPARENT: &str = "traceparent";
 /// Vendors' trace state, passed on as it came.
 pub const TRACESTATE: &str = "tracestate";
 
+/// [`TRACEPARENT`] named ahead: looked up on every call, and a lookup by string parses the
+/// name first.
+const TRACEPARENT_NAME: tonic::codegen::http::HeaderName =
+    tonic::codegen::http::HeaderName::from_static(TRACEPARENT);
+
 /// A span's identity as it travels: trace id, span id and whether it is recorded (the
 /// `sampled` flag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,9 +96,22 @@ impl SpanContext {
     /// The context in a request's `traceparent`, if any and well formed.
     pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
         headers
-            .get(TRACEPARENT)
+            .get(&TRACEPARENT_NAME)
             .and_then(|v| v.to_str().ok())
             .and_then(Self::parse)
+    }
+
+    /// The trace a request served is in: the server's own span for it when the server
+    /// traces it ([`CallSpan`], put there by [`TraceLayer`]), else the caller's
+    /// `traceparent`, untouched.
+    pub fn of_request(
+        headers: &HeaderMap,
+        extensions: &tonic::codegen::http::Extensions,
+    ) -> Option<Self> {
+        extensions
+            .get::<CallSpan>()
+            .map(|span| span.0)
+            .or_else(|| Self::from_headers(headers))
     }
 
     /// As a `traceparent` value (version 00).
@@ -136,6 +154,13 @@ impl SpanContext {
     }
 }
 
+/// The span a server made for a call it serves, in the call's request extensions: what the
+/// server's own calls on its behalf continue (the gateway sends it, or an attempt's span
+/// under it, to the instance as `traceparent`). The request's `traceparent` header stays
+/// the caller's: a header map is not grown (nor its value copied) on every call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallSpan(pub SpanContext);
+
 /// `bytes` in lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len() * 2);
@@ -143,7 +168,7 @@ pub fn hex(bytes: &[u8]) -> String {
     out
 }
 
-fn push_hex(out: &mut String, bytes: &[u8]) {
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
         out.push(char::from(DIGITS[usize::from(b >> 4)]));

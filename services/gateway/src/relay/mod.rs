@@ -375,7 +375,7 @@ impl GatewayService {
 
     /// Relays one call; every outcome is an HTTP response carrying a gRPC status.
     async fn relay(&self, request: http::Request<Body>) -> http::Response<Body> {
-        let start = Started::now(request.headers(), self.inner.events.is_enabled());
+        let start = Started::now(&request, self.inner.events.is_enabled());
         let Some(method) = request.uri().path().strip_prefix(PATH_PREFIX) else {
             // Any other service: relayed as a stream of opaque messages.
             let pool = self.pool_index(request.uri().path());
@@ -706,10 +706,10 @@ impl GatewayService {
         request
             .headers_mut()
             .insert("grpc-timeout", dlb::deadline::to_header(remaining));
-        if let Some(context) = span.as_ref().and_then(AttemptSpan::context) {
+        if let Some(traceparent) = traceparent_for(span.as_ref(), head) {
             request
                 .headers_mut()
-                .insert(dlb::trace::TRACEPARENT, context.header_value());
+                .insert(dlb::trace::TRACEPARENT, traceparent);
         }
         let call = async {
             let response = match pool.balancer.clone().oneshot(request).await {
@@ -768,7 +768,7 @@ impl GatewayService {
             return None;
         }
         let path = head.uri.path();
-        let parent = dlb::trace::SpanContext::from_headers(&head.headers);
+        let parent = dlb::trace::SpanContext::of_request(&head.headers, &head.extensions);
         if parent.is_some_and(|p| !p.sampled) {
             // Every sampler decides an attempt as its call (the same trace id, or the call
             // as parent): nothing of this trace is recorded, and the instance gets the
@@ -916,13 +916,15 @@ pub(crate) struct Started {
 }
 
 impl Started {
-    /// A call arriving now with `headers`; its trace id is read only when it goes into an
-    /// event (`events`).
-    fn now(headers: &http::HeaderMap, events: bool) -> Self {
+    /// `request`, arriving now; its trace id is read only when it goes into an event
+    /// (`events`).
+    fn now<B>(request: &http::Request<B>, events: bool) -> Self {
         Self {
             at: Instant::now(),
             trace: events
-                .then(|| dlb::trace::SpanContext::from_headers(headers))
+                .then(|| {
+                    dlb::trace::SpanContext::of_request(request.headers(), request.extensions())
+                })
                 .flatten()
                 .map(|c| c.trace_id),
         }
@@ -953,6 +955,22 @@ impl Drop for AttemptSpan {
             span.set_grpc_status(Code::Cancelled, "the attempt was given up");
         }
     }
+}
+
+/// The `traceparent` an attempt sends its instance: the attempt's own span when it has one
+/// (recorded), else the gateway's span for the call (not recorded: the trace goes on, flag
+/// 00), else none added (tracing off: the caller's own header goes as it came).
+fn traceparent_for(
+    span: Option<&AttemptSpan>,
+    head: &http::request::Parts,
+) -> Option<http::HeaderValue> {
+    span.and_then(AttemptSpan::context)
+        .or_else(|| {
+            head.extensions
+                .get::<dlb::trace::CallSpan>()
+                .map(|call| &call.0)
+        })
+        .map(dlb::trace::SpanContext::header_value)
 }
 
 /// Ends an attempt's span with how it went, on `instance`.

@@ -347,9 +347,7 @@ impl GatewayService {
                 feed.rewind();
             }
             let mut span = self.attempt_span(&head, false);
-            let traceparent = span
-                .as_ref()
-                .and_then(|span| span.context().map(dlb::trace::SpanContext::header_value));
+            let traceparent = super::traceparent_for(span.as_ref(), &head);
             let mut span = span.as_mut().and_then(super::AttemptSpan::take);
             if let Some(span) = &mut span {
                 span.set("dlb.instance", lease.id().to_string());
