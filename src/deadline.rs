@@ -38,19 +38,42 @@ pub fn from_headers(headers: &http::HeaderMap) -> Option<Duration> {
 
 /// `timeout` as a `grpc-timeout` value: microseconds when they fit the 8 digits allowed,
 /// else milliseconds, else seconds, else hours (rounded down, never above `timeout`).
+///
+/// Marked sensitive so that HPACK never indexes it: a remaining time is new on every call,
+/// and each would otherwise be added to the connection's dynamic table and push out the
+/// headers that do repeat.
 pub fn to_header(timeout: Duration) -> http::HeaderValue {
     const MAX: u128 = 99_999_999;
-    let text = if timeout.as_micros() <= MAX {
-        format!("{}u", timeout.as_micros())
+    let (n, unit) = if timeout.as_micros() <= MAX {
+        (timeout.as_micros(), b'u')
     } else if timeout.as_millis() <= MAX {
-        format!("{}m", timeout.as_millis())
+        (timeout.as_millis(), b'm')
     } else if u128::from(timeout.as_secs()) <= MAX {
-        format!("{}S", timeout.as_secs())
+        (u128::from(timeout.as_secs()), b'S')
     } else {
-        format!("{}H", (timeout.as_secs() / 3600).min(99_999_999))
+        (u128::from((timeout.as_secs() / 3600).min(99_999_999)), b'H')
     };
+    // At most 8 digits and the unit, written on the stack.
+    let mut text = [0u8; 9];
+    let mut at = text.len() - 1;
+    text[at] = unit;
+    let mut n = n;
+    loop {
+        at -= 1;
+        // A decimal digit: the cast is exact.
+        #[allow(clippy::cast_possible_truncation)]
+        let digit = (n % 10) as u8;
+        text[at] = b'0' + digit;
+        n /= 10;
+        if n == 0 || at == 0 {
+            break;
+        }
+    }
     // Digits and one ASCII letter: always a valid header value.
-    http::HeaderValue::from_str(&text).unwrap_or(http::HeaderValue::from_static("99999999H"))
+    let mut value = http::HeaderValue::from_bytes(&text[at..])
+        .unwrap_or(http::HeaderValue::from_static("99999999H"));
+    value.set_sensitive(true);
+    value
 }
 
 #[cfg(test)]
@@ -99,5 +122,10 @@ mod tests {
             );
         }
         assert_eq!(to_header(Duration::from_millis(250)), "250000u");
+        assert_eq!(to_header(Duration::ZERO), "0u");
+        assert_eq!(to_header(Duration::from_micros(99_999_999)), "99999999u");
+        assert_eq!(to_header(Duration::from_micros(100_000_000)), "100000m");
+        assert_eq!(to_header(Duration::MAX), "99999999H");
+        assert!(to_header(Duration::from_secs(1)).is_sensitive());
     }
 }
