@@ -59,13 +59,13 @@ pub struct SuiteArgs {
     #[arg(long, value_delimiter = ',')]
     pub paths: Vec<String>,
     /// Threads of each proxy, the same for all: the gateway's --threads, NGINX's worker
-    /// processes, HAProxy's nbthread. One by default: the load generator and the three
-    /// instances run on the same machine.
-    #[arg(long, default_value_t = 1)]
+    /// processes, HAProxy's nbthread. By default the machine's cores, which is each one's own
+    /// default (users run them so); `--threads 1` measures one thread each.
+    #[arg(long, default_value_t = cores())]
     pub threads: usize,
-    /// Only these scenarios (of saturation, c1, open, fib, reverse_1mib, stream_server,
-    /// stream_bidi, slow_instance, paused, observability, and mixed, which runs only when
-    /// named; comma-separated;
+    /// Only these scenarios (of saturation, c1, open, fib, reverse_1mib, saturation_1t (one
+    /// thread per proxy, when --threads is more), stream_server, stream_bidi, slow_instance,
+    /// paused, observability, and mixed, which runs only when named; comma-separated;
     /// open needs saturation, whose direct rate it takes half of).
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
@@ -90,7 +90,12 @@ struct Scenario {
     concurrency: usize,
     /// Open loop at this fraction of the direct saturation rate.
     open_fraction: Option<f64>,
+    /// Through the proxies with one thread each (not `--threads`).
+    one_thread: bool,
 }
+
+/// The key of the scenario of one thread per proxy.
+const SATURATION_ONE_THREAD: &str = "saturation_1t";
 
 /// One measured run.
 #[derive(Debug, Clone, Serialize)]
@@ -102,6 +107,9 @@ struct Run {
     p999_us: f64,
     ok: u64,
     errors: u64,
+    /// CPU time (user + system) the proxy's processes used per call, warm-up included (none
+    /// for direct).
+    cpu_us_per_call: Option<f64>,
 }
 
 /// Medians of one path in one scenario.
@@ -112,6 +120,7 @@ struct Summary {
     p99_us: f64,
     p999_us: f64,
     errors: u64,
+    cpu_us_per_call: Option<f64>,
 }
 
 /// What one proxy process tree used over the whole suite.
@@ -145,6 +154,11 @@ struct Report {
     ratios: BTreeMap<String, BTreeMap<String, f64>>,
     usage: BTreeMap<&'static str, Usage>,
     verdicts: Vec<Verdict>,
+}
+
+/// The machine's cores (what `--threads` is by default).
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 fn say(message: impl AsRef<str>) {
@@ -204,7 +218,7 @@ fn machine() -> String {
                 .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".to_owned());
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let cores = cores();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|k| k.trim().to_owned())
         .unwrap_or_default();
@@ -238,6 +252,13 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
         return Err("--threads must be at least 1".to_owned());
     }
     let threads = args.threads;
+    if threads == 1 && args.scenarios.iter().any(|w| w == SATURATION_ONE_THREAD) {
+        return Err(format!(
+            "--scenarios {SATURATION_ONE_THREAD} compares the proxies at one thread each \
+             against --threads; with --threads 1 every scenario is one thread each (run \
+             saturation)"
+        ));
+    }
     let work = args.out.join("work");
     std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
 
@@ -250,103 +271,18 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
             .collect();
     say(format!("instances: {}", backends.join(", ")));
 
-    let mut targets = vec![Target {
-        name: "direct",
-        addrs: backends.clone(),
-        pids: Vec::new(),
-    }];
-    let mut skipped = Vec::new();
-
-    // The gateway.
-    let gateway = format!("127.0.0.1:{}", free_port()?);
-    let backend_flag = ["A", "B", "C"]
-        .iter()
-        .zip(&backends)
-        .map(|(id, addr)| format!("{id}={addr}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let pid = spawn_gateway(
-        children,
-        "dlb-gateway",
-        &bins,
-        &gateway,
-        &backend_flag,
-        threads,
-        &[],
-        &[],
-    )?;
-    wait_answers(children, "dlb-gateway", &gateway).await?;
-    targets.push(Target {
-        name: "dlb-gateway",
-        addrs: vec![gateway],
-        pids: vec![pid],
-    });
-
-    if args.no_proxies {
-        skipped.push("nginx and haproxy (--no-proxies)".to_owned());
+    let (mut targets, skipped) =
+        start_proxies(args, children, &bins, &work, &backends, threads, "").await?;
+    // One thread each as well, for the scenario that compares them so (when the default is
+    // more): the gateway, NGINX and HAProxy again, in front of the same instances.
+    let one_thread = threads != 1 && wants_one_thread(args);
+    let mut single = if one_thread {
+        start_proxies(args, children, &bins, &work, &backends, 1, ONE_THREAD_TAG)
+            .await?
+            .0
     } else {
-        match find_program("nginx") {
-            None => skipped.push(
-                "nginx: not installed (`sudo apt-get install -y nginx-light` or `nginx`)"
-                    .to_owned(),
-            ),
-            Some(nginx) => {
-                let dir = std::path::absolute(work.join("nginx"))
-                    .map_err(|e| format!("nginx dir: {e}"))?;
-                for sub in ["", "body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-                    std::fs::create_dir_all(dir.join(sub))
-                        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-                }
-                let port = free_port()?;
-                let conf = dir.join("nginx.conf");
-                std::fs::write(&conf, nginx_config(&dir, port, &backends, threads))
-                    .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
-                let addr = format!("127.0.0.1:{port}");
-                let pid = children.spawn(
-                    "nginx",
-                    &nginx,
-                    &[
-                        "-p".into(),
-                        dir.display().to_string(),
-                        "-c".into(),
-                        conf.display().to_string(),
-                    ],
-                )?;
-                match wait_answers(children, "nginx", &addr).await {
-                    Ok(()) => targets.push(Target {
-                        name: "nginx",
-                        addrs: vec![addr],
-                        pids: vec![pid],
-                    }),
-                    Err(error) => skipped.push(format!("nginx: {error}")),
-                }
-            }
-        }
-        match find_program("haproxy") {
-            None => skipped
-                .push("haproxy: not installed (`sudo apt-get install -y haproxy`)".to_owned()),
-            Some(haproxy) => {
-                let port = free_port()?;
-                let conf = work.join("haproxy.cfg");
-                std::fs::write(&conf, haproxy_config(port, &backends, threads))
-                    .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
-                let addr = format!("127.0.0.1:{port}");
-                let pid = children.spawn(
-                    "haproxy",
-                    &haproxy,
-                    &["-db".into(), "-f".into(), conf.display().to_string()],
-                )?;
-                match wait_answers(children, "haproxy", &addr).await {
-                    Ok(()) => targets.push(Target {
-                        name: "haproxy",
-                        addrs: vec![addr],
-                        pids: vec![pid],
-                    }),
-                    Err(error) => skipped.push(format!("haproxy: {error}")),
-                }
-            }
-        }
-    }
+        Vec::new()
+    };
     if !args.paths.is_empty() {
         for wanted in &args.paths {
             if !["direct", "dlb-gateway", "nginx", "haproxy"].contains(&wanted.as_str()) {
@@ -356,6 +292,7 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
             }
         }
         targets.retain(|t| args.paths.iter().any(|p| p == t.name));
+        single.retain(|t| args.paths.iter().any(|p| p == t.name));
         if !targets.iter().any(|t| t.name == "direct") {
             return Err("--paths must include direct (the baseline)".to_owned());
         }
@@ -393,6 +330,11 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
     } else {
         pick_scenarios(all_scenarios(), &unary_wanted)?
     };
+    // One thread each is a scenario of its own only when the others run with more.
+    let scenarios: Vec<Scenario> = scenarios
+        .into_iter()
+        .filter(|s| !s.one_thread || one_thread)
+        .collect();
 
     let before: BTreeMap<&str, f64> = targets
         .iter()
@@ -401,7 +343,17 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
         .collect();
     let mut runs: BTreeMap<String, BTreeMap<&'static str, Vec<Run>>> = BTreeMap::new();
     let mut open_rate = 0.0;
-    let total = scenarios.len() * args.reps * targets.len();
+    let paths_of = |scenario: &Scenario| {
+        if scenario.one_thread {
+            &single
+        } else {
+            &targets
+        }
+    };
+    let total: usize = scenarios
+        .iter()
+        .map(|s| args.reps * paths_of(s).len())
+        .sum();
     let mut done = 0;
     for scenario in &scenarios {
         let rate = scenario.open_fraction.map(|fraction| {
@@ -414,7 +366,7 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
             open_rate
         });
         for rep in 0..args.reps {
-            for target in &targets {
+            for target in paths_of(scenario) {
                 done += 1;
                 say(format!(
                     "[{done}/{total}] {} via {} (rep {})",
@@ -434,10 +386,15 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
                     timeout: Duration::from_secs(10),
                     tls: None,
                 };
+                let cpu_before = (!target.pids.is_empty()).then(|| usage_of(&target.pids).0);
                 let report: BenchReport =
                     bench::run(config, Arc::new(Progress::default()))
                         .await
                         .map_err(|e| format!("{} via {}: {e}", scenario.key, target.name))?;
+                // The warm-up's calls used CPU too: they are counted at the run's rate.
+                let calls = report.throughput * (warmup + duration).as_secs_f64();
+                let cpu_us_per_call = cpu_before
+                    .map(|before| 1e6 * (usage_of(&target.pids).0 - before) / calls.max(1.0));
                 let errors: u64 = report.errors.values().sum();
                 if errors > 0 {
                     say(format!(
@@ -457,6 +414,7 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
                         p999_us: report.latency.p999_us,
                         ok: report.ok,
                         errors,
+                        cpu_us_per_call,
                     });
             }
         }
@@ -538,6 +496,135 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
         args.out.display()
     ));
     Ok(())
+}
+
+/// What tells the proxies with one thread each apart from the others (in process names).
+const ONE_THREAD_TAG: &str = " (1 thread)";
+
+/// What the files of the proxies `tag` names end with.
+fn file_suffix(tag: &str) -> &'static str {
+    if tag.is_empty() { "" } else { "-1-thread" }
+}
+
+/// Whether the scenario of one thread per proxy is to run (`--scenarios` names it, or names
+/// nothing).
+fn wants_one_thread(args: &SuiteArgs) -> bool {
+    args.scenarios.is_empty() || args.scenarios.iter().any(|w| w == SATURATION_ONE_THREAD)
+}
+
+/// Starts the paths in front of `backends`: direct, then `dlb-gateway`, NGINX and HAProxy with
+/// `threads` threads each (`tag` added to their process names), and says which proxies are
+/// not installed or did not start.
+async fn start_proxies(
+    args: &SuiteArgs,
+    children: &mut Children,
+    bins: &Path,
+    work: &Path,
+    backends: &[String],
+    threads: usize,
+    tag: &str,
+) -> Result<(Vec<Target>, Vec<String>), String> {
+    let mut targets = vec![Target {
+        name: "direct",
+        addrs: backends.to_vec(),
+        pids: Vec::new(),
+    }];
+    let mut skipped = Vec::new();
+
+    // The gateway.
+    let gateway = format!("127.0.0.1:{}", free_port()?);
+    let backend_flag = ["A", "B", "C"]
+        .iter()
+        .zip(backends)
+        .map(|(id, addr)| format!("{id}={addr}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let label = format!("dlb-gateway{tag}");
+    let pid = spawn_gateway(
+        children,
+        &label,
+        bins,
+        &gateway,
+        &backend_flag,
+        threads,
+        &[],
+        &[],
+    )?;
+    wait_answers(children, &label, &gateway).await?;
+    targets.push(Target {
+        name: "dlb-gateway",
+        addrs: vec![gateway],
+        pids: vec![pid],
+    });
+
+    if args.no_proxies {
+        skipped.push("nginx and haproxy (--no-proxies)".to_owned());
+    } else {
+        match find_program("nginx") {
+            None => skipped.push(
+                "nginx: not installed (`sudo apt-get install -y nginx-light` or `nginx`)"
+                    .to_owned(),
+            ),
+            Some(nginx) => {
+                let dir = std::path::absolute(work.join(format!("nginx{}", file_suffix(tag))))
+                    .map_err(|e| format!("nginx dir: {e}"))?;
+                for sub in ["", "body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+                    std::fs::create_dir_all(dir.join(sub))
+                        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                }
+                let port = free_port()?;
+                let conf = dir.join("nginx.conf");
+                std::fs::write(&conf, nginx_config(&dir, port, backends, threads))
+                    .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+                let addr = format!("127.0.0.1:{port}");
+                let label = format!("nginx{tag}");
+                let pid = children.spawn(
+                    &label,
+                    &nginx,
+                    &[
+                        "-p".into(),
+                        dir.display().to_string(),
+                        "-c".into(),
+                        conf.display().to_string(),
+                    ],
+                )?;
+                match wait_answers(children, &label, &addr).await {
+                    Ok(()) => targets.push(Target {
+                        name: "nginx",
+                        addrs: vec![addr],
+                        pids: vec![pid],
+                    }),
+                    Err(error) => skipped.push(format!("nginx: {error}")),
+                }
+            }
+        }
+        match find_program("haproxy") {
+            None => skipped
+                .push("haproxy: not installed (`sudo apt-get install -y haproxy`)".to_owned()),
+            Some(haproxy) => {
+                let port = free_port()?;
+                let conf = work.join(format!("haproxy{}.cfg", file_suffix(tag)));
+                std::fs::write(&conf, haproxy_config(port, backends, threads))
+                    .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+                let addr = format!("127.0.0.1:{port}");
+                let label = format!("haproxy{tag}");
+                let pid = children.spawn(
+                    &label,
+                    &haproxy,
+                    &["-db".into(), "-f".into(), conf.display().to_string()],
+                )?;
+                match wait_answers(children, &label, &addr).await {
+                    Ok(()) => targets.push(Target {
+                        name: "haproxy",
+                        addrs: vec![addr],
+                        pids: vec![pid],
+                    }),
+                    Err(error) => skipped.push(format!("haproxy: {error}")),
+                }
+            }
+        }
+    }
+    Ok((targets, skipped))
 }
 
 /// A compute instance the suite started.
@@ -795,7 +882,7 @@ const MIXED: &str = "mixed";
 const OBSERVABILITY: &str = "observability";
 
 /// Every scenario, in the order they run.
-fn all_scenarios() -> [Scenario; 5] {
+fn all_scenarios() -> [Scenario; 6] {
     [
         Scenario {
             key: "saturation",
@@ -805,6 +892,7 @@ fn all_scenarios() -> [Scenario; 5] {
             },
             concurrency: 64,
             open_fraction: None,
+            one_thread: false,
         },
         Scenario {
             key: "c1",
@@ -814,6 +902,7 @@ fn all_scenarios() -> [Scenario; 5] {
             },
             concurrency: 1,
             open_fraction: None,
+            one_thread: false,
         },
         Scenario {
             key: "open",
@@ -823,6 +912,7 @@ fn all_scenarios() -> [Scenario; 5] {
             },
             concurrency: 0,
             open_fraction: Some(0.5),
+            one_thread: false,
         },
         Scenario {
             key: "fib",
@@ -830,6 +920,7 @@ fn all_scenarios() -> [Scenario; 5] {
             op: Op::Fibonacci { n: 100_000 },
             concurrency: 16,
             open_fraction: None,
+            one_thread: false,
         },
         Scenario {
             key: "reverse_1mib",
@@ -839,12 +930,23 @@ fn all_scenarios() -> [Scenario; 5] {
             },
             concurrency: 4,
             open_fraction: None,
+            one_thread: false,
+        },
+        Scenario {
+            key: SATURATION_ONE_THREAD,
+            title: "Reverse(\"hello\"), concurrency 64, one thread per proxy",
+            op: Op::Reverse {
+                text: "hello".into(),
+            },
+            concurrency: 64,
+            open_fraction: None,
+            one_thread: true,
         },
     ]
 }
 
 /// The scenarios `--scenarios` names, in the suite's order (all when it names none).
-fn pick_scenarios(all: [Scenario; 5], wanted: &[String]) -> Result<Vec<Scenario>, String> {
+fn pick_scenarios(all: [Scenario; 6], wanted: &[String]) -> Result<Vec<Scenario>, String> {
     if wanted.is_empty() {
         return Ok(all.into());
     }

@@ -40,6 +40,11 @@ pub(super) fn summarize(
                     p99_us: pick(|r| r.p99_us),
                     p999_us: pick(|r| r.p999_us),
                     errors: list.iter().map(|r| r.errors).sum(),
+                    cpu_us_per_call: list
+                        .iter()
+                        .map(|r| r.cpu_us_per_call)
+                        .collect::<Option<Vec<f64>>>()
+                        .map(median),
                 },
             );
         }
@@ -100,17 +105,28 @@ pub(super) fn summarize(
             );
         }
     }
+    if names.contains(&"haproxy") && ran("saturation") {
+        let cpu = |path: &str| p("saturation", path).cpu_us_per_call.unwrap_or(f64::NAN);
+        let (g, h) = (cpu("dlb-gateway"), cpu("haproxy"));
+        check(
+            "c=64 CPU per call <= HAProxy's",
+            format!("{g:.1} us vs {h:.1} us"),
+            g <= h,
+        );
+    }
     if ran("saturation") {
         let r = ratio("saturation", "throughput gateway/direct");
         check("c=64 throughput >= 0.6x direct", times(r, 0.6), r >= 0.6);
     }
-    if names.contains(&"nginx") && ran("c1") {
-        let (g, n) = (p("c1", "dlb-gateway").p50_us, p("c1", "nginx").p50_us);
-        check(
-            "c=1 p50 <= NGINX's",
-            format!("{g:.0} us vs {n:.0} us"),
-            g <= n,
-        );
+    for (proxy, name) in [("nginx", "NGINX"), ("haproxy", "HAProxy")] {
+        if names.contains(&proxy) && ran("c1") {
+            let (g, n) = (p("c1", "dlb-gateway").p50_us, p("c1", proxy).p50_us);
+            check(
+                &format!("c=1 p50 <= {name}'s"),
+                format!("{g:.0} us vs {n:.0} us"),
+                g <= n,
+            );
+        }
     }
     if ran("c1") {
         let added = ratio("c1", "p50 gateway-direct us");
@@ -159,12 +175,13 @@ pub(super) fn markdown(report: &Report, scenarios: &[Scenario]) -> String {
     let _ = writeln!(
         out,
         "## dlb bench-suite\n\n{}; {} thread(s) per proxy; {} repetitions of {} s per path and \
-         scenario, interleaved; medians.\n",
+         scenario, interleaved; medians. CPU per call: the proxy's processes (user + system, \
+         from /proc), warm-up included.\n",
         report.machine, report.threads, report.reps, report.duration_secs
     );
     let _ = writeln!(
         out,
-        "| scenario | path | throughput (req/s) | p50 | p99 | p99.9 | errors |\n|---|---|---:|---:|---:|---:|---:|"
+        "| scenario | path | throughput (req/s) | p50 | p99 | p99.9 | CPU per call | errors |\n|---|---|---:|---:|---:|---:|---:|---:|"
     );
     let ms = |us: f64| format!("{:.3} ms", us / 1000.0);
     for scenario in scenarios {
@@ -178,9 +195,12 @@ pub(super) fn markdown(report: &Report, scenarios: &[Scenario]) -> String {
         };
         for path in &report.paths {
             if let Some(s) = by_path.get(path) {
+                let cpu = s
+                    .cpu_us_per_call
+                    .map_or_else(|| "-".to_owned(), |us| format!("{us:.1} µs"));
                 let _ = writeln!(
                     out,
-                    "| {title} | {path} | {:.0} | {} | {} | {} | {} |",
+                    "| {title} | {path} | {:.0} | {} | {} | {} | {cpu} | {} |",
                     s.throughput,
                     ms(s.p50_us),
                     ms(s.p99_us),
