@@ -198,6 +198,7 @@ impl AuthzArgs {
         if let Some(services) = services {
             policy.check_services(services)?;
         }
+        policy.check_methods(policy::known_methods())?;
         Ok(Some(policy))
     }
 

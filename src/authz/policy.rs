@@ -161,6 +161,84 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// Refuses rules naming a method that a service whose methods are known here does not
+    /// have (dlb's own services, health and reflection): `/dlb.v1.Operations/Revers` would
+    /// otherwise silently allow nothing. Rules with a `*` in the method, and services known
+    /// only to the instances behind a gateway, are not checked.
+    ///
+    /// # Errors
+    ///
+    /// Which rule, and the methods the service has.
+    pub fn check_methods(&self, known: &[(String, Vec<String>)]) -> Result<(), String> {
+        for rule in &self.rules {
+            let Some((service, method)) = rule
+                .pattern
+                .strip_prefix('/')
+                .and_then(|rest| rest.split_once('/'))
+            else {
+                continue;
+            };
+            if method.contains('*') || service.contains('*') {
+                continue;
+            }
+            if let Some((_, methods)) = known.iter().find(|(name, _)| name == service)
+                && !methods.iter().any(|m| m == method)
+            {
+                return Err(format!(
+                    "rule {:?}: {service} has no method {method} (it has {})",
+                    rule.pattern,
+                    methods.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The services whose methods a policy's rules are checked against, with their methods:
+/// dlb's own (from its descriptors), health and reflection.
+pub(super) fn known_methods() -> &'static [(String, Vec<String>)] {
+    static KNOWN: std::sync::OnceLock<Vec<(String, Vec<String>)>> = std::sync::OnceLock::new();
+    KNOWN.get_or_init(|| {
+        use prost::Message as _;
+        let mut known: Vec<(String, Vec<String>)> = COMMON_METHODS
+            .iter()
+            .map(|(service, methods)| {
+                (
+                    (*service).to_owned(),
+                    methods.iter().map(|m| (*m).to_owned()).collect(),
+                )
+            })
+            .collect();
+        // Built into the binary by build.rs: it always decodes.
+        if let Ok(set) = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET) {
+            for file in &set.file {
+                for service in &file.service {
+                    known.push((
+                        format!("{}.{}", file.package(), service.name()),
+                        service.method.iter().map(|m| m.name().to_owned()).collect(),
+                    ));
+                }
+            }
+        }
+        known
+    })
+}
+
+/// The methods of [`COMMON_SERVICES`].
+const COMMON_METHODS: [(&str, &[&str]); 3] = [
+    ("grpc.health.v1.Health", &["Check", "Watch", "List"]),
+    (
+        "grpc.reflection.v1.ServerReflection",
+        &["ServerReflectionInfo"],
+    ),
+    (
+        "grpc.reflection.v1alpha.ServerReflection",
+        &["ServerReflectionInfo"],
+    ),
+];
+
 impl Rule {
     /// `PATTERN=WHO[,WHO...]` (spaces allowed around each part).
     ///

@@ -181,6 +181,33 @@ fn bad_policies_are_refused_with_the_line_and_the_reason() {
 }
 
 #[test]
+fn a_rule_naming_a_method_its_service_lacks_is_refused() {
+    let known = policy::known_methods();
+    let typo = Policy::parse("/dlb.v1.Operations/Revers = ui\n", "f").unwrap();
+    let error = typo.check_methods(known).unwrap_err();
+    assert!(
+        error.contains("dlb.v1.Operations has no method Revers")
+            && error.contains("Reverse")
+            && error.contains("IsPrime"),
+        "{error}"
+    );
+    let health = Policy::parse("/grpc.health.v1.Health/Chek = *\n", "f").unwrap();
+    assert!(health.check_methods(known).is_err());
+    // Real methods, patterns, and services only the instances behind a gateway know pass.
+    for fine in [
+        "/dlb.v1.Operations/Reverse = ui",
+        "/dlb.v1.Control/StartInstance = ui",
+        "/dlb.v1.Gateway/Stats = *",
+        "/grpc.health.v1.Health/Check = *",
+        "/dlb.v1.Operations/Rev* = ui",
+        "/acme.Shop/Anything = ui",
+    ] {
+        let policy = Policy::parse(fine, "f").unwrap();
+        assert!(policy.check_methods(known).is_ok(), "{fine}");
+    }
+}
+
+#[test]
 fn flags_add_rules_or_turn_the_policy_off() {
     let args = AuthzArgs {
         authz_policy: None,

@@ -42,6 +42,22 @@ use crate::service::{CallStats, Limits, OperationsService};
 /// # Errors
 ///
 /// [`RunError`] when the configuration is invalid or the server fails.
+/// The services an instance's policy may name.
+const SERVICES: &[&str] = &["dlb.v1.Operations", "dlb.v1.Load"];
+
+/// Checks the authorization policy (`--authz-policy`, `--allow`) before anything is started,
+/// so that a bad one stops the start before the port is taken and announced.
+///
+/// # Errors
+///
+/// What is wrong with it, and where.
+pub fn check_authz(config: &Config) -> Result<(), String> {
+    config
+        .authz
+        .policy(dlb::authz::COMPUTE_POLICY, Some(SERVICES))
+        .map(|_| ())
+}
+
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -85,7 +101,7 @@ pub async fn run(
             &format!("compute {}", config.id),
             &config.authz,
             dlb::authz::COMPUTE_POLICY,
-            Some(&["dlb.v1.Operations", "dlb.v1.Load"]),
+            Some(SERVICES),
             &config.tls,
             &events,
         )

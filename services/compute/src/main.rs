@@ -13,6 +13,10 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     dlb::telemetry::init();
+    if let Err(message) = dlb_compute::check_authz(&config) {
+        eprintln!("dlb-compute: {message}");
+        return ExitCode::from(2);
+    }
     let listener =
         match dlb::server::bind_listen("dlb-compute", config.listen, "DLB_COMPUTE_LISTEN").await {
             Ok(listener) => listener,

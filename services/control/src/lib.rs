@@ -36,6 +36,22 @@ use crate::supervisor::Supervisor;
 /// # Errors
 ///
 /// [`RunError`] when the configuration is invalid or the server fails.
+/// The services control's policy may name.
+const SERVICES: &[&str] = &["dlb.v1.Control"];
+
+/// Checks the authorization policy (`--authz-policy`, `--allow`) before anything is started,
+/// so that a bad one stops the start before the port is taken and announced.
+///
+/// # Errors
+///
+/// What is wrong with it, and where.
+pub fn check_authz(config: &Config) -> Result<(), String> {
+    config
+        .authz
+        .policy(dlb::authz::CONTROL_POLICY, Some(SERVICES))
+        .map(|_| ())
+}
+
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -48,7 +64,7 @@ pub async fn run(
         "control",
         &config.authz,
         dlb::authz::CONTROL_POLICY,
-        Some(&["dlb.v1.Control"]),
+        Some(SERVICES),
         &config.tls,
         &events,
     )

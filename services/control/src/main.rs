@@ -21,6 +21,10 @@ async fn main() -> ExitCode {
             bin.display()
         );
     }
+    if let Err(message) = dlb_control::check_authz(&config) {
+        eprintln!("dlb-control: {message}");
+        return ExitCode::from(2);
+    }
     let listener =
         match dlb::server::bind_listen("dlb-control", config.listen, "DLB_CONTROL_LISTEN").await {
             Ok(listener) => listener,

@@ -90,6 +90,20 @@ fn build_balancer(
 /// # Errors
 ///
 /// [`RunError`] when the configuration is invalid or the server fails.
+/// Checks the authorization policy (`--authz-policy`, `--allow`) before anything is started,
+/// so that a bad one stops the start before the port is taken and announced.
+///
+/// # Errors
+///
+/// What is wrong with it, and where.
+pub fn check_authz(config: &Config) -> Result<(), String> {
+    // No list of services: the gateway relays any service to its instances.
+    config
+        .authz
+        .policy(dlb::authz::GATEWAY_POLICY, None)
+        .map(|_| ())
+}
+
 pub async fn run(
     listener: TcpListener,
     metrics: Option<TcpListener>,

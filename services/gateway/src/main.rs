@@ -34,6 +34,10 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> ExitCode {
     dlb::telemetry::init();
+    if let Err(message) = dlb_gateway::check_authz(&config) {
+        eprintln!("dlb-gateway: {message}");
+        return ExitCode::from(2);
+    }
     let listener =
         match dlb::server::bind_listen("dlb-gateway", config.listen, "DLB_GATEWAY_LISTEN").await {
             Ok(listener) => listener,

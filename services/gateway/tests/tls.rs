@@ -383,6 +383,30 @@ async fn a_bad_policy_stops_the_start_with_the_line_and_the_reason() {
         stderr.contains("this server serves no service dlb.v1.Contrl"),
         "{stderr}"
     );
+    // And a method its service does not have: the gateway refuses to start.
+    let output = Command::new(dlb::testing::workspace_binary("dlb-gateway"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--redis",
+            "none",
+            "--backend",
+            "A=127.0.0.1:1",
+        ])
+        .args(dlb::tls::args_for(&dir, "gateway").to_args())
+        .args(["--allow", "/dlb.v1.Operations/Revers=client"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("dlb.v1.Operations has no method Revers (it has IsPrime,"),
+        "{stderr}"
+    );
+    // Refused before the port is taken: nothing says it listens.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!stdout.contains("listening on"), "{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
