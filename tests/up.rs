@@ -1028,6 +1028,30 @@ fn a_taken_gateway_port_is_named_with_its_flag_and_nothing_starts() {
     drop(taken);
 }
 
+#[test]
+fn a_bad_tracing_setting_is_named_and_nothing_starts() {
+    let ports = Ports::new("badtrace");
+    let mut args = ports.args();
+    args.extend([
+        "--otlp-endpoint".to_owned(),
+        "ftp://127.0.0.1:4317".to_owned(),
+    ]);
+    let output = Command::new(workspace_binary("dlb"))
+        .args(&args)
+        .env_remove("DLB_REDIS_URL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("ftp://127.0.0.1:4317"), "{stderr}");
+    assert!(!stderr.contains("starting"), "nothing may start:\n{stderr}");
+    let state_dir = ports.state_dir.display().to_string();
+    assert_eq!(processes_mentioning(&state_dir), Vec::<String>::new());
+    assert!(!ports.state_dir.join(STATE_FILE).exists());
+    let _ = std::fs::remove_dir_all(&ports.state_dir);
+}
+
 /// Runs `dlb down --state-dir dir`.
 fn dlb_down(dir: &Path) -> Output {
     Command::new(workspace_binary("dlb"))

@@ -979,7 +979,9 @@ mod tests {
             pick_scenarios(all_scenarios(), &wanted)
                 .map(|s| s.iter().map(|s| s.key).collect::<Vec<_>>())
         };
-        assert_eq!(keys(&[]).unwrap().len(), 5);
+        assert_eq!(keys(&[]).unwrap().len(), 6);
+        assert_eq!(keys(&["saturation_1t"]).unwrap(), ["saturation_1t"]);
+        assert!(all_scenarios().iter().filter(|s| s.one_thread).count() == 1);
         assert_eq!(keys(&["c1", "saturation"]).unwrap(), ["saturation", "c1"]);
         assert!(keys(&["open"]).unwrap_err().contains("needs saturation"));
         assert!(

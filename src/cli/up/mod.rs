@@ -95,6 +95,9 @@ pub struct UpArgs {
     /// several roles).
     #[arg(long = "operator", value_name = "ROLE", requires = "tls")]
     pub operators: Vec<String>,
+    /// Tracing: every service (and the instances) exports spans to this collector.
+    #[command(flatten)]
+    pub trace: dlb::trace::TraceArgs,
 }
 
 /// Flags of `dlb down`.

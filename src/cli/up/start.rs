@@ -200,6 +200,15 @@ pub(super) async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Resu
     no_mesh_running(&state_path)?;
     // Every port first, so that a conflict starts nothing.
     check_ports(&port_needs(args)?)?;
+    // And the tracing settings (the flag and the OTEL_* variables every service inherits), so
+    // that a bad one stops nothing half-started.
+    dlb::trace::Settings::from_process(&args.trace, "dlb", "up")?;
+    let trace_args: Vec<String> = args
+        .trace
+        .otlp_endpoint
+        .iter()
+        .flat_map(|url| ["--otlp-endpoint".to_owned(), url.clone()])
+        .collect();
 
     let bins = service_binaries(args.bin_dir.as_deref())?;
     let up_pid = std::process::id();
@@ -262,6 +271,8 @@ pub(super) async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Resu
     .map(str::to_owned)
     .into_iter()
     .chain(tls_args("control"))
+    // Control passes it on to the instances it starts.
+    .chain(trace_args.iter().cloned())
     .chain(
         args.operators
             .iter()
@@ -311,6 +322,7 @@ pub(super) async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Resu
     .map(str::to_owned)
     .into_iter()
     .chain(tls_args("gateway"))
+    .chain(trace_args.iter().cloned())
     .collect::<Vec<_>>();
     mesh.launch(
         ("gateway", "gateway"),
@@ -338,6 +350,7 @@ pub(super) async fn start_all(args: &UpArgs, started: &mut Vec<Service>) -> Resu
     .map(str::to_owned)
     .into_iter()
     .chain(tls_args("ui"))
+    .chain(trace_args.iter().cloned())
     .collect::<Vec<_>>();
     mesh.launch(
         ("ui", "dashboard"),
