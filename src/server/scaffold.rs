@@ -35,7 +35,8 @@ use crate::trace::{Exporting, TraceLayer, Traced};
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The layers in front of every dlb server's services: tracing (its span covers the whole
-/// call, and the access log below reads the trace it puts in `traceparent`), the access log
+/// call, and the access log below reads the trace it puts in the request's extensions,
+/// `trace::CallSpan`), the access log
 /// (it sees every answer as sent), exact statuses, then authorization.
 type Layers = tower::layer::util::Stack<
     AuthzLayer,

@@ -37,11 +37,6 @@ use crate::load::LoadService;
 use crate::pool::CpuPool;
 use crate::service::{CallStats, Limits, OperationsService};
 
-/// Serves on `listener` until `shutdown` resolves, then drains and returns.
-///
-/// # Errors
-///
-/// [`RunError`] when the configuration is invalid or the server fails.
 /// The services an instance's policy may name.
 const SERVICES: &[&str] = &["dlb.v1.Operations", "dlb.v1.Load"];
 
@@ -58,6 +53,11 @@ pub fn check_authz(config: &Config) -> Result<(), String> {
         .map(|_| ())
 }
 
+/// Serves on `listener` until `shutdown` resolves, then drains and returns.
+///
+/// # Errors
+///
+/// [`RunError`] when the configuration is invalid or the server fails.
 pub async fn run(
     listener: TcpListener,
     config: Config,

@@ -30,12 +30,6 @@ pub use dlb::server::RunError;
 use crate::service::ControlService;
 use crate::supervisor::Supervisor;
 
-/// Starts the configured instances, serves on `listener` until `shutdown`, then drains every
-/// instance and returns.
-///
-/// # Errors
-///
-/// [`RunError`] when the configuration is invalid or the server fails.
 /// The services control's policy may name.
 const SERVICES: &[&str] = &["dlb.v1.Control"];
 
@@ -52,6 +46,12 @@ pub fn check_authz(config: &Config) -> Result<(), String> {
         .map(|_| ())
 }
 
+/// Starts the configured instances, serves on `listener` until `shutdown`, then drains every
+/// instance and returns.
+///
+/// # Errors
+///
+/// [`RunError`] when the configuration is invalid or the server fails.
 pub async fn run(
     listener: TcpListener,
     config: Config,

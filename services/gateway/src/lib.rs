@@ -85,11 +85,6 @@ fn build_balancer(
     }
 }
 
-/// Serves on `listener` (and `/metrics` on `metrics`) until `shutdown` resolves, then drains.
-///
-/// # Errors
-///
-/// [`RunError`] when the configuration is invalid or the server fails.
 /// Checks the authorization policy (`--authz-policy`, `--allow`) before anything is started,
 /// so that a bad one stops the start before the port is taken and announced.
 ///
@@ -104,6 +99,11 @@ pub fn check_authz(config: &Config) -> Result<(), String> {
         .map(|_| ())
 }
 
+/// Serves on `listener` (and `/metrics` on `metrics`) until `shutdown` resolves, then drains.
+///
+/// # Errors
+///
+/// [`RunError`] when the configuration is invalid or the server fails.
 pub async fn run(
     listener: TcpListener,
     metrics: Option<TcpListener>,

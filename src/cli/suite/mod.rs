@@ -4,7 +4,8 @@
 //! Three compute instances are started, then each path in front of them: direct (the load
 //! generator spreads over the three itself), `dlb-gateway`, NGINX and HAProxy (each from a
 //! generated configuration, round robin over the three, keepalive on, the same number of
-//! threads for each: `--threads`, one by default). Every scenario runs its paths interleaved
+//! threads for each: `--threads`, the machine's cores by default, which is each one's own
+//! default; `saturation_1t` runs a second set with one thread each). Every scenario runs its paths interleaved
 //! (A B C D A B C D ...) for `--reps` repetitions; the report gives medians and the median of the per-repetition ratios.
 //! A proxy that is not installed is reported and left out; this is a benchmark, not a test.
 //!
@@ -271,15 +272,22 @@ async fn run_suite(args: &SuiteArgs, children: &mut Children) -> Result<(), Stri
             .collect();
     say(format!("instances: {}", backends.join(", ")));
 
-    let (mut targets, skipped) =
+    let (mut targets, mut skipped) =
         start_proxies(args, children, &bins, &work, &backends, threads, "").await?;
     // One thread each as well, for the scenario that compares them so (when the default is
     // more): the gateway, NGINX and HAProxy again, in front of the same instances.
     let one_thread = threads != 1 && wants_one_thread(args);
     let mut single = if one_thread {
-        start_proxies(args, children, &bins, &work, &backends, 1, ONE_THREAD_TAG)
-            .await?
-            .0
+        let (single, missing) =
+            start_proxies(args, children, &bins, &work, &backends, 1, ONE_THREAD_TAG).await?;
+        // Those installed but not started in this set are said (not installed: said once).
+        skipped.extend(
+            missing
+                .into_iter()
+                .filter(|m| !m.contains("not installed") && !m.contains("--no-proxies"))
+                .map(|m| format!("{m}{ONE_THREAD_TAG}")),
+        );
+        single
     } else {
         Vec::new()
     };

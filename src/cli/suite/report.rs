@@ -212,7 +212,7 @@ pub(super) fn markdown(report: &Report, scenarios: &[Scenario]) -> String {
     }
     let _ = writeln!(
         out,
-        "\n| proxy | CPU seconds (whole suite) | peak RSS |\n|---|---:|---:|"
+        "\n| proxy | CPU seconds (whole suite, the --threads set) | peak RSS |\n|---|---:|---:|"
     );
     for (name, usage) in &report.usage {
         let _ = writeln!(

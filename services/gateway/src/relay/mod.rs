@@ -760,7 +760,7 @@ impl GatewayService {
         outcome
     }
 
-    /// A span for one attempt (a client span, child of the call's span in `traceparent`),
+    /// A span for one attempt (a client span, child of the call's span: `trace::CallSpan`),
     /// when tracing is on. Dropped unended (a hedge lost, the caller gone), it says so.
     fn attempt_span(&self, head: &http::request::Parts, hedge: bool) -> Option<AttemptSpan> {
         let tracer = &self.inner.settings.tracer;
@@ -907,8 +907,8 @@ impl GatewayService {
     }
 }
 
-/// When a call arrived, and in which trace (its `traceparent` as the gateway's own span, when
-/// tracing, or the caller's), for its event.
+/// When a call arrived, and in which trace (the gateway's own span for it when tracing,
+/// `trace::CallSpan`, else the caller's `traceparent`), for its event.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Started {
     at: Instant,
