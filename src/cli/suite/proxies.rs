@@ -3,10 +3,12 @@
 use super::*;
 use crate::process::is_root;
 
-/// Processes started by the suite; all are stopped (SIGTERM, then SIGKILL) when it ends.
+/// Processes started by the suite; all are stopped (SIGTERM, then SIGKILL) when it ends. Each
+/// one's stderr goes to a file of its own (a pipe nobody reads would stop a process that logs
+/// much once its buffer is full), read when it exits early and removed at the end.
 #[derive(Default)]
 pub(super) struct Children {
-    children: Vec<(String, Child)>,
+    children: Vec<(String, Child, PathBuf)>,
 }
 
 impl Children {
@@ -36,33 +38,39 @@ impl Children {
             }
         }
         command.envs(env.iter().copied());
+        let log = std::env::temp_dir().join(format!(
+            "dlb-bench-suite-{}-{}.stderr",
+            std::process::id(),
+            self.children.len()
+        ));
+        let stderr = std::fs::File::create(&log)
+            .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
         let child = command
             .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         let pid = child.id().unwrap_or(0);
-        self.children.push((name.to_owned(), child));
+        self.children.push((name.to_owned(), child, log));
         Ok(pid)
     }
 
-    /// The stderr of `name` if it has exited (for error messages).
+    /// The end of `name`'s stderr if it has exited (for error messages).
     pub(super) async fn exited(&mut self, name: &str) -> Option<String> {
-        let (_, child) = self.children.iter_mut().find(|(n, _)| n == name)?;
+        let (_, child, log) = self.children.iter_mut().find(|(n, _, _)| n == name)?;
         let status = child.try_wait().ok()??;
-        let mut text = String::new();
-        if let Some(mut stderr) = child.stderr.take() {
-            use tokio::io::AsyncReadExt as _;
-            let _ = stderr.read_to_string(&mut text).await;
-        }
-        Some(format!("{name} exited ({status}): {}", text.trim()))
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let text = text.trim();
+        // The last lines say why.
+        let start = text.char_indices().rev().nth(2000).map_or(0, |(at, _)| at);
+        Some(format!("{name} exited ({status}): {}", &text[start..]))
     }
 
     pub(super) async fn stop_all(&mut self) {
-        for (_, child) in self.children.iter_mut().rev() {
+        for (_, child, log) in self.children.iter_mut().rev() {
             if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
@@ -75,6 +83,7 @@ impl Children {
             {
                 let _ = child.kill().await;
             }
+            let _ = std::fs::remove_file(log);
         }
         self.children.clear();
     }
