@@ -54,23 +54,13 @@ pub fn to_header(timeout: Duration) -> http::HeaderValue {
         (u128::from((timeout.as_secs() / 3600).min(99_999_999)), b'H')
     };
     // At most 8 digits and the unit, written on the stack.
-    let mut text = [0u8; 9];
-    let mut at = text.len() - 1;
-    text[at] = unit;
-    let mut n = n;
-    loop {
-        at -= 1;
-        // A decimal digit: the cast is exact.
-        #[allow(clippy::cast_possible_truncation)]
-        let digit = (n % 10) as u8;
-        text[at] = b'0' + digit;
-        n /= 10;
-        if n == 0 || at == 0 {
-            break;
-        }
-    }
+    let mut buf = [0; 20];
+    let digits = crate::decimal::digits(u64::try_from(n).unwrap_or(u64::MAX), &mut buf);
+    let mut text = [0u8; 21];
+    text[..digits.len()].copy_from_slice(digits.as_bytes());
+    text[digits.len()] = unit;
     // Digits and one ASCII letter: always a valid header value.
-    let mut value = http::HeaderValue::from_bytes(&text[at..])
+    let mut value = http::HeaderValue::from_bytes(&text[..=digits.len()])
         .unwrap_or(http::HeaderValue::from_static("99999999H"));
     value.set_sensitive(true);
     value

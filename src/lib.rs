@@ -30,6 +30,7 @@
 pub mod authz;
 pub mod client;
 pub mod deadline;
+mod decimal;
 pub mod dial;
 pub mod events;
 pub mod health;
