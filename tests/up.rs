@@ -1003,29 +1003,36 @@ fn a_taken_gateway_port_is_named_with_its_flag_and_nothing_starts() {
     let mut args = ports.args();
     let at = args.iter().position(|a| a == "--gateway-port").unwrap();
     args[at + 1] = port.to_string();
-    let output = Command::new(workspace_binary("dlb"))
-        .args(&args)
-        .env_remove("DLB_REDIS_URL")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+    let stderr = up_refused(&ports, &args);
     assert!(
         stderr.contains(&format!("port {port} (gateway) is not available")),
         "{stderr}"
     );
     assert!(stderr.contains("--gateway-port"), "{stderr}");
-    assert!(!stderr.contains("starting"), "nothing may start:\n{stderr}");
-    let state_dir = ports.state_dir.display().to_string();
-    assert_eq!(processes_mentioning(&state_dir), Vec::<String>::new());
     assert_eq!(
         processes_mentioning(&format!("127.0.0.1:{}", ports.control)),
         Vec::<String>::new()
     );
-    assert!(!ports.state_dir.join(STATE_FILE).exists());
     let _ = std::fs::remove_dir_all(&ports.state_dir);
     drop(taken);
+}
+
+/// Runs `dlb up` with `args` (of `ports`), asserts that it fails having started nothing (no
+/// "starting" line, no process of its state directory, no state file), and gives its stderr.
+fn up_refused(ports: &Ports, args: &[String]) -> String {
+    let output = Command::new(workspace_binary("dlb"))
+        .args(args)
+        .env_remove("DLB_REDIS_URL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{stderr}");
+    assert!(!stderr.contains("starting"), "nothing may start:\n{stderr}");
+    let state_dir = ports.state_dir.display().to_string();
+    assert_eq!(processes_mentioning(&state_dir), Vec::<String>::new());
+    assert!(!ports.state_dir.join(STATE_FILE).exists());
+    stderr
 }
 
 #[test]
@@ -1036,19 +1043,8 @@ fn a_bad_tracing_setting_is_named_and_nothing_starts() {
         "--otlp-endpoint".to_owned(),
         "ftp://127.0.0.1:4317".to_owned(),
     ]);
-    let output = Command::new(workspace_binary("dlb"))
-        .args(&args)
-        .env_remove("DLB_REDIS_URL")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+    let stderr = up_refused(&ports, &args);
     assert!(stderr.contains("ftp://127.0.0.1:4317"), "{stderr}");
-    assert!(!stderr.contains("starting"), "nothing may start:\n{stderr}");
-    let state_dir = ports.state_dir.display().to_string();
-    assert_eq!(processes_mentioning(&state_dir), Vec::<String>::new());
-    assert!(!ports.state_dir.join(STATE_FILE).exists());
     let _ = std::fs::remove_dir_all(&ports.state_dir);
 }
 

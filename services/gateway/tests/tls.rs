@@ -328,6 +328,36 @@ async fn a_gateway_policy_refuses_by_certificate_identity_and_counts_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Runs `binary` (`dlb-gateway`, `dlb-control`) with `args`, its TLS files from `dir` and
+/// `extra`, and asserts that it refuses to start: it must exit, unsuccessfully, within 30 s (a
+/// server that started anyway is killed and fails the test rather than hanging it). Gives its
+/// stderr and stdout.
+fn refused_start(binary: &str, args: &[&str], dir: &Path, extra: &[&str]) -> (String, String) {
+    let role = binary.trim_start_matches("dlb-");
+    let mut child = Command::new(dlb::testing::workspace_binary(binary))
+        .args(args)
+        .args(dlb::tls::args_for(dir, role).to_args())
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{binary} {extra:?} started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{stderr}");
+    (stderr, String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_policy_stops_the_start_with_the_line_and_the_reason() {
     let dir = certs("bad-policy");
@@ -337,23 +367,20 @@ async fn a_bad_policy_stops_the_start_with_the_line_and_the_reason() {
         "/dlb.v1.Operations/* = client\n/dlb.v1.Operations/* client\n",
     )
     .unwrap();
-    let output = Command::new(dlb::testing::workspace_binary("dlb-gateway"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--redis",
-            "none",
-            "--backend",
-            "A=127.0.0.1:1",
-        ])
-        .args(dlb::tls::args_for(&dir, "gateway").to_args())
-        .arg("--authz-policy")
-        .arg(&policy)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+    let gateway = [
+        "--listen",
+        "127.0.0.1:0",
+        "--redis",
+        "none",
+        "--backend",
+        "A=127.0.0.1:1",
+    ];
+    let (stderr, _) = refused_start(
+        "dlb-gateway",
+        &gateway,
+        &dir,
+        &["--authz-policy", &policy.display().to_string()],
+    );
     assert!(
         stderr.contains(&format!(
             "--authz-policy {} line 2: \"/dlb.v1.Operations/* client\" is not a rule",
@@ -363,49 +390,36 @@ async fn a_bad_policy_stops_the_start_with_the_line_and_the_reason() {
     );
     // And a rule for a service control does not serve.
     support::compute_binary();
-    let output = Command::new(dlb::testing::workspace_binary("dlb-control"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--instances",
-            "0",
-            "--redis",
-            "none",
-        ])
-        .args(dlb::tls::args_for(&dir, "control").to_args())
-        .args(["--allow", "/dlb.v1.Contrl/*=operator"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+    let control = [
+        "--listen",
+        "127.0.0.1:0",
+        "--instances",
+        "0",
+        "--redis",
+        "none",
+    ];
+    let (stderr, _) = refused_start(
+        "dlb-control",
+        &control,
+        &dir,
+        &["--allow", "/dlb.v1.Contrl/*=operator"],
+    );
     assert!(
         stderr.contains("this server serves no service dlb.v1.Contrl"),
         "{stderr}"
     );
     // And a method its service does not have: the gateway refuses to start.
-    let output = Command::new(dlb::testing::workspace_binary("dlb-gateway"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--redis",
-            "none",
-            "--backend",
-            "A=127.0.0.1:1",
-        ])
-        .args(dlb::tls::args_for(&dir, "gateway").to_args())
-        .args(["--allow", "/dlb.v1.Operations/Revers=client"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+    let (stderr, stdout) = refused_start(
+        "dlb-gateway",
+        &gateway,
+        &dir,
+        &["--allow", "/dlb.v1.Operations/Revers=client"],
+    );
     assert!(
         stderr.contains("dlb.v1.Operations has no method Revers (it has IsPrime,"),
         "{stderr}"
     );
     // Refused before the port is taken: nothing says it listens.
-    let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(!stdout.contains("listening on"), "{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
 }
