@@ -111,6 +111,95 @@ impl Incoming {
     }
 }
 
+/// A connection accepted on one runtime, on its way to the runtime that serves it: out of the
+/// first one's reactor, with its place under the bound.
+#[derive(Debug)]
+struct Moved {
+    stream: std::net::TcpStream,
+    place: Option<Place>,
+}
+
+impl Incoming {
+    /// `listener`'s connections (as [`Incoming::accept`]: bounded, closed gently) spread in
+    /// turn over `runtimes` servers, each on a runtime of its own: the returned future accepts
+    /// (run it on the listener's runtime, until `stop`), and stream `i` gives runtime `i` its
+    /// share, each connection registered with the reactor of the runtime that polls it. Taking
+    /// turns spreads connections evenly, where `SO_REUSEPORT`'s hash may give one runtime
+    /// most of a few connections.
+    pub fn spread(
+        &self,
+        listener: tokio::net::TcpListener,
+        runtimes: usize,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> (
+        impl Future<Output = ()> + Send + 'static,
+        Vec<impl Stream<Item = std::io::Result<GentleClose>> + Send + 'static>,
+    ) {
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..runtimes.max(1))
+            .map(|_| tokio::sync::mpsc::unbounded_channel::<Moved>())
+            .unzip();
+        let accepted = self.accept(listener);
+        let accepting = async move {
+            let mut accepted = std::pin::pin!(accepted);
+            let mut next = 0;
+            loop {
+                let connection = tokio::select! {
+                    () = stop.cancelled() => return,
+                    connection = tokio_stream::StreamExt::next(&mut accepted) => connection,
+                };
+                let mut connection = match connection {
+                    None => return,
+                    Some(Ok(connection)) => connection,
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "cannot accept a connection");
+                        continue;
+                    }
+                };
+                let (Some(stream), place) = (connection.stream.take(), connection.place.take())
+                else {
+                    continue;
+                };
+                let Ok(stream) = stream.into_std() else {
+                    continue;
+                };
+                // A runtime that has stopped serving takes none: the next one does.
+                let mut moved = Moved { stream, place };
+                for _ in 0..senders.len() {
+                    let sender = &senders[next % senders.len()];
+                    next = next.wrapping_add(1);
+                    match sender.send(moved) {
+                        Ok(()) => break,
+                        Err(returned) => moved = returned.0,
+                    }
+                }
+            }
+        };
+        let lingering = self.lingering.clone();
+        let handshake_timeout = self.handshake_timeout.unwrap_or(HANDSHAKE_TIMEOUT);
+        let streams = receivers
+            .into_iter()
+            .map(|receiver| {
+                let lingering = lingering.clone();
+                tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::UnboundedReceiverStream::new(receiver),
+                    move |moved| {
+                        tokio::net::TcpStream::from_std(moved.stream).map(|stream| GentleClose {
+                            stream: Some(stream),
+                            lingering: lingering.clone(),
+                            place: moved.place,
+                            handshake: Some((
+                                HANDSHAKE_BYTES,
+                                Box::pin(tokio::time::sleep(handshake_timeout)),
+                            )),
+                        })
+                    },
+                )
+            })
+            .collect();
+        (accepting, streams)
+    }
+}
+
 /// The stream of [`Incoming::accept`].
 struct Accepting {
     listener: tonic::transport::server::TcpIncoming,
@@ -375,7 +464,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_stream::StreamExt;
 
-    use super::{HANDSHAKE_BYTES, Incoming};
+    use super::{GentleClose, HANDSHAKE_BYTES, Incoming};
 
     /// Serves like hyper would: reads a handshake from each accepted connection, then answers
     /// "ok".
@@ -422,5 +511,97 @@ mod tests {
             .unwrap();
         assert_eq!(&answer, b"ok");
         server.abort();
+    }
+
+    #[test]
+    fn spread_hands_connections_to_each_runtime_in_turn_and_they_are_served_there() {
+        // Three runtimes, each on a thread of its own, as the gateway runs them: the first
+        // accepts, and each serves (echoes a byte back) what it is handed, noting its thread.
+        let accepting = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let others: Vec<tokio::runtime::Runtime> = (0..2)
+            .map(|_| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let incoming = Incoming::limited(100);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (listener, addr) = accepting.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            (listener, addr)
+        });
+        let (accept, streams) =
+            accepting.block_on(async { incoming.spread(listener, 3, stop.clone()) });
+        let (served_tx, served_rx) = std::sync::mpsc::channel();
+        let serve = |streams: std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = std::io::Result<GentleClose>> + Send>,
+        >,
+                     served: std::sync::mpsc::Sender<(usize, std::thread::ThreadId)>,
+                     index: usize| async move {
+            let mut streams = streams;
+            while let Some(Ok(mut connection)) = tokio_stream::StreamExt::next(&mut streams).await {
+                let served = served.clone();
+                tokio::spawn(async move {
+                    let mut byte = [0u8; HANDSHAKE_BYTES];
+                    connection.read_exact(&mut byte).await.unwrap();
+                    served.send((index, std::thread::current().id())).unwrap();
+                    connection.write_all(b"ok").await.unwrap();
+                    let _ = connection.read(&mut byte).await;
+                });
+            }
+        };
+        let mut streams: Vec<_> = streams
+            .into_iter()
+            .map(|s| Box::pin(s) as std::pin::Pin<Box<dyn tokio_stream::Stream<Item = _> + Send>>)
+            .collect();
+        let own = streams.remove(0);
+        let mut threads = Vec::new();
+        for (index, (runtime, stream)) in others.into_iter().zip(streams).enumerate() {
+            let served = served_tx.clone();
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let id = std::thread::current().id();
+                runtime.block_on(async move {
+                    tokio::spawn(serve(stream, served, index + 1));
+                    stop.cancelled().await;
+                });
+                id
+            }));
+        }
+        let main = std::thread::current().id();
+        accepting.block_on(async {
+            tokio::spawn(accept);
+            tokio::spawn(serve(own, served_tx, 0));
+            let mut clients = Vec::new();
+            for _ in 0..6 {
+                let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+                client.write_all(&[b'x'; HANDSHAKE_BYTES]).await.unwrap();
+                let mut answer = [0u8; 2];
+                tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut answer))
+                    .await
+                    .expect("served")
+                    .unwrap();
+                assert_eq!(&answer, b"ok");
+                clients.push(client);
+            }
+            assert_eq!(incoming.open(), 6);
+            stop.cancel();
+        });
+        let ids: Vec<std::thread::ThreadId> =
+            threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let served: Vec<(usize, std::thread::ThreadId)> = served_rx.try_iter().collect();
+        // Two each, in turn, and each on its runtime's own thread.
+        let order: Vec<usize> = served.iter().map(|(index, _)| *index).collect();
+        assert_eq!(order, [0, 1, 2, 0, 1, 2]);
+        for (index, thread) in &served {
+            let want = if *index == 0 { main } else { ids[*index - 1] };
+            assert_eq!(*thread, want, "runtime {index} served on another thread");
+        }
     }
 }

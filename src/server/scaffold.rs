@@ -92,6 +92,8 @@ pub struct Scaffold {
     stop: CancellationToken,
     health_listener: Option<JoinHandle<()>>,
     exporting: Option<Exporting>,
+    /// More runtimes to serve on besides the current one (see [`Scaffold::spread_over`]).
+    runtimes: Vec<tokio::runtime::Handle>,
 }
 
 impl Scaffold {
@@ -145,7 +147,17 @@ impl Scaffold {
             stop,
             health_listener,
             exporting: spec.exporting,
+            runtimes: Vec::new(),
         })
+    }
+
+    /// Serves on `runtimes` too, besides the current runtime: the listener's connections are
+    /// taken in turn by a server on each (see [`Incoming::spread`]), and each connection's
+    /// calls stay on the runtime that took it.
+    #[must_use]
+    pub fn spread_over(mut self, runtimes: Vec<tokio::runtime::Handle>) -> Self {
+        self.runtimes = runtimes;
+        self
     }
 
     /// The server's health, to turn NOT_SERVING by hand (control's drain does).
@@ -177,13 +189,38 @@ impl Scaffold {
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha);
         }
-        let server = self.builder.serve_with_incoming_shutdown(
-            add(routes).prepare(),
-            self.connections.accept(listener),
-            self.stop.clone().cancelled_owned(),
-        );
+        let routes = add(routes).prepare();
+        let mut others = Vec::new();
+        let server: Pin<Box<dyn Future<Output = _> + Send>> = if self.runtimes.is_empty() {
+            Box::pin(self.builder.serve_with_incoming_shutdown(
+                routes,
+                self.connections.accept(listener),
+                self.stop.clone().cancelled_owned(),
+            ))
+        } else {
+            let (accepting, mut streams) =
+                self.connections
+                    .spread(listener, self.runtimes.len() + 1, self.stop.clone());
+            let own = streams.remove(0);
+            tokio::spawn(accepting);
+            for (runtime, incoming) in self.runtimes.iter().zip(streams) {
+                others.push(
+                    runtime.spawn(self.builder.clone().serve_with_incoming_shutdown(
+                        routes.clone(),
+                        incoming,
+                        self.stop.clone().cancelled_owned(),
+                    )),
+                );
+            }
+            Box::pin(self.builder.serve_with_incoming_shutdown(
+                routes,
+                own,
+                self.stop.clone().cancelled_owned(),
+            ))
+        };
         Ok(Serving {
-            server: Box::pin(server),
+            server,
+            others,
             ended: false,
             health: self.health,
             connections: self.connections,
@@ -221,6 +258,8 @@ where
 /// A server that is serving (while awaited) until it drains.
 pub struct Serving {
     server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>,
+    /// The servers on the other runtimes ([`Scaffold::spread_over`]).
+    others: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     /// The server future has returned (it must not be polled again).
     ended: bool,
     health: HealthState,
@@ -283,19 +322,32 @@ impl Serving {
         // connections can close.
         self.health.close();
         self.stop.cancel();
-        if self.ended {
-            return Ok(());
-        }
-        match tokio::time::timeout(CLOSE_TIMEOUT, &mut self.server).await {
-            Ok(result) => {
-                self.ended = true;
-                Ok(result?)
+        let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+        let own = if self.ended {
+            Ok(())
+        } else {
+            match tokio::time::timeout_at(deadline, &mut self.server).await {
+                Ok(result) => {
+                    self.ended = true;
+                    result
+                }
+                Err(_) => {
+                    tracing::debug!("closing connections with open streams");
+                    Ok(())
+                }
             }
-            Err(_) => {
-                tracing::debug!("closing connections with open streams");
-                Ok(())
+        };
+        // The servers on other runtimes stop with this one (the same stop); their failures
+        // are said, this one's returned.
+        for other in std::mem::take(&mut self.others) {
+            match tokio::time::timeout_at(deadline, other).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => tracing::error!(%error, "a runtime's server failed"),
+                Ok(Err(error)) => tracing::error!(%error, "a runtime's server ended"),
+                Err(_) => tracing::debug!("closing connections with open streams"),
             }
         }
+        Ok(own?)
     }
 
     /// After [`Serving::close`]: exports the spans left, waits for the health-only port to

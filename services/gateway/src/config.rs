@@ -362,8 +362,9 @@ pub struct Config {
     #[arg(long, env = "DLB_GATEWAY_CONNECTIONS", default_value_t = DEFAULT_CONNECTIONS)]
     pub connections: usize,
 
-    /// Threads serving calls (0: one per CPU). 1 runs everything on one thread, with no
-    /// hand-offs between threads.
+    /// Threads serving calls (0: one per CPU), each a runtime of its own: the callers'
+    /// connections are spread over them in turn and each connection's calls stay on its
+    /// thread. 1 runs everything on one thread.
     #[arg(long, env = "DLB_GATEWAY_THREADS", default_value_t = 0)]
     pub threads: usize,
 

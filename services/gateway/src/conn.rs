@@ -27,10 +27,13 @@ pub struct ConnSettings {
     pub connect_timeout: Duration,
     /// TLS towards the instance, if on.
     pub tls: Option<dlb::tls::ClientTls>,
+    /// The gateway's runtimes (see [`crate::runtimes`]): each has a connection of its own.
+    pub runtimes: usize,
 }
 
-/// A lazily connecting HTTP/2 connection to one address. Cheap to clone; the connection closes
-/// once every clone is gone and its last call has finished.
+/// A lazily connecting HTTP/2 connection to one address, one per runtime of the gateway (each
+/// runtime's calls go over its own, whose driver task runs there too). Cheap to clone; the
+/// connections close once every clone is gone and their last calls have finished.
 #[derive(Debug, Clone)]
 pub struct Conn {
     shared: Arc<Shared>,
@@ -43,13 +46,20 @@ struct Shared {
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     settings: ConnSettings,
+    /// Each runtime's connection.
+    slots: Box<[Slot]>,
+    /// The last failed attempt to connect: when it ended, and why. Calls that were waiting
+    /// for that attempt fail with it instead of each trying again in turn.
+    failed: Mutex<Option<(Instant, String)>>,
+}
+
+/// One runtime's connection.
+#[derive(Debug, Default)]
+struct Slot {
     /// The live connection, if any.
     live: Mutex<Option<Live>>,
     /// Held while connecting: one handshake at a time.
     connecting: tokio::sync::Mutex<()>,
-    /// The last failed attempt to connect: when it ended, and why. Calls that were waiting
-    /// for that attempt fail with it instead of each trying again in turn.
-    failed: Mutex<Option<(Instant, String)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -254,9 +264,10 @@ impl Conn {
                 addr: addr.to_owned(),
                 scheme,
                 authority,
+                slots: (0..settings.runtimes.max(1))
+                    .map(|_| Slot::default())
+                    .collect(),
                 settings,
-                live: Mutex::new(None),
-                connecting: tokio::sync::Mutex::new(()),
                 failed: Mutex::new(None),
             }),
         })
@@ -371,7 +382,7 @@ impl Conn {
     /// Connects, unless another call has meanwhile.
     async fn reconnect(&self) -> Result<Live, BoxError> {
         let waited_from = Instant::now();
-        let _one_at_a_time = self.shared.connecting.lock().await;
+        let _one_at_a_time = self.slot().connecting.lock().await;
         if let Some(live) = self.current() {
             return Ok(live);
         }
@@ -395,7 +406,7 @@ impl Conn {
         };
         match connected {
             Ok(live) => {
-                *lock(&self.shared.live) = Some(live.clone());
+                *lock(&self.slot().live) = Some(live.clone());
                 Ok(live)
             }
             Err(why) => {
@@ -405,8 +416,14 @@ impl Conn {
         }
     }
 
+    /// This runtime's connection.
+    fn slot(&self) -> &Slot {
+        let slots = &self.shared.slots;
+        &slots[crate::runtimes::current() % slots.len()]
+    }
+
     fn current(&self) -> Option<Live> {
-        let live = lock(&self.shared.live);
+        let live = lock(&self.slot().live);
         live.as_ref()
             .filter(|l| !l.closed.load(Ordering::Acquire))
             .cloned()

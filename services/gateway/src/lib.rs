@@ -22,6 +22,7 @@ pub mod outlier;
 pub mod reflection;
 pub mod relay;
 pub mod routing;
+pub mod runtimes;
 pub mod stats;
 #[cfg(feature = "test-fixtures")]
 pub mod testing;
@@ -111,6 +112,23 @@ pub async fn run(
     membership: Box<dyn Membership>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
+    run_spread(listener, metrics, config, membership, shutdown, Vec::new()).await
+}
+
+/// [`run`], with calls served on `runtimes` too (see [`runtimes`]): the current runtime runs
+/// everything else and accepts, and each runtime serves the connections it is handed.
+///
+/// # Errors
+///
+/// [`RunError`] when the configuration is invalid or the server fails.
+pub async fn run_spread(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    config: Config,
+    membership: Box<dyn Membership>,
+    shutdown: impl Future<Output = ()> + Send,
+    runtimes: Vec<tokio::runtime::Handle>,
+) -> Result<(), RunError> {
     config.validate().map_err(RunError::Config)?;
     let events_config = config.events.config().map_err(RunError::Config)?;
     let cancel = CancellationToken::new();
@@ -146,6 +164,7 @@ pub async fn run(
         stall_timeout: config.stall_timeout(),
         tls: config.client_tls(),
         health_service: health_service.to_owned(),
+        runtimes: runtimes.len() + 1,
     };
     let start_pool = |name: &str, members: Box<dyn Membership>, settings: MonitorSettings| {
         let table = Arc::new(EndpointTable::new(outlier.clone()));
@@ -250,7 +269,8 @@ pub async fn run(
             skip: &["/dlb.v1.Gateway/"],
         },
     })
-    .await?;
+    .await?
+    .spread_over(runtimes);
     tracker.spawn(follow_pool_health(
         scaffold.health().clone(),
         service.clone(),

@@ -12,19 +12,20 @@ fn main() -> ExitCode {
         eprintln!("dlb-gateway: {message}");
         return ExitCode::from(2);
     }
-    let threads = config.worker_threads();
-    let runtime = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
+    // One current-thread runtime per thread (see `dlb_gateway::runtimes`): this one, and
+    // the others started here.
+    let workers = match dlb_gateway::runtimes::Workers::start(config.worker_threads() - 1) {
+        Ok(workers) => workers,
+        Err(error) => {
+            eprintln!("dlb-gateway: cannot start the runtimes: {error}");
+            return ExitCode::FAILURE;
+        }
     };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     match runtime {
-        Ok(runtime) => runtime.block_on(serve(config)),
+        Ok(runtime) => runtime.block_on(serve(config, workers.handles())),
         Err(error) => {
             eprintln!("dlb-gateway: cannot start the runtime: {error}");
             ExitCode::FAILURE
@@ -32,7 +33,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, runtimes: Vec<tokio::runtime::Handle>) -> ExitCode {
     dlb::telemetry::init();
     if let Err(message) = dlb_gateway::check_authz(&config) {
         eprintln!("dlb-gateway: {message}");
@@ -64,12 +65,13 @@ async fn serve(config: Config) -> ExitCode {
     dlb::server::warn_if_exposed("dlb-gateway", addr, &config.tls);
     println!("dlb-gateway listening on {addr}");
     let membership = config.membership();
-    match dlb_gateway::run(
+    match dlb_gateway::run_spread(
         listener,
         metrics,
         config,
         membership,
         dlb::server::shutdown_signal(),
+        runtimes,
     )
     .await
     {

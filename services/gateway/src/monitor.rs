@@ -73,6 +73,8 @@ pub struct MonitorSettings {
     /// The service named in health checks (`grpc.health.v1`): "" (the whole server) for the
     /// default pool, the pool's service for a routed one.
     pub health_service: String,
+    /// The gateway's runtimes (see [`crate::runtimes`]).
+    pub runtimes: usize,
 }
 
 /// Lazily connecting connections to `addr`, no I/O until first used: the monitor's own
@@ -86,6 +88,7 @@ pub fn connect(addr: &str, settings: &MonitorSettings) -> Option<(Channel, Vec<C
     let conn_settings = ConnSettings {
         connect_timeout: settings.probe_timeout,
         tls: settings.tls.clone(),
+        runtimes: settings.runtimes,
     };
     let conns = (0..settings.connections.max(1))
         .map(|_| Conn::new(addr, conn_settings.clone()).ok())
