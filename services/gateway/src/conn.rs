@@ -285,8 +285,18 @@ impl Conn {
         head: http::Request<()>,
         body: Vec<Bytes>,
     ) -> Result<Answer, BoxError> {
+        self.send_on(crate::runtimes::current(), head, body).await
+    }
+
+    /// [`Conn::send`] over runtime `slot`'s connection.
+    async fn send_on(
+        &self,
+        slot: usize,
+        head: http::Request<()>,
+        body: Vec<Bytes>,
+    ) -> Result<Answer, BoxError> {
         let end_of_stream = body.is_empty();
-        let mut opened = self.open(head, end_of_stream).await?;
+        let mut opened = self.open_on(slot, head, end_of_stream).await?;
         let last = body.len().saturating_sub(1);
         for (i, chunk) in body.into_iter().enumerate() {
             if let Err(error) = opened.stream.send_data(chunk, i == last) {
@@ -312,6 +322,17 @@ impl Conn {
         head: http::Request<()>,
         end_of_stream: bool,
     ) -> Result<Opened, BoxError> {
+        self.open_on(crate::runtimes::current(), head, end_of_stream)
+            .await
+    }
+
+    /// [`Conn::open`] over runtime `slot`'s connection.
+    async fn open_on(
+        &self,
+        slot: usize,
+        head: http::Request<()>,
+        end_of_stream: bool,
+    ) -> Result<Opened, BoxError> {
         let (mut parts, ()) = head.into_parts();
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(self.shared.scheme.clone());
@@ -320,7 +341,7 @@ impl Conn {
         parts.uri = http::Uri::from_parts(uri)?;
         let mut reconnected = false;
         let (mut sender, live) = loop {
-            let live = self.live().await?;
+            let live = self.live(slot).await?;
             match live.sender.clone().ready().await {
                 Ok(sender) => break (sender, live),
                 Err(error) => {
@@ -370,20 +391,20 @@ impl Conn {
     }
 
     /// The live connection, connecting first when there is none.
-    async fn live(&self) -> Result<Live, BoxError> {
-        if let Some(live) = self.current() {
+    async fn live(&self, slot: usize) -> Result<Live, BoxError> {
+        if let Some(live) = self.current(slot) {
             return Ok(live);
         }
         // Boxed: the handshakes' state is kilobytes, and every call's future would otherwise
         // carry (and move) room for it.
-        Box::pin(self.reconnect()).await
+        Box::pin(self.reconnect(slot)).await
     }
 
     /// Connects, unless another call has meanwhile.
-    async fn reconnect(&self) -> Result<Live, BoxError> {
+    async fn reconnect(&self, slot: usize) -> Result<Live, BoxError> {
         let waited_from = Instant::now();
-        let _one_at_a_time = self.slot().connecting.lock().await;
-        if let Some(live) = self.current() {
+        let _one_at_a_time = self.slot(slot).connecting.lock().await;
+        if let Some(live) = self.current(slot) {
             return Ok(live);
         }
         if let Some((when, why)) = &*lock(&self.shared.failed)
@@ -406,7 +427,7 @@ impl Conn {
         };
         match connected {
             Ok(live) => {
-                *lock(&self.slot().live) = Some(live.clone());
+                *lock(&self.slot(slot).live) = Some(live.clone());
                 Ok(live)
             }
             Err(why) => {
@@ -416,14 +437,14 @@ impl Conn {
         }
     }
 
-    /// This runtime's connection.
-    fn slot(&self) -> &Slot {
+    /// Runtime `index`'s connection.
+    fn slot(&self, index: usize) -> &Slot {
         let slots = &self.shared.slots;
-        &slots[crate::runtimes::current() % slots.len()]
+        &slots[index % slots.len()]
     }
 
-    fn current(&self) -> Option<Live> {
-        let live = lock(&self.slot().live);
+    fn current(&self, slot: usize) -> Option<Live> {
+        let live = lock(&self.slot(slot).live);
         live.as_ref()
             .filter(|l| !l.closed.load(Ordering::Acquire))
             .cloned()
@@ -471,7 +492,28 @@ impl Conn {
 
     /// Sends `grpc.health.v1.Health/Check` on this connection; true when it answered SERVING
     /// or NOT_SERVING (it is alive) within `timeout`.
+    /// With a connection per runtime, every live one is probed (a stall on any of them is
+    /// the endpoint's), or, with none live, this runtime's (connecting).
     pub async fn probe(&self, timeout: Duration) -> bool {
+        let mut slots: Vec<usize> = (0..self.shared.slots.len())
+            .filter(|slot| self.current(*slot).is_some())
+            .collect();
+        if slots.is_empty() {
+            slots.push(crate::runtimes::current());
+        }
+        let mut probes = tokio::task::JoinSet::new();
+        for slot in slots {
+            let conn = self.clone();
+            probes.spawn(async move { conn.probe_on(slot, timeout).await });
+        }
+        let mut answered = true;
+        while let Some(probe) = probes.join_next().await {
+            answered &= probe.unwrap_or(false);
+        }
+        answered
+    }
+
+    async fn probe_on(&self, slot: usize, timeout: Duration) -> bool {
         let head = http::Request::builder()
             .method(http::Method::POST)
             .uri("/grpc.health.v1.Health/Check")
@@ -484,7 +526,7 @@ impl Conn {
         // One empty HealthCheckRequest: no compression, length 0.
         let call = async {
             let answer = self
-                .send(head, vec![Bytes::from_static(&[0, 0, 0, 0, 0])])
+                .send_on(slot, head, vec![Bytes::from_static(&[0, 0, 0, 0, 0])])
                 .await
                 .ok()?;
             let mut body = answer.into_body();
