@@ -379,7 +379,8 @@ impl GatewayService {
         let Some(method) = request.uri().path().strip_prefix(PATH_PREFIX) else {
             // Any other service: relayed as a stream of opaque messages.
             let pool = self.pool_index(request.uri().path());
-            return self.relay_stream(pool, start, request).await;
+            // Boxed: kept out of this future, which the five operations move on every call.
+            return Box::pin(self.relay_stream(pool, start, request)).await;
         };
         let pool = self.pool_for(request.uri().path());
         let Some(op) = METHODS.iter().find(|known| **known == method).copied() else {
@@ -592,7 +593,9 @@ impl GatewayService {
                         avoid.extend(picked.0.get().cloned());
                         let second = Steer { tried: avoid, strictly: true, picked: None };
                         let second = self.attempt(pool, head, message, deadline, second);
-                        self.hedge(first, second).await
+                        // Boxed, as hedging is rare: the two copies' state would triple the
+                        // size of every call's future, which is moved at each await.
+                        Box::pin(self.hedge(first, second)).await
                     }
                 }
             }
@@ -1095,3 +1098,26 @@ impl tower::Service<http::Request<Body>> for GatewayService {
 
 #[cfg(test)]
 mod tests;
+/// Every call's future is built on the stack and moved into its box, and each `async fn` it
+/// awaits moves in whole too: what it holds is copied several times per call. Rare paths
+/// (streams, hedges) are boxed so that the five operations' calls stay small.
+#[cfg(test)]
+mod future_size {
+    use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn size_of_future<A, B, F: Future>(_: impl FnOnce(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn an_operations_call_future_stays_small() {
+        let relay = size_of_future(
+            |service: GatewayService, request: http::Request<Body>| async move {
+                service.relay(request).await
+            },
+        );
+        // 7,192 bytes with the stream relay and the hedge's two copies held inline.
+        assert!(relay <= 4096, "relay future: {relay} bytes");
+    }
+}
