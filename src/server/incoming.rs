@@ -144,6 +144,9 @@ impl Incoming {
             let mut next = 0;
             loop {
                 let connection = tokio::select! {
+                    // Stopping first: no connection is handed to a runtime once its server
+                    // may have stopped taking them.
+                    biased;
                     () = stop.cancelled() => return,
                     connection = tokio_stream::StreamExt::next(&mut accepted) => connection,
                 };

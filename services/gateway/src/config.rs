@@ -25,7 +25,8 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 128;
 
 /// Descriptors the default `--max-connections` leaves to everything but callers' connections:
-/// instance connections (`--connections` per instance, and one per health monitor), Redis, the
+/// instance connections (`--connections` per instance on each of the `--threads` runtimes, and
+/// one per health monitor: 2 threads, 1 connection and 60 instances take 180), Redis, the
 /// listeners, files.
 pub const RESERVED_FILES: u64 = 256;
 
