@@ -869,10 +869,6 @@ impl GatewayService {
         code: &str,
     ) {
         let inner = &self.inner;
-        inner.counters.requests.fetch_add(1, Ordering::Relaxed);
-        if code != "OK" {
-            inner.counters.failures.fetch_add(1, Ordering::Relaxed);
-        }
         let latency_us = u64::try_from(start.at.elapsed().as_micros()).unwrap_or(u64::MAX);
         if let Some(key) = METHODS
             .iter()
@@ -890,6 +886,12 @@ impl GatewayService {
                     duration_us: latency_us,
                 },
             );
+        }
+        // Counted after its method (as `record_stream` does), so that stats which show the
+        // call show it by method too.
+        inner.counters.requests.fetch_add(1, Ordering::Relaxed);
+        if code != "OK" {
+            inner.counters.failures.fetch_add(1, Ordering::Relaxed);
         }
         let n = inner.next_request.fetch_add(1, Ordering::Relaxed);
         inner.events.request(RequestFields {
