@@ -555,27 +555,34 @@ async fn lifecycle_routes_drive_control_and_unknown_ids_get_404() {
     assert_error(response, StatusCode::BAD_REQUEST, "instance id").await;
 
     let patience = Duration::from_secs(30);
-    // Once the dashboard follows control's stream, it sees every transition.
-    tokio::time::timeout(patience, async {
-        while !ui
-            .state
-            .collector()
-            .snapshot()
-            .instances
-            .iter()
-            .any(|i| i.id == "A" && i.state.as_deref() == Some("serving"))
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap();
+    // Control's stream gives its latest state (a watch): a state that lasts only until the
+    // next request can be skipped under load, so each one the trail shows is awaited.
+    let seen = |state: &'static str| {
+        let ui = &ui;
+        tokio::time::timeout(patience, async move {
+            while !ui
+                .state
+                .collector()
+                .snapshot()
+                .instances
+                .iter()
+                .any(|i| i.id == "A" && i.state.as_deref() == Some(state))
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    seen("serving").await.expect("A serving on the dashboard");
     let stop = ui.send(ui.post("/api/instances/A/stop", None));
     let body = json_body(tokio::time::timeout(patience, stop).await.unwrap()).await;
     assert_eq!(body["instance"]["state"], "stopped", "{body}");
+    seen("stopped").await.expect("A stopped on the dashboard");
     let start = ui.send(ui.post("/api/instances/A/start", None));
     let body = json_body(tokio::time::timeout(patience, start).await.unwrap()).await;
     assert_eq!(body["instance"]["state"], "serving", "{body}");
+    seen("serving")
+        .await
+        .expect("A serving again on the dashboard");
     let kill = ui.send(ui.post("/api/instances/A/kill", None));
     let body = json_body(tokio::time::timeout(patience, kill).await.unwrap()).await;
     assert_eq!(body["instance"]["state"], "stopped", "{body}");
