@@ -1100,6 +1100,7 @@ impl tower::Service<http::Request<Body>> for GatewayService {
 
 #[cfg(test)]
 mod tests;
+
 /// Every call's future is built on the stack and moved into its box, and each `async fn` it
 /// awaits moves in whole too: what it holds is copied several times per call. Rare paths
 /// (streams, hedges) are boxed so that the five operations' calls stay small.
