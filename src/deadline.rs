@@ -11,6 +11,10 @@ pub const MARGIN: Duration = Duration::from_millis(20);
 use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
 
+/// The `grpc-timeout` header's name, made ahead: it is read and written on every call, and a
+/// name given as a string is parsed each time.
+pub const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
 /// The caller's timeout, if it sent a valid `grpc-timeout` (1-8 digits and a unit: H, M, S, m,
 /// u or n).
 pub fn from_metadata(metadata: &MetadataMap) -> Option<Duration> {
@@ -19,7 +23,7 @@ pub fn from_metadata(metadata: &MetadataMap) -> Option<Duration> {
 
 /// Like [`from_metadata`], from HTTP headers.
 pub fn from_headers(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let value = headers.get(&GRPC_TIMEOUT)?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;

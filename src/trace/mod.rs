@@ -43,9 +43,9 @@ pub const TRACEPARENT: &str = "traceparent";
 /// Vendors' trace state, passed on as it came.
 pub const TRACESTATE: &str = "tracestate";
 
-/// [`TRACEPARENT`] named ahead: looked up on every call, and a lookup by string parses the
-/// name first.
-const TRACEPARENT_NAME: tonic::codegen::http::HeaderName =
+/// [`TRACEPARENT`] named ahead: looked up and written on every call, and a name given as a
+/// string is parsed each time.
+pub const TRACEPARENT_NAME: tonic::codegen::http::HeaderName =
     tonic::codegen::http::HeaderName::from_static(TRACEPARENT);
 
 /// A span's identity as it travels: trace id, span id and whether it is recorded (the

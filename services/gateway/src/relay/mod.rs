@@ -706,13 +706,14 @@ impl GatewayService {
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = head.uri.clone();
         *request.headers_mut() = head.headers.clone();
-        request
-            .headers_mut()
-            .insert("grpc-timeout", dlb::deadline::to_header(remaining));
+        request.headers_mut().insert(
+            dlb::deadline::GRPC_TIMEOUT,
+            dlb::deadline::to_header(remaining),
+        );
         if let Some(traceparent) = traceparent_for(span.as_ref(), head) {
             request
                 .headers_mut()
-                .insert(dlb::trace::TRACEPARENT, traceparent);
+                .insert(dlb::trace::TRACEPARENT_NAME, traceparent);
         }
         let call = async {
             let response = match pool.balancer.clone().oneshot(request).await {

@@ -419,11 +419,11 @@ impl GatewayService {
         if let Some(traceparent) = traceparent {
             request
                 .headers_mut()
-                .insert(dlb::trace::TRACEPARENT, traceparent);
+                .insert(dlb::trace::TRACEPARENT_NAME, traceparent);
         }
         if let Some(deadline) = deadline {
             request.headers_mut().insert(
-                "grpc-timeout",
+                dlb::deadline::GRPC_TIMEOUT,
                 dlb::deadline::to_header(deadline.saturating_duration_since(Instant::now())),
             );
         }
