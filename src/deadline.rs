@@ -40,23 +40,44 @@ pub fn from_headers(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
-/// `timeout` as a `grpc-timeout` value: microseconds when they fit the 8 digits allowed,
-/// else milliseconds, else seconds, else hours (rounded down, never above `timeout`).
+/// `timeout` as a `grpc-timeout` value, rounded down (never above `timeout`) to its three
+/// leading digits, in the coarsest unit that holds them exactly: 29.987 s is `29900m`,
+/// 250 ms `250m`, 1,234 µs `1230u`.
 ///
-/// Marked sensitive so that HPACK never indexes it: a remaining time is new on every call,
-/// and each would otherwise be added to the connection's dynamic table and push out the
-/// headers that do repeat.
+/// What is lost is under 1% of the time left. What is won: the same deadline relayed again
+/// (a caller's fixed timeout, the gateway's default) is the same value, which HPACK sends
+/// once and then as a one-byte index, where an exact remaining time would be new on every
+/// call (sent in full, and decoded in full by the instance, every time).
 pub fn to_header(timeout: Duration) -> http::HeaderValue {
-    const MAX: u128 = 99_999_999;
-    let (n, unit) = if timeout.as_micros() <= MAX {
-        (timeout.as_micros(), b'u')
-    } else if timeout.as_millis() <= MAX {
-        (timeout.as_millis(), b'm')
-    } else if u128::from(timeout.as_secs()) <= MAX {
-        (u128::from(timeout.as_secs()), b'S')
-    } else {
-        (u128::from((timeout.as_secs() / 3600).min(99_999_999)), b'H')
-    };
+    // (units in µs, the unit's letter), coarsest first.
+    const UNITS: [(u128, u8); 5] = [
+        (3_600_000_000, b'H'),
+        (60_000_000, b'M'),
+        (1_000_000, b'S'),
+        (1_000, b'm'),
+        (1, b'u'),
+    ];
+    const MAX_DIGITS: u128 = 99_999_999;
+    let micros = timeout.as_micros();
+    // Three leading digits: the rest zeroed.
+    let mut scale = 1;
+    while micros / scale >= 1_000 {
+        scale *= 10;
+    }
+    let rounded = micros / scale * scale;
+    // The coarsest unit that holds the rounded time exactly in at most 8 digits; hours
+    // (rounded down further) for times too long for any.
+    let (n, unit) = UNITS
+        .iter()
+        .find(|&&(size, _)| {
+            (rounded >= size || size == 1)
+                && rounded.is_multiple_of(size)
+                && rounded / size <= MAX_DIGITS
+        })
+        .map_or(
+            ((micros / UNITS[0].0).min(MAX_DIGITS), b'H'),
+            |&(size, unit)| (rounded / size, unit),
+        );
     // At most 8 digits and the unit, written on the stack.
     let mut buf = [0; 20];
     let digits = crate::decimal::digits(u64::try_from(n).unwrap_or(u64::MAX), &mut buf);
@@ -64,10 +85,8 @@ pub fn to_header(timeout: Duration) -> http::HeaderValue {
     text[..digits.len()].copy_from_slice(digits.as_bytes());
     text[digits.len()] = unit;
     // Digits and one ASCII letter: always a valid header value.
-    let mut value = http::HeaderValue::from_bytes(&text[..=digits.len()])
-        .unwrap_or(http::HeaderValue::from_static("99999999H"));
-    value.set_sensitive(true);
-    value
+    http::HeaderValue::from_bytes(&text[..=digits.len()])
+        .unwrap_or(http::HeaderValue::from_static("99999999H"))
 }
 
 #[cfg(test)]
@@ -115,11 +134,22 @@ mod tests {
                 "{d:?} -> {back:?}"
             );
         }
-        assert_eq!(to_header(Duration::from_millis(250)), "250000u");
+        assert_eq!(to_header(Duration::from_millis(250)), "250m");
         assert_eq!(to_header(Duration::ZERO), "0u");
-        assert_eq!(to_header(Duration::from_micros(99_999_999)), "99999999u");
-        assert_eq!(to_header(Duration::from_micros(100_000_000)), "100000m");
+        assert_eq!(to_header(Duration::from_micros(1_234)), "1230u");
+        assert_eq!(to_header(Duration::from_micros(999)), "999u");
+        assert_eq!(to_header(Duration::from_micros(29_987_654)), "29900m");
+        assert_eq!(to_header(Duration::from_secs(120)), "2M");
+        assert_eq!(to_header(Duration::from_secs(7_200)), "2H");
         assert_eq!(to_header(Duration::MAX), "99999999H");
-        assert!(to_header(Duration::from_secs(1)).is_sensitive());
+    }
+
+    #[test]
+    fn a_deadline_relayed_again_a_little_later_is_the_same_value() {
+        // A caller's 30 s timeout, relayed 20 µs or 900 µs after it arrived: one value, which
+        // HPACK indexes (not marked sensitive) and then sends as an index.
+        let first = to_header(Duration::from_micros(29_999_980));
+        assert_eq!(first, to_header(Duration::from_micros(29_999_100)));
+        assert!(!first.is_sensitive());
     }
 }
