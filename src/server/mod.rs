@@ -10,7 +10,10 @@ pub use incoming::{
     ACCEPT_BACKOFF, GentleClose, HANDSHAKE_BYTES, HANDSHAKE_TIMEOUT, Incoming, LINGER,
     open_file_limit, out_of_resources,
 };
-pub use scaffold::{CLOSE_TIMEOUT, Scaffold, Serving, Spec, with_fallback};
+pub use scaffold::{
+    CLOSE_TIMEOUT, Relay, RelayFuture, RelayLayer, RelayService, RelayServiceFuture, Relayed,
+    Scaffold, Serving, Spec, with_fallback,
+};
 
 use std::future::Future;
 use std::pin::Pin;

@@ -37,14 +37,18 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The layers in front of every dlb server's services: tracing (its span covers the whole
 /// call, and the access log below reads the trace it puts in the request's extensions,
 /// `trace::CallSpan`), the access log
-/// (it sees every answer as sent), exact statuses, then authorization.
+/// (it sees every answer as sent), exact statuses, authorization, then the relay when the
+/// server has one (the gateway: [`Relayed`]).
 type Layers = tower::layer::util::Stack<
-    AuthzLayer,
+    RelayLayer,
     tower::layer::util::Stack<
-        StatusLayer,
+        AuthzLayer,
         tower::layer::util::Stack<
-            AccessLogLayer,
-            tower::layer::util::Stack<TraceLayer, tower::layer::util::Identity>,
+            StatusLayer,
+            tower::layer::util::Stack<
+                AccessLogLayer,
+                tower::layer::util::Stack<TraceLayer, tower::layer::util::Identity>,
+            >,
         >,
     >,
 >;
@@ -79,6 +83,9 @@ pub struct Spec<'a> {
     pub exporting: Option<Exporting>,
     /// Which calls get a span.
     pub traced: Traced,
+    /// Where the calls the server does not answer itself go, if anywhere (else they get
+    /// UNIMPLEMENTED from the router).
+    pub relayed: Option<Relayed>,
 }
 
 /// A server being set up: health and the health-only port exist, nothing is served yet.
@@ -119,6 +126,7 @@ impl Scaffold {
             .layer(AccessLogLayer::new(spec.access_log))
             .layer(layer)
             .layer(AuthzLayer::new(spec.authz))
+            .layer(RelayLayer(spec.relayed))
             .initial_stream_window_size(crate::dial::STREAM_WINDOW_BYTES)
             .initial_connection_window_size(crate::dial::CONNECTION_WINDOW_BYTES)
             .max_frame_size(crate::dial::MAX_FRAME_BYTES)
@@ -255,6 +263,118 @@ where
     routes
 }
 
+/// A relay's answer to one call.
+pub type RelayFuture =
+    Pin<Box<dyn Future<Output = tonic::codegen::http::Response<tonic::body::Body>> + Send>>;
+
+/// The service that takes every call a server does not serve itself (the gateway's relay).
+pub type Relay = std::sync::Arc<
+    dyn Fn(tonic::codegen::http::Request<tonic::body::Body>) -> RelayFuture + Send + Sync,
+>;
+
+/// A relay and what it leaves to the server's own services: the calls under any of
+/// `except`'s path prefixes go to the router, every other call straight to `relay`, under
+/// the same layers (tracing, access log, statuses, authorization), without the router's
+/// lookup and the boxing of its routes and fallback on every call.
+#[derive(Clone)]
+pub struct Relayed {
+    pub relay: Relay,
+    pub except: &'static [&'static str],
+}
+
+impl std::fmt::Debug for Relayed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relayed")
+            .field("except", &self.except)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sends the calls [`Relayed`] takes to its relay, the rest to the service inside.
+#[derive(Debug, Clone, Default)]
+pub struct RelayLayer(Option<Relayed>);
+
+impl<S> tower::Layer<S> for RelayLayer {
+    type Service = RelayService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RelayService {
+            inner,
+            relayed: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayService<S> {
+    inner: S,
+    relayed: Option<Relayed>,
+}
+
+impl<S> tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for RelayService<S>
+where
+    S: tower::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+        >,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = RelayServiceFuture<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        match &self.relayed {
+            Some(relayed)
+                if !relayed
+                    .except
+                    .iter()
+                    .any(|prefix| request.uri().path().starts_with(prefix)) =>
+            {
+                RelayServiceFuture::Relayed {
+                    future: (relayed.relay)(request),
+                }
+            }
+            _ => RelayServiceFuture::Inner {
+                future: self.inner.call(request),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The answer of a call through [`RelayService`]: the relay's, or the inner service's.
+    #[project = RelayServiceProj]
+    #[allow(missing_docs)]
+    pub enum RelayServiceFuture<F> {
+        Inner { #[pin] future: F },
+        Relayed { future: RelayFuture },
+    }
+}
+
+impl<F, E> Future for RelayServiceFuture<F>
+where
+    F: Future<Output = Result<tonic::codegen::http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            RelayServiceProj::Inner { future } => future.poll(cx),
+            RelayServiceProj::Relayed { future } => future.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
 /// A server that is serving (while awaited) until it drains.
 pub struct Serving {
     server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>,
@@ -370,5 +490,55 @@ impl Serving {
         self.closed().await;
         events.lifecycle("stopped", &[]);
         writer.finish().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::codegen::http;
+    use tower::ServiceExt;
+
+    /// An answer naming who gave it.
+    fn answer(by: &'static str) -> http::Response<tonic::body::Body> {
+        let mut response = http::Response::new(tonic::body::Body::empty());
+        response
+            .headers_mut()
+            .insert("by", http::HeaderValue::from_static(by));
+        response
+    }
+
+    async fn who_answers(relayed: Option<Relayed>, path: &str) -> String {
+        let inner = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+            Ok::<_, std::convert::Infallible>(answer("router"))
+        });
+        let service = tower::Layer::layer(&RelayLayer(relayed), inner);
+        let request = http::Request::builder()
+            .uri(path)
+            .body(tonic::body::Body::empty())
+            .unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        response.headers()["by"].to_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn the_relay_takes_every_call_but_those_the_server_serves_itself() {
+        let relay: Relay = std::sync::Arc::new(|_| Box::pin(async { answer("relay") }));
+        let relayed = Relayed {
+            relay,
+            except: &["/dlb.v1.Gateway/", "/grpc.health.v1.Health/"],
+        };
+        for (path, by) in [
+            ("/dlb.v1.Operations/Reverse", "relay"),
+            ("/shop.Cart/Add", "relay"),
+            ("/dlb.v1.Gateway/Stats", "router"),
+            ("/grpc.health.v1.Health/Check", "router"),
+            // A prefix only when whole: another service whose name starts the same is relayed.
+            ("/dlb.v1.GatewayX/Stats", "relay"),
+        ] {
+            assert_eq!(who_answers(Some(relayed.clone()), path).await, by, "{path}");
+        }
+        // Without a relay (compute, control) the router answers everything.
+        assert_eq!(who_answers(None, "/shop.Cart/Add").await, "router");
     }
 }

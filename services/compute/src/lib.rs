@@ -113,6 +113,7 @@ pub async fn run(
             only: &["/dlb.v1.Operations/"],
             skip: &[],
         },
+        relayed: None,
     })
     .await?;
     let mut serving = scaffold.serve(listener, |router| {

@@ -98,6 +98,7 @@ pub async fn run(
             ],
             skip: &[],
         },
+        relayed: None,
     })
     .await?;
     let mut serving = scaffold.serve(listener, |router| {

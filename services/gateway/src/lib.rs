@@ -268,6 +268,10 @@ pub async fn run_spread(
             only: &[],
             skip: &["/dlb.v1.Gateway/"],
         },
+        relayed: Some(dlb::server::Relayed {
+            relay: relay::GatewayService::relay_fn(&service),
+            except: SERVED_HERE,
+        }),
     })
     .await?
     .spread_over(runtimes);
@@ -314,10 +318,10 @@ pub async fn run_spread(
             .add_service(ServerReflectionServerV1Alpha::new(
                 reflection::GatewayReflectionV1Alpha(reflection),
             ))
-            .add_service(service.clone())
             .add_service(GatewayServer::new(GatewayStatsService(source)));
-        // Every other service's calls are relayed too.
-        dlb::server::with_fallback(routes, service.clone())
+        // Every other call (the five operations, any other service) is relayed: taken
+        // before the router (`Spec::relayed`).
+        routes
     })?;
     events.lifecycle(
         "started",
@@ -355,6 +359,15 @@ pub async fn run_spread(
 
 /// The services the gateway serves itself (besides health and reflection).
 const OWN_SERVICES: &[&str] = &["dlb.v1.Operations", "dlb.v1.Gateway"];
+
+/// The calls the gateway answers itself (its stats, health, reflection); every other path
+/// is relayed.
+const SERVED_HERE: &[&str] = &[
+    "/dlb.v1.Gateway/",
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+];
 
 /// Health names of pools: `dlb.pool.NAME`.
 pub const POOL_HEALTH_PREFIX: &str = "dlb.pool.";

@@ -185,6 +185,7 @@ pub async fn start_instance(stop: CancellationToken) -> Result<String, String> {
         access_log: dlb::server::access_log::AccessLog::default(),
         exporting: None,
         traced: dlb::trace::Traced::ALL,
+        relayed: None,
     })
     .await
     .map_err(|e| format!("stream instance: {e}"))?;

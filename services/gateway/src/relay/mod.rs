@@ -1075,6 +1075,17 @@ fn add_headers(headers: &mut http::HeaderMap, served_by: Option<&str>, attempts:
     headers.insert(dlb::metadata::ATTEMPTS, http::HeaderValue::from(attempts));
 }
 
+impl GatewayService {
+    /// The relay as the scaffold calls it ([`dlb::server::Relayed`]).
+    pub fn relay_fn(service: &Self) -> dlb::server::Relay {
+        let service = service.clone();
+        Arc::new(move |request| {
+            let service = service.clone();
+            Box::pin(async move { service.relay(request).await })
+        })
+    }
+}
+
 impl tonic::server::NamedService for GatewayService {
     const NAME: &'static str = "dlb.v1.Operations";
 }
