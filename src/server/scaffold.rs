@@ -342,18 +342,20 @@ where
                 }
             }
             _ => RelayServiceFuture::Inner {
-                future: self.inner.call(request),
+                future: Box::pin(self.inner.call(request)),
             },
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The answer of a call through [`RelayService`]: the relay's, or the inner service's.
+    /// The answer of a call through [`RelayService`]: the relay's, or the inner service's,
+    /// boxed too (the router's future is large, and every layer above moves this one into
+    /// its own on every call: the relayed calls, nearly all, keep it two pointers wide).
     #[project = RelayServiceProj]
     #[allow(missing_docs)]
     pub enum RelayServiceFuture<F> {
-        Inner { #[pin] future: F },
+        Inner { future: Pin<Box<F>> },
         Relayed { future: RelayFuture },
     }
 }
@@ -369,7 +371,7 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         match self.project() {
-            RelayServiceProj::Inner { future } => future.poll(cx),
+            RelayServiceProj::Inner { future } => future.as_mut().poll(cx),
             RelayServiceProj::Relayed { future } => future.as_mut().poll(cx).map(Ok),
         }
     }
