@@ -196,6 +196,10 @@ async fn a_disabled_log_counts_events_as_dropped() {
     log.lifecycle("started", &[]);
     assert_eq!(log.stats().dropped, 1);
     assert_eq!(log.stats().queued, 0);
+    // A request event is counted without being made (a gateway makes one per call).
+    log.request_with(|| panic!("a disabled log made a request event"));
+    let stats = log.stats();
+    assert_eq!((stats.emitted, stats.dropped, stats.queued), (2, 2, 0));
     stop.cancel();
     writer.await.unwrap();
 }

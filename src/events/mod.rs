@@ -285,6 +285,9 @@ struct Shared {
     emitted: AtomicU64,
     written: AtomicU64,
     dropped: AtomicU64,
+    /// Events of a disabled log: each both emitted and dropped, counted once (one atomic
+    /// per call instead of two, on a line the threads share).
+    disabled: AtomicU64,
     reconnects: AtomicU64,
     connected: AtomicBool,
 }
@@ -302,6 +305,7 @@ impl Shared {
             emitted: AtomicU64::new(0),
             written: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            disabled: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             connected: AtomicBool::new(false),
         }
@@ -313,11 +317,11 @@ impl Shared {
     }
 
     fn push(&self, event: Pending) {
-        self.emitted.fetch_add(1, Ordering::Relaxed);
         if !self.enabled {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.disabled.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        self.emitted.fetch_add(1, Ordering::Relaxed);
         {
             let mut queue = self.lock();
             if queue.len() >= self.bound {
@@ -462,14 +466,26 @@ impl EventLog {
         self.emit(Kind::Request, "call", Vec::new(), Some(request));
     }
 
+    /// A request event made by `make` only when the log is enabled: a disabled log counts it
+    /// (emitted and dropped) without the allocations and the clock read of making one, which
+    /// a gateway would otherwise pay on every call it relays.
+    pub fn request_with(&self, make: impl FnOnce() -> RequestFields) {
+        if self.shared.enabled {
+            self.request(make());
+        } else {
+            self.shared.disabled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// The counters now.
     pub fn stats(&self) -> EventStats {
         let s = &self.shared;
+        let disabled = s.disabled.load(Ordering::Relaxed);
         EventStats {
-            emitted: s.emitted.load(Ordering::Relaxed),
+            emitted: s.emitted.load(Ordering::Relaxed) + disabled,
             written: s.written.load(Ordering::Relaxed),
             queued: s.len() as u64,
-            dropped: s.dropped.load(Ordering::Relaxed),
+            dropped: s.dropped.load(Ordering::Relaxed) + disabled,
             reconnects: s.reconnects.load(Ordering::Relaxed),
             connected: s.connected.load(Ordering::Relaxed),
         }

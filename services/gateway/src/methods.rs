@@ -32,6 +32,20 @@ pub struct MethodTotals {
 }
 
 /// Every method's totals.
+impl MethodTotals {
+    /// Counts `call` in.
+    fn add(&mut self, call: Finished<'_>) {
+        if self.pool.is_empty() {
+            call.pool.clone_into(&mut self.pool);
+        }
+        self.calls += 1;
+        self.failures += u64::from(call.failed);
+        self.messages_in += call.messages_in;
+        self.messages_out += call.messages_out;
+        self.duration_us = self.duration_us.saturating_add(call.duration_us);
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct MethodTable {
     methods: Mutex<BTreeMap<Arc<str>, MethodTotals>>,
@@ -69,20 +83,18 @@ impl MethodTable {
     /// Counts a finished call of `method` (a key from [`MethodTable::key`]).
     pub fn finished(&self, method: &Arc<str>, call: Finished<'_>) {
         let mut methods = lock(&self.methods);
-        let key = if methods.contains_key(method) || methods.len() < MAX_METHODS {
+        // Known methods (nearly every call) are found without touching the key's count,
+        // which the runtimes' threads share.
+        if let Some(totals) = methods.get_mut(method) {
+            totals.add(call);
+            return;
+        }
+        let key = if methods.len() < MAX_METHODS {
             Arc::clone(method)
         } else {
             Arc::from(OTHER)
         };
-        let totals = methods.entry(key).or_default();
-        if totals.pool.is_empty() {
-            call.pool.clone_into(&mut totals.pool);
-        }
-        totals.calls += 1;
-        totals.failures += u64::from(call.failed);
-        totals.messages_in += call.messages_in;
-        totals.messages_out += call.messages_out;
-        totals.duration_us = totals.duration_us.saturating_add(call.duration_us);
+        methods.entry(key).or_default().add(call);
     }
 
     /// Every method's totals, by method.

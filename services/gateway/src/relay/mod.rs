@@ -350,21 +350,19 @@ impl GatewayService {
         if code != Code::Ok {
             inner.counters.failures.fetch_add(1, Ordering::Relaxed);
         }
-        let n = inner.next_request.fetch_add(1, Ordering::Relaxed);
-        inner.events.request(RequestFields {
-            request_id: format!("{}-{n}", inner.gateway_id),
+        inner.events.request_with(|| RequestFields {
+            request_id: format!(
+                "{}-{}",
+                inner.gateway_id,
+                inner.next_request.fetch_add(1, Ordering::Relaxed)
+            ),
             op: method.to_string(),
             backend: served_by.unwrap_or("-").to_owned(),
             status: dlb::status::code_name(code).to_owned(),
             latency_us: duration_us,
             attempts,
             input: format!("{messages_in} message(s) in, {messages_out} out"),
-            // Known only when events go somewhere (Started::now).
-            trace_id: inner
-                .events
-                .is_enabled()
-                .then(|| start.trace_id())
-                .flatten(),
+            trace_id: start.trace_id(),
         });
     }
 
@@ -894,21 +892,20 @@ impl GatewayService {
         if code != "OK" {
             inner.counters.failures.fetch_add(1, Ordering::Relaxed);
         }
-        let n = inner.next_request.fetch_add(1, Ordering::Relaxed);
-        inner.events.request(RequestFields {
-            request_id: format!("{}-{n}", inner.gateway_id),
+        // Made only when events go somewhere (so is the trace id: `Started::now`).
+        inner.events.request_with(|| RequestFields {
+            request_id: format!(
+                "{}-{}",
+                inner.gateway_id,
+                inner.next_request.fetch_add(1, Ordering::Relaxed)
+            ),
             op: op.to_owned(),
             backend: served_by.unwrap_or("-").to_owned(),
             status: code.to_owned(),
             latency_us,
             attempts,
             input: preview(input),
-            // Known only when events go somewhere (Started::now).
-            trace_id: inner
-                .events
-                .is_enabled()
-                .then(|| start.trace_id())
-                .flatten(),
+            trace_id: start.trace_id(),
         });
     }
 }
