@@ -47,8 +47,35 @@ pub fn from_headers(headers: &http::HeaderMap) -> Option<Duration> {
 /// What is lost is under 1% of the time left. What is won: the same deadline relayed again
 /// (a caller's fixed timeout, the gateway's default) is the same value, which HPACK sends
 /// once and then as a one-byte index, where an exact remaining time would be new on every
-/// call (sent in full, and decoded in full by the instance, every time).
+/// call (sent in full, and decoded in full by the instance, every time). Only a value equal
+/// to the last one this thread wrote is left indexable; any other is marked sensitive (never
+/// indexed), so that deadlines that vary from call to call (passed on from further up,
+/// retries) do not fill the connection's HPACK table and push out the headers that repeat.
 pub fn to_header(timeout: Duration) -> http::HeaderValue {
+    let (n, unit) = rounded(timeout);
+    // At most 8 digits and the unit, written on the stack.
+    let mut buf = [0; 20];
+    let digits = crate::decimal::digits(n, &mut buf);
+    let mut text = [0u8; 21];
+    text[..digits.len()].copy_from_slice(digits.as_bytes());
+    text[digits.len()] = unit;
+    // Digits and one ASCII letter: always a valid header value.
+    let mut value = http::HeaderValue::from_bytes(&text[..=digits.len()])
+        .unwrap_or(http::HeaderValue::from_static("99999999H"));
+    let repeated = LAST_WRITTEN.with(|last| last.replace(Some((n, unit))) == Some((n, unit)));
+    value.set_sensitive(!repeated);
+    value
+}
+
+thread_local! {
+    /// The last `grpc-timeout` this thread wrote (a gateway's runtime writes to its own
+    /// connections).
+    static LAST_WRITTEN: std::cell::Cell<Option<(u64, u8)>> = const { std::cell::Cell::new(None) };
+}
+
+/// `timeout` rounded down to three leading digits, as a count of the coarsest unit that
+/// holds it exactly in at most 8 digits (hours, rounded down further, past any).
+fn rounded(timeout: Duration) -> (u64, u8) {
     // (units in µs, the unit's letter), coarsest first.
     const UNITS: [(u128, u8); 5] = [
         (3_600_000_000, b'H'),
@@ -78,15 +105,8 @@ pub fn to_header(timeout: Duration) -> http::HeaderValue {
             ((micros / UNITS[0].0).min(MAX_DIGITS), b'H'),
             |&(size, unit)| (rounded / size, unit),
         );
-    // At most 8 digits and the unit, written on the stack.
-    let mut buf = [0; 20];
-    let digits = crate::decimal::digits(u64::try_from(n).unwrap_or(u64::MAX), &mut buf);
-    let mut text = [0u8; 21];
-    text[..digits.len()].copy_from_slice(digits.as_bytes());
-    text[digits.len()] = unit;
-    // Digits and one ASCII letter: always a valid header value.
-    http::HeaderValue::from_bytes(&text[..=digits.len()])
-        .unwrap_or(http::HeaderValue::from_static("99999999H"))
+    // At most 8 digits: always fits.
+    (u64::try_from(n).unwrap_or(99_999_999), unit)
 }
 
 #[cfg(test)]
@@ -149,7 +169,19 @@ mod tests {
         // A caller's 30 s timeout, relayed 20 µs or 900 µs after it arrived: one value, which
         // HPACK indexes (not marked sensitive) and then sends as an index.
         let first = to_header(Duration::from_micros(29_999_980));
-        assert_eq!(first, to_header(Duration::from_micros(29_999_100)));
-        assert!(!first.is_sensitive());
+        let again = to_header(Duration::from_micros(29_999_100));
+        assert_eq!(first, again);
+        assert!(!again.is_sensitive());
+    }
+
+    #[test]
+    fn deadlines_that_vary_are_never_indexed() {
+        // Each differs from the one before: all marked sensitive, so HPACK never adds them
+        // to the table (where they would push out the headers that repeat).
+        for ms in [4_000, 3_210, 2_990, 4_000] {
+            assert!(to_header(Duration::from_millis(ms)).is_sensitive(), "{ms}");
+        }
+        // Then the same again: indexable.
+        assert!(!to_header(Duration::from_millis(4_000)).is_sensitive());
     }
 }

@@ -413,3 +413,25 @@ async fn follow_pool_health(
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+#[cfg(test)]
+mod tests {
+    use tonic::server::NamedService;
+
+    use super::*;
+
+    #[test]
+    fn served_here_is_every_service_the_gateway_answers_itself() {
+        // The services `run` adds to its routes and the scaffold's health: a call to any of
+        // them must reach the router, not the relay.
+        let own = [
+            <GatewayServer<stats::GatewayStatsService> as NamedService>::NAME,
+            <tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>
+                as NamedService>::NAME,
+            <ServerReflectionServer<reflection::GatewayReflection> as NamedService>::NAME,
+            <ServerReflectionServerV1Alpha<reflection::GatewayReflectionV1Alpha> as NamedService>::NAME,
+        ];
+        let prefixes: Vec<String> = own.iter().map(|name| format!("/{name}/")).collect();
+        assert_eq!(prefixes, SERVED_HERE);
+    }
+}

@@ -31,7 +31,6 @@ pub struct MethodTotals {
     pub duration_us: u64,
 }
 
-/// Every method's totals.
 impl MethodTotals {
     /// Counts `call` in.
     fn add(&mut self, call: Finished<'_>) {
@@ -46,6 +45,7 @@ impl MethodTotals {
     }
 }
 
+/// Every method's totals.
 #[derive(Debug, Default)]
 pub struct MethodTable {
     methods: Mutex<BTreeMap<Arc<str>, MethodTotals>>,
