@@ -284,7 +284,8 @@ impl Dnsmasq {
                 .arg(format!("--pid-file={}", dir.join("pid").display()))
                 .args(["--local-ttl=0", "--user=root", "--log-facility=-"])
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                // What it says when it cannot start, for the panic below.
+                .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
                 .spawn()
                 .unwrap_or_else(|e| {
                     panic!("cannot run dnsmasq ({e}); install it: apt-get install -y dnsmasq-base")
@@ -308,7 +309,8 @@ impl Dnsmasq {
             let _ = server.child.kill();
             let _ = server.child.wait();
         }
-        panic!("dnsmasq did not start");
+        let said = std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
+        panic!("dnsmasq did not start in 5 tries; it said: {said}");
     }
 
     /// Replaces the records and makes dnsmasq read them again.
