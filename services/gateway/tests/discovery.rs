@@ -265,12 +265,15 @@ impl Dnsmasq {
         let hosts = dir.join("hosts");
         std::fs::write(&hosts, records).unwrap();
         for _ in 0..5 {
-            // A free UDP port (released at once; retried if somebody takes it meanwhile).
-            let port = std::net::UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            // A port free for UDP and TCP both (dnsmasq binds both; released at once, retried
+            // if somebody takes it meanwhile).
+            let port = loop {
+                let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                let port = udp.local_addr().unwrap().port();
+                if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                    break port;
+                }
+            };
             let child = Command::new(dlb::testing::system_tool("dnsmasq"))
                 .args([
                     "--keep-in-foreground",
