@@ -165,6 +165,14 @@ struct Inner {
     next_request: AtomicU64,
 }
 
+impl Inner {
+    /// The next call's id in the event log: `GATEWAY-N` (taken only for an event made).
+    fn next_request_id(&self) -> String {
+        let n = self.next_request.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", self.gateway_id)
+    }
+}
+
 impl std::fmt::Debug for GatewayService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GatewayService")
@@ -351,11 +359,7 @@ impl GatewayService {
             inner.counters.failures.fetch_add(1, Ordering::Relaxed);
         }
         inner.events.request_with(|| RequestFields {
-            request_id: format!(
-                "{}-{}",
-                inner.gateway_id,
-                inner.next_request.fetch_add(1, Ordering::Relaxed)
-            ),
+            request_id: inner.next_request_id(),
             op: method.to_string(),
             backend: served_by.unwrap_or("-").to_owned(),
             status: dlb::status::code_name(code).to_owned(),
@@ -894,11 +898,7 @@ impl GatewayService {
         }
         // Made only when events go somewhere (so is the trace id: `Started::now`).
         inner.events.request_with(|| RequestFields {
-            request_id: format!(
-                "{}-{}",
-                inner.gateway_id,
-                inner.next_request.fetch_add(1, Ordering::Relaxed)
-            ),
+            request_id: inner.next_request_id(),
             op: op.to_owned(),
             backend: served_by.unwrap_or("-").to_owned(),
             status: code.to_owned(),
