@@ -2,7 +2,8 @@
 //! gateways, interleaved at concurrency 64: everything off; the access log to a file; tracing
 //! with 1% of the traces sampled (parent-based ratio, the gateway starting every trace, spans to
 //! an OTLP receiver in this process); and both. Asked: both on within 5% of off, as medians of
-//! the per-repetition ratios. The gateway's CPU time per call comes from `/proc`.
+//! the per-repetition ratios. The gateway's CPU time per call comes from `/proc`, and the
+//! instances' too (what the gateway's watching costs them).
 
 use super::degraded::{interleave, load, reverse, start_gateway_with_env, write_json};
 use super::*;
@@ -25,6 +26,9 @@ struct ObservedRun {
     p99_us: f64,
     /// The gateway's CPU time (user + system) per call of the run, warm-up included.
     cpu_us_per_call: f64,
+    /// The three instances' CPU time per call, likewise: what the gateway's watching costs
+    /// them (a `traceparent` to read on every call).
+    instances_cpu_us_per_call: f64,
     errors: u64,
 }
 
@@ -36,16 +40,15 @@ pub(super) async fn run_observability(
     warmup: Duration,
     duration: Duration,
 ) -> Result<String, String> {
-    let backends: Vec<String> = start_computes(
+    let computes = start_computes(
         children,
         bins,
         " (observability)",
         &[("A", &[]), ("B", &[]), ("C", &[])],
     )
-    .await?
-    .into_iter()
-    .map(|c| c.backend)
-    .collect();
+    .await?;
+    let instances: Vec<u32> = computes.iter().map(|c| c.pid).collect();
+    let backends: Vec<String> = computes.into_iter().map(|c| c.backend).collect();
     let receiver = dlb::trace::Receiver::start(false)
         .await
         .map_err(|e| format!("the OTLP receiver: {e}"))?;
@@ -82,15 +85,17 @@ pub(super) async fn run_observability(
         paths.push(((*name).to_owned(), addr));
     }
 
-    let pids = &pids;
+    let (pids, instances) = (&pids, &instances);
     let runs = interleave(args.reps, "observability", &paths, |rep, addr| async move {
         let pid = pids.get(&addr).copied().unwrap_or(0);
         let cpu_before = usage_of(&[pid]).0;
+        let instances_before = usage_of(instances).0;
         let config = load(addr, reverse(), CONCURRENCY, None, warmup, duration);
         let report = bench::run(config, Arc::new(Progress::default()))
             .await
             .map_err(|e| e.to_string())?;
         let cpu = usage_of(&[pid]).0 - cpu_before;
+        let instances_cpu = usage_of(instances).0 - instances_before;
         // The warm-up's calls used CPU too: count them at the run's rate.
         let calls = report.throughput * (warmup + duration).as_secs_f64();
         Ok(ObservedRun {
@@ -99,6 +104,7 @@ pub(super) async fn run_observability(
             p50_us: report.latency.p50_us,
             p99_us: report.latency.p99_us,
             cpu_us_per_call: 1e6 * cpu / calls.max(1.0),
+            instances_cpu_us_per_call: 1e6 * instances_cpu / calls.max(1.0),
             errors: report.errors.values().sum(),
         })
     })
@@ -125,8 +131,8 @@ pub(super) async fn run_observability(
          of {:.0} s; ratio: throughput against the gateway with both off, same repetition. \
          Written meanwhile: {log_lines} + {log_both_lines} access log lines, {spans} spans \
          received.\n\n\
-         | gateway | req/s | ratio | p50 | p99 | gateway CPU per call | errors |\n\
-         |---|---:|---:|---:|---:|---:|---:|",
+         | gateway | req/s | ratio | p50 | p99 | gateway CPU per call | instances' CPU per call | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|",
         args.threads,
         args.reps,
         duration.as_secs_f64()
@@ -144,11 +150,12 @@ pub(super) async fn run_observability(
         let errors: u64 = rows.iter().map(|r| r.errors).sum();
         let _ = writeln!(
             out,
-            "| {name} | {:.0} | {ratio:.2}x | {:.2} ms | {:.2} ms | {:.1} µs | {errors} |",
+            "| {name} | {:.0} | {ratio:.2}x | {:.2} ms | {:.2} ms | {:.1} µs | {:.1} µs | {errors} |",
             m(|r| r.throughput),
             m(|r| r.p50_us) / 1e3,
             m(|r| r.p99_us) / 1e3,
             m(|r| r.cpu_us_per_call),
+            m(|r| r.instances_cpu_us_per_call),
         );
         if name.contains('+') {
             both_ratio = ratio;
