@@ -1083,30 +1083,6 @@ impl GatewayService {
     }
 }
 
-impl tonic::server::NamedService for GatewayService {
-    const NAME: &'static str = "dlb.v1.Operations";
-}
-
-impl tower::Service<http::Request<Body>> for GatewayService {
-    type Response = http::Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = Pin<
-        Box<dyn Future<Output = Result<http::Response<Body>, std::convert::Infallible>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let service = self.clone();
-        Box::pin(async move { Ok(service.relay(request).await) })
-    }
-}
-
 #[cfg(test)]
 mod tests;
 

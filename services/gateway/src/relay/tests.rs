@@ -12,8 +12,8 @@ use dlb::events::{EventLog, EventLogConfig};
 use http_body_util::BodyExt;
 use tonic::body::Body;
 use tonic::codegen::http;
+use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
-use tower::{Service, ServiceExt};
 use tower_test::mock::{self, Handle};
 
 use super::{Balanced, Counters, ForwardError, ForwardSettings, GatewayService};
@@ -131,13 +131,7 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let player = tokio::spawn(play(instances));
-    let response = relay
-        .ready()
-        .await
-        .unwrap()
-        .call(reverse_hello())
-        .await
-        .unwrap();
+    let response = relay.relay(reverse_hello()).await;
     let got = got(response).await;
     player.await.unwrap();
     got
