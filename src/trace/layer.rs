@@ -179,11 +179,13 @@ where
 /// Ends a span from the `grpc-status` and `grpc-message` in `headers`.
 fn end_with(mut span: Span, headers: &http::HeaderMap) {
     let code = crate::status::grpc_status(headers).unwrap_or(tonic::Code::Unknown);
+    // Percent-encoded on the wire: the span says it as the caller reads it.
     let message = headers
         .get("grpc-message")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    span.set_grpc_status(code, message);
+        .map(crate::status::percent_decode)
+        .unwrap_or_default();
+    span.set_grpc_status(code, &message);
 }
 
 /// A span whose call has no answer yet: CANCELLED if dropped.

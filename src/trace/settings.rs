@@ -359,31 +359,7 @@ fn key_values(name: &str, list: &str) -> Result<Vec<(String, String)>, String> {
             if key.is_empty() {
                 return Err(format!("{name}: {item:?} has no key"));
             }
-            Ok((key.to_owned(), percent_decode(value.trim())))
+            Ok((key.to_owned(), crate::status::percent_decode(value.trim())))
         })
         .collect()
-}
-
-/// `%XX` escapes decoded (others kept as they are).
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = (bytes[i] == b'%' && i + 2 < bytes.len())
-            .then(|| std::str::from_utf8(&bytes[i + 1..i + 3]).ok())
-            .flatten()
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match escaped {
-            Some(b) => {
-                out.push(b);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

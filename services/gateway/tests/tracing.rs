@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use dlb::events::reader::EventReader;
-use dlb::proto::v1::ReverseRequest;
+use dlb::proto::v1::{IsPrimeRequest, ReverseRequest};
 use dlb::proto::v1::operations_client::OperationsClient;
 use dlb::testing::{KillOnDrop, PATIENCE, RedisServer};
 use prost::Message;
@@ -253,6 +253,37 @@ async fn a_call_makes_the_span_tree_caller_gateway_attempt_compute_and_events_ca
         s["service"] == "dlb-gateway" && s["kind"] == "SPAN_KIND_SERVER"
     });
     assert_eq!(call["parent_span_id"], root["span_id"]);
+
+    // A failed call's spans say why in plain text: `grpc-message` comes percent-encoded (its
+    // spaces as %20), and is read back decoded, as the caller reads it.
+    let failed_trace = "5a1f0c7e2b9d4e3f8a6b7c8d9e0f1a2b";
+    let mut bad = Call::new(
+        "bad number",
+        "/dlb.v1.Operations/IsPrime",
+        IsPrimeRequest {
+            number: "abc".into(),
+        }
+        .encode_to_vec(),
+        None,
+    );
+    bad.metadata = vec![(
+        "traceparent".into(),
+        format!("00-{failed_trace}-{CALLER_SPAN}-01"),
+    )];
+    let outcomes = Stack::Python.run(&addr, &[bad]).await;
+    let outcome = &outcomes[0].1;
+    assert_eq!(outcome.code, "INVALID_ARGUMENT", "{outcome:?}");
+    assert!(outcome.message.contains(' '), "{outcome:?}");
+    let spans = receiver.trace(failed_trace, 3);
+    let attempt = one(&spans, "the failed call's attempt", |s| {
+        s["kind"] == "SPAN_KIND_CLIENT"
+    });
+    assert_eq!(attempt["status"], "STATUS_CODE_ERROR");
+    assert_eq!(
+        attempt["status_message"],
+        format!("INVALID_ARGUMENT: {}", outcome.message).as_str(),
+        "{attempt:#?}"
+    );
 
     // The caller said "not sampled": parent-based sampling records nothing of that trace,
     // although it came first and every later span has arrived. Nor is the gateway's own

@@ -982,14 +982,16 @@ fn end_attempt_span(mut span: dlb::trace::Span, outcome: &Attempt, instance: Opt
         if let Some(id) = answer.served_by.as_deref().or(instance) {
             span.set("dlb.instance", id.to_owned());
         }
+        // Percent-encoded on the wire: the span says it as the caller reads it.
         let message = answer
             .trailers
             .as_ref()
             .unwrap_or(&answer.head.headers)
             .get("grpc-message")
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        span.set_grpc_status(answer.status, message);
+            .map(dlb::status::percent_decode)
+            .unwrap_or_default();
+        span.set_grpc_status(answer.status, &message);
         return;
     }
     if let Some(id) = instance {
