@@ -34,6 +34,30 @@ pub enum Target {
     File(PathBuf),
 }
 
+impl Target {
+    /// Checks that the lines can go where asked: a file is created if missing and opened for
+    /// appending (then closed), so that a bad path is said before the server says it listens.
+    ///
+    /// # Errors
+    ///
+    /// A file that cannot be opened, named with the reason.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Self::Stdout => Ok(()),
+            Self::File(path) => open_file(path).map(drop),
+        }
+    }
+}
+
+/// `path` opened for appending, created if missing.
+fn open_file(path: &std::path::Path) -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("--access-log {}: cannot open it: {e}", path.display()))
+}
+
 impl std::str::FromStr for Target {
     type Err = String;
 
@@ -315,13 +339,7 @@ impl AccessLog {
     pub fn open(target: &Target) -> Result<(Self, AccessLogWriter), String> {
         let out: Box<dyn Write + Send> = match target {
             Target::Stdout => Box::new(std::io::stdout()),
-            Target::File(path) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| format!("--access-log {}: cannot open it: {e}", path.display()))?,
-            ),
+            Target::File(path) => Box::new(open_file(path)?),
         };
         let queue = Arc::new(Queue::default());
         let thread = std::thread::Builder::new()

@@ -15,6 +15,18 @@ pub struct TraceArgs {
     pub otlp_endpoint: Option<String>,
 }
 
+impl TraceArgs {
+    /// Checks the endpoint and the standard variables as the server will read them, so that
+    /// a bad setting is said before the server says it listens.
+    ///
+    /// # Errors
+    ///
+    /// As [`Settings::from_process`].
+    pub fn check(&self, service: &str, instance: &str) -> Result<(), String> {
+        Settings::from_process(self, service, instance).map(|_| ())
+    }
+}
+
 /// Which traces are recorded: OpenTelemetry's standard samplers (`OTEL_TRACES_SAMPLER`,
 /// `OTEL_TRACES_SAMPLER_ARG`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -326,6 +338,13 @@ fn endpoint_url(text: &str) -> Result<String, String> {
     let url = if text.contains("://") {
         text.to_owned()
     } else {
+        // A bare address needs its port: without a scheme there is no default to take.
+        let port = text.rsplit_once(':').map(|(_, port)| port.parse::<u16>());
+        if !matches!(port, Some(Ok(1..))) {
+            return Err(format!(
+                "--otlp-endpoint {text:?}: give HOST:PORT, http://HOST:PORT or https://HOST:PORT"
+            ));
+        }
         format!("http://{text}")
     };
     let (scheme, rest) = url.split_once("://").unwrap_or(("", ""));

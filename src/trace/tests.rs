@@ -196,6 +196,10 @@ fn settings_dlb_cannot_honour_stop_the_start_with_the_variable_named() {
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
     let cases: &[Case] = &[
         ("ftp://c:4317", &[], "use http://HOST:PORT"),
+        // A bare address needs its port (a name alone is no URL).
+        ("collector", &[], "give HOST:PORT"),
+        ("collector:0", &[], "give HOST:PORT"),
+        ("collector:http", &[], "give HOST:PORT"),
         ("http://c:4318/v1/traces", &[], "no path"),
         (
             "http://c:4317",

@@ -168,6 +168,7 @@ impl Config {
     /// A one-line message naming the bad setting.
     pub fn validate(&self) -> Result<(), String> {
         dlb::metadata::validate_instance_id(&self.id).map_err(|e| format!("--id: {e}"))?;
+        self.trace.check("dlb-compute", &self.id)?;
         if self.max_prime_digits == 0 {
             return Err("--max-prime-digits must be at least 1".to_owned());
         }

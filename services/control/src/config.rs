@@ -182,6 +182,7 @@ impl Config {
     ///
     /// A one-line message naming the bad setting.
     pub fn validate(&self) -> Result<(), String> {
+        self.trace.check("dlb-control", "control")?;
         if self.instances > 26 * 27 {
             return Err("--instances must be at most 702 (ids A to ZZ)".to_owned());
         }

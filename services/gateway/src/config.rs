@@ -594,6 +594,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         self.plan()?;
         self.outlier()?;
+        self.trace.check("dlb-gateway", &self.id)?;
+        if let Some(target) = &self.access_log {
+            target.check()?;
+        }
         dlb::metadata::validate_instance_id(&self.id).map_err(|e| format!("--id: {e}"))?;
         let mut ids: Vec<&str> = self.backends.iter().map(|b| b.id.as_str()).collect();
         ids.sort_unstable();

@@ -170,3 +170,51 @@ async fn every_call_gets_exactly_one_line_through_bad_inputs_and_a_sigkill() {
     drop(computes);
     let _ = std::fs::remove_file(&path);
 }
+
+/// A log or trace export that cannot work stops the start, said before the gateway says it
+/// listens (a script that waits for "listening on" must not take it for started), with
+/// nothing left bound.
+#[test]
+fn an_access_log_or_otlp_endpoint_that_cannot_work_stops_the_start() {
+    // A directory of this test's own: the log cannot be a directory, nor be in a missing one.
+    let dir = std::env::temp_dir().join(format!("dlb-access-log-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("no-such-dir").join("access.log");
+    let missing = missing.to_str().unwrap();
+    let a_dir = dir.to_str().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for (args, says) in [
+        (vec!["--access-log", missing], "cannot open it"),
+        (vec!["--access-log", a_dir], "cannot open it"),
+        (
+            vec!["--otlp-endpoint", "ftp://collector:4317"],
+            "use http://",
+        ),
+        (vec!["--otlp-endpoint", "collector"], "give HOST:PORT"),
+        (vec!["--otlp-endpoint", "collector:0"], "give HOST:PORT"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dlb-gateway"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--redis", "none"])
+            .args(["--metrics-listen", "none", "--backend", "A=127.0.0.1:1"])
+            .args(&args)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!stdout.contains("listening"), "{args:?}: {stdout}");
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "{args:?}: the port was left bound"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

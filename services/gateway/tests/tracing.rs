@@ -14,8 +14,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use dlb::events::reader::EventReader;
-use dlb::proto::v1::{IsPrimeRequest, ReverseRequest};
 use dlb::proto::v1::operations_client::OperationsClient;
+use dlb::proto::v1::{IsPrimeRequest, ReverseRequest};
 use dlb::testing::{KillOnDrop, PATIENCE, RedisServer};
 use prost::Message;
 use serde_json::Value;

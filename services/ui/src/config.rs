@@ -118,6 +118,7 @@ impl Config {
     ///
     /// A one-line message naming the bad setting.
     pub fn validate(&self) -> Result<(), String> {
+        self.trace.check("dlb-ui", "ui")?;
         if let Some(token) = &self.admin_token {
             if !token.chars().all(|c| c.is_ascii_graphic()) {
                 return Err(
