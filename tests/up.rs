@@ -1084,6 +1084,9 @@ fn detach_leaves_the_mesh_running_and_down_stops_all_of_it() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.contains("running in the background"), "{stderr}");
+    // It names the `dlb down` that finds this mesh (its own state directory).
+    let down_command = format!("`dlb down --state-dir {}` stops", ports.state_dir.display());
+    assert!(stderr.contains(&down_command), "{stderr}");
     // It returned, and the mesh serves.
     let out = run_grpcurl(&[
         "-plaintext",

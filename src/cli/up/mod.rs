@@ -247,8 +247,17 @@ pub async fn up(args: UpArgs) -> ExitCode {
     };
     eprintln!("{summary}");
     if args.detach {
+        // The command that finds this mesh: with its state directory when it is not the
+        // default one.
+        let down = match &args.state_dir {
+            Some(dir) => format!(
+                "dlb down --state-dir {}",
+                shell_word(&dir.display().to_string())
+            ),
+            None => "dlb down".to_owned(),
+        };
         say(format!(
-            "running in the background; logs in {}; `dlb down` stops everything",
+            "running in the background; logs in {}; `{down}` stops everything",
             state_path.parent().unwrap_or(Path::new(".")).display()
         ));
         return ExitCode::SUCCESS;
@@ -275,6 +284,20 @@ pub async fn up(args: UpArgs) -> ExitCode {
 /// Whether the state file still names a live process (after a failed start it must not).
 fn started_any(state_path: &Path) -> bool {
     read_state(state_path).is_some_and(|state| state.processes.iter().any(alive))
+}
+
+/// `text` as one shell word: as it is when it holds nothing the shell reads, else in single
+/// quotes.
+fn shell_word(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:=@%,".contains(c));
+    if plain {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
 }
 
 fn state_dir(flag: Option<&Path>) -> PathBuf {
@@ -349,7 +372,8 @@ pub async fn down(args: DownArgs) -> ExitCode {
     let path = state_dir(args.state_dir.as_deref()).join(STATE_FILE);
     let Some(state) = read_state(&path) else {
         eprintln!(
-            "dlb down: nothing to stop (no state file at {})",
+            "dlb down: nothing to stop (no state file at {}; a mesh started with `dlb up \
+             --state-dir DIR` is stopped with `dlb down --state-dir DIR`)",
             path.display()
         );
         return ExitCode::SUCCESS;
@@ -383,5 +407,19 @@ pub async fn down(args: DownArgs) -> ExitCode {
     } else {
         eprintln!("dlb down: everything stopped");
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_word;
+
+    #[test]
+    fn a_path_is_said_as_one_shell_word() {
+        assert_eq!(shell_word("/tmp/dlb-state"), "/tmp/dlb-state");
+        assert_eq!(shell_word("/tmp/my state"), "'/tmp/my state'");
+        assert_eq!(shell_word("/tmp/it's"), r"'/tmp/it'\''s'");
+        assert_eq!(shell_word("/tmp/$HOME"), "'/tmp/$HOME'");
+        assert_eq!(shell_word(""), "''");
     }
 }
