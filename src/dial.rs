@@ -40,6 +40,14 @@ pub enum AddrError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// No host or port, or a port that is not 1-65535.
+    #[error("invalid address {addr:?}: {why}")]
+    HostPort {
+        /// What the user gave.
+        addr: String,
+        /// What is wrong, with an example.
+        why: String,
+    },
     /// A scheme other than http (TLS comes with its own flags).
     #[error(
         "invalid address {addr:?}: use host:port or http://host:port (https:// is used when --tls-ca is given)"
@@ -59,6 +67,19 @@ pub enum AddrError {
     },
 }
 
+/// Checks that `addr` (`host:port`, with or without a scheme) names its port, 1 to 65535: a
+/// missing or impossible port would otherwise surface as "connection refused" (or reach port
+/// 80).
+fn check_port(addr: &str) -> Result<(), AddrError> {
+    let trimmed = addr.trim();
+    let rest = trimmed.split_once("://").map_or(trimmed, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or("");
+    validate_host_port(authority).map_err(|why| AddrError::HostPort {
+        addr: addr.to_owned(),
+        why,
+    })
+}
+
 /// Turns `addr` into a full `http://` URI, adding the scheme when missing.
 ///
 /// # Errors
@@ -66,6 +87,7 @@ pub enum AddrError {
 /// [`AddrError`] when `addr` is not a valid URI or uses another scheme.
 pub fn endpoint(addr: &str) -> Result<Endpoint, AddrError> {
     let addr = addr.trim();
+    check_port(addr)?;
     let uri = if addr.contains("://") {
         if !addr.starts_with("http://") {
             return Err(AddrError::Scheme {
@@ -97,6 +119,7 @@ pub fn endpoint_tls(
     let Some(tls) = tls else {
         return endpoint(addr);
     };
+    check_port(addr)?;
     let trimmed = addr.trim();
     let rest = trimmed
         .strip_prefix("https://")
@@ -187,5 +210,27 @@ mod tests {
             Err(AddrError::Scheme { .. })
         ));
         assert!(endpoint("not an address").is_err());
+    }
+
+    #[test]
+    fn an_address_without_a_usable_port_is_refused_before_dialing() {
+        for addr in [
+            "127.0.0.1",
+            "127.0.0.1:99999",
+            "127.0.0.1:0",
+            "http://localhost",
+            "localhost:grpc",
+            ":13001",
+        ] {
+            let error = endpoint(addr).unwrap_err();
+            assert!(
+                matches!(error, AddrError::HostPort { .. }),
+                "{addr}: {error}"
+            );
+            assert!(error.to_string().contains(addr), "{addr}: {error}");
+        }
+        for addr in ["127.0.0.1:1", "localhost:65535", "http://[::1]:13001"] {
+            assert!(endpoint(addr).is_ok(), "{addr}");
+        }
     }
 }

@@ -144,6 +144,56 @@ async fn call_reports_errors_with_code_and_exit_status() {
     compute.shutdown().await.unwrap();
 }
 
+/// Flags that cannot work are said as such, before anything is dialled: not as "connection
+/// refused", a parser's "unexpected argument", or a run of nothing that exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impossible_addresses_deadlines_and_durations_are_refused_with_the_reason() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["call", "--addr", "127.0.0.1:99999", "prime", "7"],
+            "\"99999\" is not a port number",
+        ),
+        (
+            &["call", "--addr", "127.0.0.1", "prime", "7"],
+            "\"127.0.0.1\" has no port",
+        ),
+        (
+            &["health", "--addr", "127.0.0.1:99999"],
+            "\"99999\" is not a port number",
+        ),
+        (
+            &["bench", "--addr", "localhost", "-n", "1"],
+            "\"localhost\" has no port",
+        ),
+        (
+            &["call", "--timeout", "0", "prime", "7"],
+            "--timeout must be a positive number of seconds, got 0",
+        ),
+        (
+            &["call", "--timeout", "-1", "prime", "7"],
+            "--timeout must be a positive number of seconds, got -1",
+        ),
+        (
+            &["health", "--timeout", "-0.5"],
+            "--timeout must be a positive number of seconds, got -0.5",
+        ),
+        (
+            &["bench", "-d", "0"],
+            "--duration must be a positive number of seconds, got 0",
+        ),
+        (
+            &["bench", "--warmup", "-1", "-n", "1"],
+            "--warmup must be a non-negative number of seconds, got -1",
+        ),
+    ];
+    for (args, says) in cases {
+        let out = dlb(strings(args)).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_counts_requests_and_splits_by_instance() {
     let a = dlb_compute::testing::start(Config::for_tests("A"))

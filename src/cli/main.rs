@@ -64,7 +64,7 @@ struct HealthArgs {
     #[arg(long, default_value = "")]
     service: String,
     /// Give up after this many seconds.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, allow_negative_numbers = true)]
     timeout: f64,
     /// TLS towards --addr.
     #[command(flatten)]
@@ -80,7 +80,7 @@ struct CallArgs {
     #[arg(long)]
     json: bool,
     /// Deadline for the call, in seconds.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     timeout: f64,
     /// TLS towards --addr.
     #[command(flatten)]
@@ -145,22 +145,22 @@ struct BenchArgs {
     concurrency: usize,
     /// Open loop: start requests at this fixed rate per second instead (latency counted from
     /// each request's intended start).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     rate: Option<f64>,
     /// HTTP/2 connections per address.
     #[arg(long, default_value_t = bench::DEFAULT_CONNECTIONS)]
     connections: usize,
     /// Warm-up seconds, not measured.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     warmup: f64,
     /// Measured seconds.
-    #[arg(short, long, default_value_t = 10.0)]
+    #[arg(short, long, default_value_t = 10.0, allow_negative_numbers = true)]
     duration: f64,
     /// Stop after this many measured requests instead of after --duration.
     #[arg(short = 'n', long)]
     requests: Option<u64>,
     /// Per-request deadline in seconds.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
     timeout: f64,
     /// Print the report as JSON.
     #[arg(long)]
@@ -218,7 +218,7 @@ fn client_tls(args: &dlb::tls::TlsArgs) -> Result<Option<dlb::tls::ClientTls>, S
 
 async fn run_health(args: HealthArgs) -> Result<ExitCode, String> {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let timeout = seconds("timeout", args.timeout)?;
+    let timeout = positive_seconds("timeout", args.timeout)?;
     let tls = client_tls(&args.tls)?;
     let channel = dlb::dial::endpoint_tls(&args.addr, tls.as_ref())
         .map_err(|e| e.to_string())?
@@ -263,6 +263,16 @@ fn seconds(flag: &str, value: f64) -> Result<Duration, String> {
         .map_err(|_| format!("--{flag} must be a non-negative number of seconds, got {value}"))
 }
 
+/// A deadline or a run's length: zero would end it before it starts.
+fn positive_seconds(flag: &str, value: f64) -> Result<Duration, String> {
+    match Duration::try_from_secs_f64(value) {
+        Ok(duration) if !duration.is_zero() => Ok(duration),
+        _ => Err(format!(
+            "--{flag} must be a positive number of seconds, got {value}"
+        )),
+    }
+}
+
 fn text_arg(text: String) -> Result<String, String> {
     if text != "-" {
         return Ok(text);
@@ -290,7 +300,7 @@ async fn run_call(args: CallArgs) -> Result<ExitCode, String> {
             top,
         },
     };
-    let timeout = seconds("timeout", args.timeout)?;
+    let timeout = positive_seconds("timeout", args.timeout)?;
     let tls = client_tls(&args.tls)?;
     let channel = dlb::dial::endpoint_tls(&args.addr, tls.as_ref())
         .map_err(|e| e.to_string())?
@@ -342,9 +352,14 @@ async fn run_bench(args: BenchArgs) -> Result<ExitCode, String> {
         rate: args.rate,
         connections: args.connections,
         warmup: seconds("warmup", args.warmup)?,
-        duration: seconds("duration", args.duration)?,
+        // Unused when --requests bounds the run instead.
+        duration: if args.requests.is_some() {
+            seconds("duration", args.duration)?
+        } else {
+            positive_seconds("duration", args.duration)?
+        },
         requests: args.requests,
-        timeout: seconds("timeout", args.timeout)?,
+        timeout: positive_seconds("timeout", args.timeout)?,
         tls: client_tls(&args.tls)?,
     };
     let progress = Arc::new(Progress::default());

@@ -466,9 +466,11 @@ impl GatewayService {
                 .saturating_duration_since(Instant::now())
                 .saturating_sub(DEADLINE_MARGIN);
             if budget.is_zero() {
+                // This one is not made: the answer counts only those sent.
+                attempts -= 1;
                 break Err(Error::DeadlineExceeded {
                     deadline: timeout,
-                    attempts: attempts - 1,
+                    attempts,
                 });
             }
             let may_hedge = attempts < inner.settings.max_attempts;

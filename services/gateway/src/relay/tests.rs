@@ -277,3 +277,24 @@ async fn attempts_stop_at_max_attempts() {
     );
     assert_eq!(got.attempts, "2");
 }
+
+#[tokio::test]
+async fn a_deadline_too_short_to_try_answers_at_once_counting_no_attempt() {
+    let (relay, mut instances) = relay(3);
+    // 5 ms: less than the margin the gateway keeps to answer in time, so no attempt is made.
+    let mut request = reverse_hello();
+    request
+        .headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("5m"));
+    let got = got(relay.relay(request).await).await;
+    assert_eq!(got.code, "4", "{got:?}");
+    assert!(got.message.ends_with("after 0 attempt(s)"), "{got:?}");
+    // The count the caller reads agrees with the message.
+    assert_eq!(got.attempts, "0", "{got:?}");
+    // And nothing reached an instance.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), instances.next_request())
+            .await
+            .is_err()
+    );
+}
