@@ -503,6 +503,25 @@ impl CallOutcome {
     }
 }
 
+/// `text` in double quotes as a reader sees it (emoji, accents and joiners as they are), with
+/// only quotes, backslashes and control characters escaped, so that it stays on one line.
+fn quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.extend(c.escape_debug()),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 fn render_result(op: &Op, result: &serde_json::Value) -> String {
     match op {
         Op::Prime { number } => {
@@ -513,14 +532,21 @@ fn render_result(op: &Op, result: &serde_json::Value) -> String {
         }
         Op::Palindrome { text, .. } => {
             let yes = result["palindrome"].as_bool().unwrap_or(false);
-            format!("{text:?} is {}a palindrome", if yes { "" } else { "not " })
+            format!(
+                "{} is {}a palindrome",
+                quoted(text),
+                if yes { "" } else { "not " }
+            )
         }
         Op::Reverse { .. } => result["text"].as_str().unwrap_or("").to_owned(),
-        Op::Fibonacci { n } => format!(
-            "F({n}) = {} ({} digits)",
-            result["value"].as_str().unwrap_or(""),
-            result["digits"]
-        ),
+        Op::Fibonacci { n } => {
+            let digits = result["digits"].as_u64().unwrap_or(0);
+            format!(
+                "F({n}) = {} ({digits} digit{})",
+                result["value"].as_str().unwrap_or(""),
+                if digits == 1 { "" } else { "s" }
+            )
+        }
         Op::WordCount { .. } => {
             let mut s = format!(
                 "words {}  lines {}  characters {}  bytes {}",
@@ -537,5 +563,39 @@ fn render_result(op: &Op, result: &serde_json::Value) -> String {
             }
             s
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_read_as_a_person_writes_them() {
+        let family = "👨\u{200d}👩\u{200d}👧x👨\u{200d}👩\u{200d}👧";
+        let palindrome = Op::Palindrome {
+            text: family.to_owned(),
+            normalize: false,
+        };
+        let said = render_result(&palindrome, &serde_json::json!({ "palindrome": true }));
+        // The joiners stay joiners (one family emoji each side), not `\u{200d}`.
+        assert_eq!(said, format!("\"{family}\" is a palindrome"));
+        let odd = Op::Palindrome {
+            text: "a\"b\\c\nd".to_owned(),
+            normalize: false,
+        };
+        let said = render_result(&odd, &serde_json::json!({ "palindrome": false }));
+        assert_eq!(said, r#""a\"b\\c\nd" is not a palindrome"#);
+
+        let one = render_result(
+            &Op::Fibonacci { n: 1 },
+            &serde_json::json!({ "value": "1", "digits": 1 }),
+        );
+        assert_eq!(one, "F(1) = 1 (1 digit)");
+        let many = render_result(
+            &Op::Fibonacci { n: 94 },
+            &serde_json::json!({ "value": "19740274219868223167", "digits": 20 }),
+        );
+        assert_eq!(many, "F(94) = 19740274219868223167 (20 digits)");
     }
 }

@@ -30,7 +30,7 @@ pub enum Restart {
     about = "dlb control: supervises dlb-compute instances"
 )]
 pub struct Config {
-    /// Address to serve gRPC on (IP:PORT, e.g. 127.0.0.1:12000; port 0 picks a free one).
+    /// Address to serve gRPC on (IP:PORT, e.g. 127.0.0.1:12001; port 0 picks a free one).
     #[arg(long, env = "DLB_CONTROL_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
