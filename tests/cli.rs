@@ -144,6 +144,32 @@ async fn call_reports_errors_with_code_and_exit_status() {
     compute.shutdown().await.unwrap();
 }
 
+/// A server that never answers: the call ends at its own deadline, said as such (not as
+/// tonic's "Timeout expired: transport error").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_nobody_answers_ends_at_its_deadline_said_plainly() {
+    // Accepts connections (the kernel does) and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let out = dlb(strings(&[
+        "call",
+        "--addr",
+        &addr,
+        "--timeout",
+        "0.2",
+        "prime",
+        "7",
+    ]))
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("DEADLINE_EXCEEDED: no answer within 200ms, this call's deadline"),
+        "{err}"
+    );
+    drop(silent);
+}
+
 /// Flags that cannot work are said as such, before anything is dialled: not as "connection
 /// refused", a parser's "unexpected argument", or a run of nothing that exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

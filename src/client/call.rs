@@ -424,6 +424,13 @@ pub async fn call_traced(
         )
         .await;
     let mut outcome = outcome(op, result, start);
+    if let (Some(error), Some(timeout)) = (&mut outcome.error, timeout)
+        && error.local
+        && error.code == "DEADLINE_EXCEEDED"
+    {
+        // This client's own timer fired before any answer (tonic says "Timeout expired").
+        error.message = format!("no answer within {timeout:?}, this call's deadline");
+    }
     if let Some(mut span) = span.take() {
         outcome.trace_id = Some(span.context().trace_id_hex());
         if let Some(served_by) = &outcome.served_by {
