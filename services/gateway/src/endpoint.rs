@@ -84,6 +84,12 @@ impl crate::balance::Avoid<Arc<str>> for http::Request<Outgoing> {
     fn strictly(&self) -> bool {
         self.extensions().get::<Tried>().is_some_and(|t| t.strictly)
     }
+
+    fn avoids_any(&self) -> bool {
+        self.extensions()
+            .get::<Tried>()
+            .is_some_and(|tried| !tried.ids.is_empty())
+    }
 }
 
 /// Microseconds since the first call, on the monotonic clock (never steps with the wall clock).

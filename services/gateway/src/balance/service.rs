@@ -60,6 +60,13 @@ pub trait Avoid<K> {
         false
     }
 
+    /// Whether it avoids any endpoint: a retry or a hedge of a call that went elsewhere
+    /// first. Its pick takes no turn of the strict rotation, which stays the first tries'
+    /// (else a hedge to the fast instance would hand every next first try to the slow one).
+    fn avoids_any(&self) -> bool {
+        false
+    }
+
     /// Whether it must not go to an avoided endpoint at all (a hedge: a second copy on the
     /// same instance helps nothing): with none other ready, the call fails with
     /// [`BalanceError::NoneReady`] instead.
@@ -137,8 +144,9 @@ pub struct RoundRobin<K, S> {
     ring: Arc<Mutex<Ring<K, S>>>,
     pick: Pick,
     /// The endpoint picked by the last successful `poll_ready` (and its key), used by the
-    /// next `call`.
-    picked: Option<(K, S)>,
+    /// next `call`, and the rotation's last pick before it (given back when the call turns
+    /// out to be a retry or a hedge, see [`Avoid::avoids_any`]).
+    picked: Option<(K, S, Option<K>)>,
     /// Clones that answered `Pending`, kept so they can wake us when ready.
     waiting: Vec<S>,
 }
@@ -263,8 +271,7 @@ impl<K: Ord + Clone, S> RoundRobin<K, S> {
         S: Service<Req> + Clone,
         Req: Avoid<K>,
     {
-        let shared = Arc::clone(&self.ring);
-        let mut ring = lock(&shared);
+        let ring = lock(&self.ring);
         // Not waiting to be woken: a pick that is not ready now is not taken.
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut chosen = None;
@@ -278,10 +285,8 @@ impl<K: Ord + Clone, S> RoundRobin<K, S> {
                 break;
             }
         }
-        let (key, service) = chosen?;
-        // The rotation goes on from the endpoint that got the call.
-        ring.last = Some(key);
-        Some(service)
+        // A retry or hedge takes no turn of the rotation (see `call`).
+        chosen.map(|(_, service)| service)
     }
 
     /// Strict rotation: the first ready endpoint after the last pick.
@@ -440,8 +445,8 @@ where
         };
         match chosen {
             Some((key, service)) => {
-                ring.last = Some(key.clone());
-                self.picked = Some((key, service));
+                let before = ring.last.replace(key.clone());
+                self.picked = Some((key, service, before));
                 self.waiting.clear();
                 Poll::Ready(Ok(()))
             }
@@ -455,7 +460,15 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         match self.picked.take() {
-            Some((key, mut service)) => {
+            Some((key, mut service, before)) => {
+                if request.avoids_any() {
+                    // A retry or hedge: the rotation's turn goes back to where it was, unless
+                    // another pick has taken the next one since.
+                    let mut ring = lock(&self.ring);
+                    if ring.last.as_ref() == Some(&key) {
+                        ring.last = before;
+                    }
+                }
                 if request.avoids(&key) {
                     match self.other_than_avoided(&request) {
                         Some(other) => service = other,

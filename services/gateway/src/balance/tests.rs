@@ -50,6 +50,10 @@ impl Avoid<&'static str> for &'static str {
     fn strictly(&self) -> bool {
         self.starts_with("strictly ")
     }
+
+    fn avoids_any(&self) -> bool {
+        self.trim_start_matches("strictly ").starts_with("avoid ")
+    }
 }
 
 impl Weigh for Endpoint {
@@ -382,11 +386,11 @@ async fn a_retry_goes_to_an_endpoint_its_call_has_not_tried() {
     let ready = f.balancer.ready().await.unwrap();
     let _response = ready.call("avoid B");
     assert_eq!(f.received(), Some("C"));
-    // The rotation goes on from C. Every one tried: the pick (A) stands (a retry needs an
-    // instance more than a new one).
+    // A retry takes no turn: B is still next. Every one tried: the pick (B) stands (a retry
+    // needs an instance more than a new one).
     let ready = f.balancer.ready().await.unwrap();
     let _response = ready.call("avoid A,B,C");
-    assert_eq!(f.received(), Some("A"));
+    assert_eq!(f.received(), Some("B"));
     // A not ready is not taken in B's place either.
     f.handle("C").allow(0);
     let mut order = Vec::new();
@@ -402,4 +406,28 @@ async fn a_retry_goes_to_an_endpoint_its_call_has_not_tried() {
     let error = ready.call("strictly avoid A,B,C").await.unwrap_err();
     assert!(error.downcast_ref::<BalanceError>().is_some(), "{error}");
     assert_eq!(f.received(), None);
+}
+
+/// Every call hedged (the first instance is slow): the hedges go to the other instance, and
+/// the first tries still take turns, rather than the hedge's pick handing every first try
+/// back to the slow one.
+#[tokio::test]
+async fn hedges_take_no_turn_so_first_tries_keep_strict_rotation() {
+    let mut f = Fixture::new(&["A", "B"]).await;
+    let mut first_tries = Vec::new();
+    for _ in 0..6 {
+        let first = f.route_one().await;
+        first_tries.push(first);
+        let hedge = if first == "A" {
+            "strictly avoid A"
+        } else {
+            "strictly avoid B"
+        };
+        let ready = f.balancer.ready().await.unwrap();
+        let _response = ready.call(hedge);
+        let copy = f.received().unwrap();
+        assert_ne!(copy, first, "a hedge went to its own first instance");
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(first_tries, ["A", "B", "A", "B", "A", "B"]);
 }
