@@ -321,7 +321,16 @@ impl Supervisor {
             self.publish(&slots).await;
             id
         };
-        self.start(&id).await
+        match self.start(&id).await {
+            Ok(instance) => Ok(instance),
+            Err(error) => {
+                // An add that fails adds nothing: a caller who retries it must not collect
+                // dead entries to remove by hand. (Its events say it was added, crashed and
+                // removed.)
+                let _ = self.remove(&id).await;
+                Err(error)
+            }
+        }
     }
 
     /// Starts an instance and waits until its health says SERVING. Idempotent for a running one.
