@@ -14,23 +14,58 @@ use tokio::process::{Child, Command};
 /// Lines of a process's stderr kept for error messages.
 const STDERR_LINES: usize = 5;
 
+/// How long an exit's report waits for the last stderr lines: the pipe ends when the process
+/// does, unless something it started still holds it.
+const STDERR_END_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The last lines a process wrote to stderr.
 #[derive(Debug, Clone, Default)]
-pub struct StderrTail(Arc<Mutex<VecDeque<String>>>);
+pub struct StderrTail(Arc<Tail>);
+
+#[derive(Debug, Default)]
+struct Tail {
+    lines: Mutex<VecDeque<String>>,
+    /// The reader has seen the pipe's end.
+    ended: std::sync::atomic::AtomicBool,
+    ending: tokio::sync::Notify,
+}
 
 impl StderrTail {
     /// The kept lines, joined.
     pub fn text(&self) -> String {
-        let lines = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let lines = self.0.lines.lock().unwrap_or_else(PoisonError::into_inner);
         lines.iter().cloned().collect::<Vec<_>>().join(" | ")
     }
 
+    /// The kept lines once the pipe has ended (the process's last words, a panic's message,
+    /// are read by then), or after [`STDERR_END_WAIT`] at most.
+    pub async fn last_text(&self) -> String {
+        let ended = async {
+            loop {
+                let notified = self.0.ending.notified();
+                if self.0.ended.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(STDERR_END_WAIT, ended).await;
+        self.text()
+    }
+
     fn push(&self, line: String) {
-        let mut lines = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut lines = self.0.lines.lock().unwrap_or_else(PoisonError::into_inner);
         if lines.len() == STDERR_LINES {
             lines.pop_front();
         }
         lines.push_back(line);
+    }
+
+    fn end(&self) {
+        self.0
+            .ended
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.0.ending.notify_waiters();
     }
 }
 
@@ -119,6 +154,7 @@ pub async fn spawn(
             while let Ok(Some(line)) = lines.next_line().await {
                 tail.push(line);
             }
+            tail.end();
         });
     }
     let mut addr = None;
@@ -141,10 +177,8 @@ pub async fn spawn(
         }),
         None => {
             let _ = child.wait().await;
-            // Give the stderr reader a moment to collect the reason.
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             Err(SpawnError::Exited {
-                stderr: stderr.text(),
+                stderr: stderr.last_text().await,
             })
         }
     }
@@ -164,4 +198,33 @@ pub fn signal(pid: u32, force: bool) {
         Signal::SIGTERM
     };
     let _ = kill(Pid::from_raw(raw), signal);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The report of an exit waits for the pipe's end, so the last line (a panic's message,
+    /// written just before the exit) is in it.
+    #[tokio::test]
+    async fn the_last_stderr_line_is_read_before_the_exit_is_reported() {
+        let tail = StderrTail::default();
+        tail.push("INFO listening".to_owned());
+        let reader = tail.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            reader.push("panic: out of widgets".to_owned());
+            reader.end();
+        });
+        assert_eq!(tail.text(), "INFO listening");
+        assert_eq!(
+            tail.last_text().await,
+            "INFO listening | panic: out of widgets"
+        );
+        // Once ended, at once.
+        assert_eq!(
+            tail.last_text().await,
+            "INFO listening | panic: out of widgets"
+        );
+    }
 }

@@ -213,6 +213,8 @@ impl Supervisor {
         stderr: &StderrTail,
     ) {
         let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+        // Its last words (a panic's message is the last line) before the report.
+        let stderr = stderr.last_text().await;
         let restart = {
             let mut slots = self.inner.slots.lock().await;
             let Some(slot) = slots.get_mut(id) else {
@@ -221,7 +223,7 @@ impl Supervisor {
             if slot.generation != generation {
                 return;
             }
-            let exit = slot.exited(&status, &stderr.text(), self.inner.restart);
+            let exit = slot.exited(&status, &stderr, self.inner.restart);
             let restart = exit == Exit::Crashed { restart: true };
             let crashed = matches!(exit, Exit::Crashed { .. });
             let restarts = slot.restarts;
