@@ -61,6 +61,10 @@ pub struct Source {
     pub error: Option<String>,
     /// Since when (ms since the epoch).
     pub since_ms: u64,
+    /// Down because it stopped answering while its connection stayed open (control: see
+    /// [`CONTROL_MISSES`]), so an answer is what brings it back.
+    #[serde(skip)]
+    quiet: bool,
 }
 
 impl Source {
@@ -70,6 +74,7 @@ impl Source {
             state,
             error: None,
             since_ms: now_ms(),
+            quiet: false,
         }
     }
 
@@ -568,8 +573,14 @@ pub async fn poll_gateway(
 /// seconds old.
 pub const RESOURCES_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Failed reads of control's list in a row that mark control down: its watch stream shows a
+/// control that is gone, not one that stopped answering (a stream open on a frozen process
+/// just stays quiet). Two, so that one slow answer on a loaded machine raises no banner.
+const CONTROL_MISSES: u32 = 2;
+
 /// Reads control's instance list every [`RESOURCES_INTERVAL`] until `cancel`, for the live
-/// uptime, CPU and memory of each instance (states come from [`watch_control`]).
+/// uptime, CPU and memory of each instance (states come from [`watch_control`]); also how
+/// the dashboard learns that control stopped answering (see [`CONTROL_MISSES`]).
 pub async fn poll_resources(
     collector: Arc<Collector>,
     channel: Channel,
@@ -578,6 +589,7 @@ pub async fn poll_resources(
     let mut client = ControlClient::new(channel);
     let mut ticker = tokio::time::interval(RESOURCES_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut misses = 0;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -585,9 +597,34 @@ pub async fn poll_resources(
         }
         let mut request = tonic::Request::new(ListInstancesRequest {});
         request.set_timeout(RESOURCES_INTERVAL);
-        // A failure shows through watch_control, which follows the same control.
-        if let Ok(list) = client.list_instances(request).await {
-            collector.update(|m| m.set_resources(&list.into_inner().instances));
+        match client.list_instances(request).await {
+            Ok(list) => {
+                misses = 0;
+                collector.update(|m| {
+                    m.set_resources(&list.into_inner().instances);
+                    // It answers again (a broken stream says so itself, and reconnects).
+                    if m.sources.control.quiet {
+                        m.sources.control.quiet = false;
+                        m.sources.control.set("ok", None);
+                    }
+                });
+            }
+            Err(status) => {
+                misses += 1;
+                let error = format!(
+                    "no answer to a listing {misses} times in a row: {}",
+                    dlb::client::status_message(&status)
+                );
+                collector.update(|m| {
+                    // Only over a control that looked fine: one whose stream broke is already
+                    // down, with that reason.
+                    if misses >= CONTROL_MISSES && m.sources.control.state == "ok" {
+                        m.sources.control.set("down", Some(error));
+                        m.sources.control.quiet = true;
+                        tracing::warn!(error = ?m.sources.control.error, "control not answering");
+                    }
+                });
+            }
         }
     }
 }
@@ -605,6 +642,7 @@ pub async fn watch_control(collector: Arc<Collector>, channel: Channel, cancel: 
             while let Some(list) = stream.message().await? {
                 collector.update(|m| {
                     m.sources.control.set("ok", None);
+                    m.sources.control.quiet = false;
                     m.set_instances(list.instances);
                 });
                 backoff = Duration::from_millis(100);

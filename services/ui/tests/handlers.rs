@@ -722,3 +722,67 @@ async fn the_dashboard_starts_a_trace_for_each_call_and_instance_action() {
         "only lifecycle calls of control are traced"
     );
 }
+
+/// A control that stops answering with its connection open (a SIGSTOPped process: its
+/// instance stream just goes quiet) shows as down, saying why, and as ok once it answers
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_that_stops_answering_shows_down_and_comes_back() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(workspace_binary("dlb-control"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--instances",
+            "0",
+            "--redis",
+            "none",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let control = dlb::testing::KillOnDrop(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split_once(" listening on ")
+        .map(|(_, addr)| addr.trim().to_owned())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let pid = control.0.id().to_string();
+    let ui = Ui::start(Config::for_tests("127.0.0.1:1", Some(&addr)));
+    let control_is = |state: &'static str| {
+        let ui = &ui;
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), async {
+                loop {
+                    let source = ui.state.collector().snapshot().sources.control.clone();
+                    if source.state == state {
+                        return source;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("control never showed {state}"))
+        }
+    };
+    control_is("ok").await;
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {name} {pid}");
+    };
+    signal("-STOP");
+    let down = control_is("down").await;
+    let error = down.error.unwrap_or_default();
+    assert!(error.contains("no answer"), "{error}");
+    signal("-CONT");
+    control_is("ok").await;
+    drop(control);
+}
