@@ -87,7 +87,12 @@ pub fn parse_codes(text: &str) -> Result<Vec<Code>, String> {
         else {
             let allowed: Vec<String> = COUNTABLE_CODES
                 .iter()
-                .map(|c| dlb::status::code_name(*c).to_ascii_lowercase())
+                // As `--help` and the docs write them: `data-loss`.
+                .map(|c| {
+                    dlb::status::code_name(*c)
+                        .to_ascii_lowercase()
+                        .replace('_', "-")
+                })
                 .collect();
             return Err(format!(
                 "--outlier-codes: {name:?} is not one of {} (the caller's own errors never count)",
@@ -494,5 +499,7 @@ mod tests {
             error.contains("\"invalid_argument\" is not one of internal"),
             "{error}"
         );
+        // The list is written as the flag's own default writes it.
+        assert!(error.contains("data-loss"), "{error}");
     }
 }

@@ -402,16 +402,29 @@ impl Model {
             });
             let at_ms = now_ms();
             let horizon = at_ms.saturating_sub(HISTORY_MS);
+            let trim = |history: &mut VecDeque<RatePoint>| {
+                while history.len() > HISTORY_MAX_POINTS
+                    || history.front().is_some_and(|p| p.at_ms < horizon)
+                {
+                    history.pop_front();
+                }
+            };
             for s in &stats.instances {
                 let history = self.history.entry(s.instance.clone()).or_default();
                 history.push_back(RatePoint {
                     at_ms,
                     rate: s.rate,
                 });
-                while history.len() > HISTORY_MAX_POINTS
-                    || history.front().is_some_and(|p| p.at_ms < horizon)
-                {
-                    history.pop_front();
+                trim(history);
+            }
+            // One control lists and the gateway does not (stopped) takes no calls: its rate is
+            // 0 from now on, not the last one the gateway gave (the chart's legend shows it).
+            for (id, history) in &mut self.history {
+                let stopped = !stats.instances.iter().any(|i| &i.instance == id)
+                    && self.instances.iter().any(|i| &i.id == id);
+                if stopped {
+                    history.push_back(RatePoint { at_ms, rate: 0.0 });
+                    trim(history);
                 }
             }
             // Instances gone from the gateway keep their history until it ages out of view.
@@ -516,9 +529,23 @@ impl Collector {
     }
 
     /// Notes that this dashboard asked control to kill `id`: its next `stopped` shows as
-    /// `killed` in its trail.
+    /// `killed` in its trail. Not for one already stopped (or crashed): that kill does
+    /// nothing, and its trail must not say it did.
     pub fn killing(&self, id: &str) {
-        self.model().killing.insert(id.to_owned());
+        let mut model = self.model();
+        let at_rest = model
+            .instances
+            .iter()
+            .find(|i| i.id == id)
+            .is_some_and(|i| {
+                matches!(
+                    InstanceState::try_from(i.state),
+                    Ok(InstanceState::Stopped | InstanceState::Crashed)
+                )
+            });
+        if !at_rest {
+            model.killing.insert(id.to_owned());
+        }
     }
 
     /// Takes back [`Collector::killing`] (control refused the kill).
@@ -775,6 +802,90 @@ mod tests {
             .collect();
         assert_eq!(trail, ["serving", "draining", "stopped"]);
         assert_eq!(snapshot.instances[0].state.as_deref(), Some("stopped"));
+    }
+
+    #[test]
+    fn a_kill_of_a_stopped_instance_is_not_recorded_as_a_kill() {
+        let collector = Collector::new("boot", "gw", Some("control"), None);
+        let trail = |c: &Collector| -> Vec<String> {
+            c.snapshot().instances[0]
+                .trail
+                .iter()
+                .map(|t| t.state.clone())
+                .collect()
+        };
+        collector.update(|m| m.set_instances(vec![instance("C", InstanceState::Serving)]));
+        collector.update(|m| m.set_instances(vec![instance("C", InstanceState::Stopped)]));
+        // Killing it now does nothing at control, and the next list says stopped again.
+        collector.killing("C");
+        collector.update(|m| m.set_instances(vec![instance("C", InstanceState::Stopped)]));
+        collector.update(|m| m.set_instances(vec![instance("C", InstanceState::Serving)]));
+        collector.update(|m| m.set_instances(vec![instance("C", InstanceState::Stopped)]));
+        assert_eq!(
+            trail(&collector),
+            ["serving", "stopped", "serving", "stopped"]
+        );
+        // A kill of a running one is.
+        collector.killing("C");
+        collector.update(|m| m.set_instances(vec![instance("C", InstanceState::Serving)]));
+        collector.killing("C");
+        collector.update(|m| m.set_instances(vec![instance("C", InstanceState::Stopped)]));
+        assert_eq!(
+            trail(&collector),
+            [
+                "serving", "stopped", "serving", "stopped", "serving", "killed"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_stopped_instance_charts_no_calls_rather_than_its_last_rate() {
+        let collector = Collector::new("boot", "gw", Some("control"), None);
+        let stats = |rate| StatsResponse {
+            instances: vec![dlb::proto::v1::InstanceStats {
+                instance: "A".into(),
+                state: "serving".into(),
+                rate,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        collector.update(|m| {
+            m.set_instances(vec![
+                instance("A", InstanceState::Serving),
+                instance("C", InstanceState::Serving),
+            ]);
+            m.set_stats(Some(StatsResponse {
+                instances: vec![
+                    stats(2.0).instances[0].clone(),
+                    dlb::proto::v1::InstanceStats {
+                        instance: "C".into(),
+                        state: "serving".into(),
+                        rate: 0.1,
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }));
+        });
+        // C stops: control still lists it, the gateway no longer does.
+        collector.update(|m| {
+            m.set_instances(vec![
+                instance("A", InstanceState::Serving),
+                instance("C", InstanceState::Stopped),
+            ]);
+            m.set_stats(Some(stats(2.0)));
+        });
+        let history = collector.history();
+        let last = |id: &str| history[id].last().unwrap().rate;
+        assert_eq!(last("C"), 0.0);
+        assert_eq!(last("A"), 2.0);
+        // Removed: its history goes with it, as before.
+        collector.update(|m| {
+            m.set_instances(vec![instance("A", InstanceState::Serving)]);
+            m.set_stats(Some(stats(2.0)));
+        });
+        assert!(!collector.history().contains_key("C"));
     }
 
     #[test]
