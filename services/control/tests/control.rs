@@ -345,6 +345,17 @@ async fn a_crash_is_reported_logged_and_restarted() {
             if messages.contains(&"crashed".to_owned())
                 && messages.contains(&"restarted".to_owned())
             {
+                // The crash says how it ended and the instance's last words (its log lines
+                // go to stderr: "listening" at least).
+                let crashed = events.iter().find(|e| e.message == "crashed").unwrap();
+                assert!(crashed.fields.contains_key("status"), "{crashed:?}");
+                assert!(
+                    crashed
+                        .fields
+                        .get("stderr")
+                        .is_some_and(|s| s.contains("listening")),
+                    "{crashed:?}"
+                );
                 return messages;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -231,9 +231,13 @@ impl Supervisor {
             drop(slots);
             if crashed {
                 tracing::warn!(instance = id, %status, "instance crashed");
-                self.inner
-                    .events
-                    .lifecycle("crashed", &[("instance", id), ("status", &status)]);
+                // With its last stderr lines, as ListInstances' last_error has them: the
+                // event log is where a crash is looked into afterwards.
+                let mut fields = vec![("instance", id), ("status", status.as_str())];
+                if !stderr.is_empty() {
+                    fields.push(("stderr", stderr.as_str()));
+                }
+                self.inner.events.lifecycle("crashed", &fields);
             } else {
                 tracing::info!(instance = id, "instance stopped");
                 self.inner.events.lifecycle("stopped", &[("instance", id)]);
