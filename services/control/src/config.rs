@@ -67,6 +67,11 @@ pub struct Config {
     #[arg(long, env = "DLB_CONTROL_INSTANCE_HOST", default_value = "127.0.0.1")]
     pub instance_host: std::net::IpAddr,
 
+    /// This control's name in the events it writes and in its traces: give each its own when
+    /// several (one per host) write to the same Redis.
+    #[arg(long, env = "DLB_CONTROL_ID", default_value = "control")]
+    pub id: String,
+
     /// Prefix of instance ids (e.g. "h1-" gives h1-A, h1-B, ...): ids must be unique across
     /// every host that registers in the same registry.
     #[arg(long, env = "DLB_CONTROL_ID_PREFIX", default_value = "")]
@@ -138,6 +143,7 @@ impl Config {
             drain_timeout_secs: 10,
             grace_period_secs: 10,
             instance_host: std::net::IpAddr::from([127, 0, 0, 1]),
+            id: "control".to_owned(),
             id_prefix: String::new(),
             register: false,
             advertise_host: None,
@@ -182,7 +188,8 @@ impl Config {
     ///
     /// A one-line message naming the bad setting.
     pub fn validate(&self) -> Result<(), String> {
-        self.trace.check("dlb-control", "control")?;
+        dlb::metadata::validate_instance_id(&self.id).map_err(|e| format!("--id: {e}"))?;
+        self.trace.check("dlb-control", &self.id)?;
         if self.instances > 26 * 27 {
             return Err("--instances must be at most 702 (ids A to ZZ)".to_owned());
         }

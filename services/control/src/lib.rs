@@ -59,7 +59,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     config.validate().map_err(RunError::Config)?;
     let events_config = config.events.config().map_err(RunError::Config)?;
-    let (events, writer) = EventLog::spawn(events_config, "control", "control");
+    let (events, writer) = EventLog::spawn(events_config, "control", &config.id);
     let authz = dlb::authz::guard(
         "control",
         &config.authz,
@@ -74,7 +74,7 @@ pub async fn run(
     let supervisor = Supervisor::new(&config, events.clone(), cancel.clone(), tracker.clone());
 
     let closing = CancellationToken::new();
-    let (_, exporting) = dlb::trace::Exporting::from_args(&config.trace, "dlb-control", "control")
+    let (_, exporting) = dlb::trace::Exporting::from_args(&config.trace, "dlb-control", &config.id)
         .map_err(RunError::Config)?;
     let scaffold = Scaffold::new(Spec {
         services: &["dlb.v1.Control"],

@@ -281,6 +281,7 @@ async fn a_crash_is_reported_logged_and_restarted() {
     let redis = RedisServer::start();
     let mut cfg = config(1);
     cfg.restart = Restart::OnFailure;
+    cfg.id = "h1-control".to_owned();
     cfg.events = EventLogArgs {
         redis: redis.url(),
         ..EventLogArgs::disabled()
@@ -349,6 +350,8 @@ async fn a_crash_is_reported_logged_and_restarted() {
                 // go to stderr: "listening" at least).
                 let crashed = events.iter().find(|e| e.message == "crashed").unwrap();
                 assert!(crashed.fields.contains_key("status"), "{crashed:?}");
+                // Written under this control's own name.
+                assert_eq!(crashed.instance, "h1-control", "{crashed:?}");
                 assert!(
                     crashed
                         .fields
