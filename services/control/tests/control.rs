@@ -183,8 +183,13 @@ async fn stopping_an_instance_under_load_through_the_gateway_fails_no_call() {
     let ch = channel(&control.uri()).await;
     let serving = InstanceState::Serving;
     let all = wait_states(&ch, &[("A", serving), ("B", serving), ("C", serving)]).await;
+    let redis = RedisServer::start();
     let mut gw_config = dlb_gateway::Config::for_tests(vec![]);
     gw_config.control = Some(control.uri());
+    gw_config.events = EventLogArgs {
+        redis: redis.url(),
+        ..EventLogArgs::disabled()
+    };
     let gateway = dlb_gateway::testing::RunningGateway::start(gw_config, vec![], false)
         .await
         .unwrap();
@@ -272,6 +277,33 @@ async fn stopping_an_instance_under_load_through_the_gateway_fails_no_call() {
         "{:?}",
         after.per_instance
     );
+    // An instance's going is in the gateway's log, as its joining is (one stopped with no
+    // load running: the calls' events would soon push it out of the log's latest 1,000).
+    let quiet = all.keys().find(|id| **id != busy).unwrap().clone();
+    ControlClient::new(ch.clone())
+        .stop_instance(StopInstanceRequest {
+            id: quiet.clone(),
+            force: false,
+        })
+        .await
+        .unwrap();
+    let reader = dlb::events::reader::EventReader::new(&redis.url()).unwrap();
+    let left = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let events = reader.recent(1_000).await.unwrap_or_default();
+            if let Some(left) = events.into_iter().find(|e| {
+                e.service == "gateway"
+                    && e.message == "left"
+                    && e.fields.get("instance") == Some(&quiet)
+            }) {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the gateway logs the instance leaving");
+    assert!(left.fields.contains_key("addr"), "{left:?}");
     gateway.shutdown().await.unwrap();
     control.shutdown().await.unwrap();
 }

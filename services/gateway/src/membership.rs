@@ -106,8 +106,12 @@ pub async fn supervise(
                 );
             }
             MemberChange::Remove(id) => {
-                if let Some((_, token)) = monitors.remove(&id) {
+                if let Some((addr, token)) = monitors.remove(&id) {
                     token.cancel();
+                    // Said, as its joining is (its health's first change): an instance
+                    // stopped or removed leaves the log a trace of its going.
+                    tracing::info!(instance = %id, %addr, "instance left the membership");
+                    events.health("left", &[("instance", &id), ("addr", &addr)]);
                 }
                 table.remove(&id);
             }
