@@ -67,17 +67,34 @@ pub enum AddrError {
     },
 }
 
-/// Checks that `addr` (`host:port`, with or without a scheme) names its port, 1 to 65535: a
-/// missing or impossible port would otherwise surface as "connection refused" (or reach port
-/// 80).
-fn check_port(addr: &str) -> Result<(), AddrError> {
+/// Checks that `addr` says where to dial: a bare `host:port` its port (1 to 65535), a URL a
+/// host and, if it gives one, a real port (else its scheme's). A missing or impossible port
+/// would otherwise surface as "connection refused".
+///
+/// # Errors
+///
+/// [`AddrError::HostPort`], saying what is missing.
+pub fn check_port(addr: &str) -> Result<(), AddrError> {
     let trimmed = addr.trim();
-    let rest = trimmed.split_once("://").map_or(trimmed, |(_, rest)| rest);
-    let authority = rest.split('/').next().unwrap_or("");
-    validate_host_port(authority).map_err(|why| AddrError::HostPort {
+    let refused = |why: String| AddrError::HostPort {
         addr: addr.to_owned(),
         why,
-    })
+    };
+    let Some((_, rest)) = trimmed.split_once("://") else {
+        // A bare address: its port is all there is to say where.
+        return validate_host_port(trimmed).map_err(refused);
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    // `[::1]` is a host with colons in it, not a host and a port.
+    let gives_port = authority.rsplit_once(':').is_some()
+        && !(authority.starts_with('[') && authority.ends_with(']'));
+    if gives_port {
+        validate_host_port(authority).map_err(refused)
+    } else if authority.is_empty() {
+        Err(refused("it has no host".to_owned()))
+    } else {
+        Ok(())
+    }
 }
 
 /// Turns `addr` into a full `http://` URI, adding the scheme when missing.
@@ -218,9 +235,10 @@ mod tests {
             "127.0.0.1",
             "127.0.0.1:99999",
             "127.0.0.1:0",
-            "http://localhost",
+            "http://localhost:99999",
             "localhost:grpc",
             ":13001",
+            "http://",
         ] {
             let error = endpoint(addr).unwrap_err();
             assert!(
@@ -229,7 +247,15 @@ mod tests {
             );
             assert!(error.to_string().contains(addr), "{addr}: {error}");
         }
-        for addr in ["127.0.0.1:1", "localhost:65535", "http://[::1]:13001"] {
+        // A URL may leave the port to its scheme.
+        for addr in [
+            "127.0.0.1:1",
+            "localhost:65535",
+            "http://[::1]:13001",
+            "http://localhost",
+            "http://[::1]",
+            "http://localhost/",
+        ] {
             assert!(endpoint(addr).is_ok(), "{addr}");
         }
     }

@@ -595,6 +595,9 @@ impl Config {
         self.plan()?;
         self.outlier()?;
         self.trace.check("dlb-gateway", &self.id)?;
+        if let Some(control) = &self.control {
+            dlb::dial::check_port(control).map_err(|e| format!("--control: {e}"))?;
+        }
         if let Some(target) = &self.access_log {
             target.check()?;
         }

@@ -171,11 +171,11 @@ async fn every_call_gets_exactly_one_line_through_bad_inputs_and_a_sigkill() {
     let _ = std::fs::remove_file(&path);
 }
 
-/// A log or trace export that cannot work stops the start, said before the gateway says it
-/// listens (a script that waits for "listening on" must not take it for started), with
-/// nothing left bound.
+/// A log, a trace export or a control address that cannot work stops the start, said before
+/// the gateway says it listens (a script that waits for "listening on" must not take it for
+/// started), with nothing left bound.
 #[test]
-fn an_access_log_or_otlp_endpoint_that_cannot_work_stops_the_start() {
+fn an_access_log_otlp_endpoint_or_control_that_cannot_work_stops_the_start() {
     // A directory of this test's own: the log cannot be a directory, nor be in a missing one.
     let dir = std::env::temp_dir().join(format!("dlb-access-log-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -196,6 +196,11 @@ fn an_access_log_or_otlp_endpoint_that_cannot_work_stops_the_start() {
         ),
         (vec!["--otlp-endpoint", "collector"], "give HOST:PORT"),
         (vec!["--otlp-endpoint", "collector:0"], "give HOST:PORT"),
+        (vec!["--control", "ctl.internal"], "has no port"),
+        (
+            vec!["--control", "http://ctl.internal:99999"],
+            "is not a port number",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_dlb-gateway"))
             .args(["--listen", &format!("127.0.0.1:{port}"), "--redis", "none"])

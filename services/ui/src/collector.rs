@@ -78,6 +78,36 @@ impl Source {
         }
     }
 
+    /// Control's listing missed `misses` times in a row: down (quiet) at [`CONTROL_MISSES`],
+    /// only over a control that looked fine (one whose stream broke is down with that
+    /// reason). True when it went down now.
+    fn listing_missed(&mut self, misses: u32, error: String) -> bool {
+        if misses >= CONTROL_MISSES && self.state == "ok" {
+            self.set("down", Some(error));
+            self.quiet = true;
+            return true;
+        }
+        false
+    }
+
+    /// Control's listing answered: a control down for not answering is back (a broken
+    /// stream is not: its return says so).
+    fn listing_answered(&mut self) {
+        if self.quiet {
+            self.quiet = false;
+            self.set("ok", None);
+        }
+    }
+
+    /// Its stream delivered (`None`) or broke (`Some(why)`). True when that is news.
+    fn stream(&mut self, broke: Option<String>) -> bool {
+        self.quiet = false;
+        match broke {
+            None => self.set("ok", None),
+            Some(error) => self.set("down", Some(error)),
+        }
+    }
+
     fn set(&mut self, state: &'static str, error: Option<String>) -> bool {
         if self.state == state && self.error == error {
             return false;
@@ -629,11 +659,7 @@ pub async fn poll_resources(
                 misses = 0;
                 collector.update(|m| {
                     m.set_resources(&list.into_inner().instances);
-                    // It answers again (a broken stream says so itself, and reconnects).
-                    if m.sources.control.quiet {
-                        m.sources.control.quiet = false;
-                        m.sources.control.set("ok", None);
-                    }
+                    m.sources.control.listing_answered();
                 });
             }
             Err(status) => {
@@ -643,11 +669,7 @@ pub async fn poll_resources(
                     dlb::client::status_message(&status)
                 );
                 collector.update(|m| {
-                    // Only over a control that looked fine: one whose stream broke is already
-                    // down, with that reason.
-                    if misses >= CONTROL_MISSES && m.sources.control.state == "ok" {
-                        m.sources.control.set("down", Some(error));
-                        m.sources.control.quiet = true;
+                    if m.sources.control.listing_missed(misses, error) {
                         tracing::warn!(error = ?m.sources.control.error, "control not answering");
                     }
                 });
@@ -668,8 +690,7 @@ pub async fn watch_control(collector: Arc<Collector>, channel: Channel, cancel: 
                 .into_inner();
             while let Some(list) = stream.message().await? {
                 collector.update(|m| {
-                    m.sources.control.set("ok", None);
-                    m.sources.control.quiet = false;
+                    m.sources.control.stream(None);
                     m.set_instances(list.instances);
                 });
                 backoff = Duration::from_millis(100);
@@ -684,7 +705,7 @@ pub async fn watch_control(collector: Arc<Collector>, channel: Channel, cancel: 
             },
         };
         collector.update(|m| {
-            if m.sources.control.set("down", Some(error)) {
+            if m.sources.control.stream(Some(error)) {
                 tracing::warn!(error = ?m.sources.control.error, "control unreachable");
             }
             // Stale lifecycle states would mislead; the gateway's view stays.
@@ -802,6 +823,33 @@ mod tests {
             .collect();
         assert_eq!(trail, ["serving", "draining", "stopped"]);
         assert_eq!(snapshot.instances[0].state.as_deref(), Some("stopped"));
+    }
+
+    #[test]
+    fn control_goes_down_quiet_or_broken_and_comes_back_by_the_right_sign() {
+        let mut control = Source::new("control", "connecting");
+        control.stream(None);
+        // Frozen: one missed listing is not enough, two are.
+        assert!(!control.listing_missed(1, "slow".to_owned()));
+        assert_eq!(control.state, "ok");
+        assert!(control.listing_missed(2, "no answer".to_owned()));
+        assert_eq!(control.state, "down");
+        // It answers again: back.
+        control.listing_answered();
+        assert_eq!(control.state, "ok");
+        // Frozen, then its stream breaks (it died): a listing that answers (a new control
+        // on the port) does not say ok while the stream is down; the stream's return does.
+        control.listing_missed(2, "no answer".to_owned());
+        control.stream(Some("connection reset".to_owned()));
+        control.listing_answered();
+        assert_eq!(control.state, "down");
+        assert_eq!(control.error.as_deref(), Some("connection reset"));
+        control.stream(None);
+        assert_eq!(control.state, "ok");
+        // A broken stream is not overwritten by missed listings either.
+        control.stream(Some("refused".to_owned()));
+        assert!(!control.listing_missed(5, "no answer".to_owned()));
+        assert_eq!(control.error.as_deref(), Some("refused"));
     }
 
     #[test]

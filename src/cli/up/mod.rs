@@ -250,9 +250,15 @@ pub async fn up(args: UpArgs) -> ExitCode {
         // The command that finds this mesh: with its state directory when it is not the
         // default one.
         let down = match &args.state_dir {
+            // Absolute: the hint works from any directory.
             Some(dir) => format!(
                 "dlb down --state-dir {}",
-                shell_word(&dir.display().to_string())
+                shell_word(
+                    &std::path::absolute(dir)
+                        .unwrap_or_else(|_| dir.clone())
+                        .display()
+                        .to_string()
+                )
             ),
             None => "dlb down".to_owned(),
         };

@@ -50,6 +50,12 @@ fn to_decimal(
     piece: usize,
     go_on: &mut dyn FnMut() -> Result<(), Cancelled>,
 ) -> Result<String, Cancelled> {
+    // Below 2^bits <= 10^piece: one piece, printed at once (no power of ten to make: nearly
+    // every call's F(n) is this small).
+    #[allow(clippy::cast_precision_loss)]
+    if value.bit_len() as f64 <= piece as f64 * std::f64::consts::LOG2_10 {
+        return Ok(value.to_string());
+    }
     let mut powers = vec![UBig::from(10u8).pow(piece)];
     // Up to about half the value's length: a larger power would leave nothing to split.
     while let Some(last) = powers.last()
