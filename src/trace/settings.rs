@@ -338,13 +338,13 @@ fn endpoint_url(text: &str) -> Result<String, String> {
     let url = if text.contains("://") {
         text.to_owned()
     } else {
-        // A bare address needs its port: without a scheme there is no default to take.
-        let port = text.rsplit_once(':').map(|(_, port)| port.parse::<u16>());
-        if !matches!(port, Some(Ok(1..))) {
-            return Err(format!(
-                "--otlp-endpoint {text:?}: give HOST:PORT, http://HOST:PORT or https://HOST:PORT"
-            ));
-        }
+        // A bare address needs its port: without a scheme there is no default to take (the
+        // one rule every dlb address follows).
+        crate::dial::validate_host_port(text).map_err(|why| {
+            format!(
+                "--otlp-endpoint {text:?}: {why}; give HOST:PORT, http://HOST:PORT or https://HOST:PORT"
+            )
+        })?;
         format!("http://{text}")
     };
     let (scheme, rest) = url.split_once("://").unwrap_or(("", ""));
